@@ -1,0 +1,480 @@
+"""One typed configuration for data, model, training and evaluation.
+
+The dataclass defaults are the ModelZoo Mask R-CNN recipe (COCO 2017, 1280x768, batch 2, 12 epochs).
+YAML presets in ``configs/`` override a subset of keys; command-line ``--key value`` pairs override
+those. Every value is checked once, here, so that a bad value fails before any data is touched.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import yaml
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+COCO_CLASSES = (
+    "background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse",
+    "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie",
+    "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+    "skateboard", "surfboard", "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon",
+    "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut",
+    "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse",
+    "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
+    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names the key and what is allowed."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "coco"                       # coco | other
+    coco_root: str = "data/coco"
+    train_data_type: str = "train2017"
+    val_data_type: str = "val2017"
+    instance_set: str = "annotations/instances_{}.json"
+    image_dir: str = ""                         # "other" format: images are image_dir/<path in TXT>
+    anno_path: str = ""                         # "other" format: TXT annotation file
+    mindrecord_dir: str = "data/mindrecord"
+    mindrecord_shards: int = 8
+    classes: List[str] = field(default_factory=lambda: list(COCO_CLASSES))   # index 0 is background
+    img_width: int = 1280
+    img_height: int = 768
+    keep_ratio: bool = True
+    flip_ratio: float = 0.5
+    photo_ratio: float = 0.5
+    expand_ratio: float = 1.0
+    max_instance_count: int = 128
+    img_mean: List[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])   # RGB
+    img_std: List[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    num_parallel_workers: int = 2
+    convert_workers: int = 2
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class BackboneConfig:
+    resnet_block: List[int] = field(default_factory=lambda: [3, 4, 6, 3])
+    resnet_in_channels: List[int] = field(default_factory=lambda: [64, 256, 512, 1024])
+    resnet_out_channels: List[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
+    frozen_stages: int = 1                      # stem + stage 1 frozen, as in the recipe
+    freeze_bn: bool = True                      # BatchNorm statistics and affine frozen
+
+
+@dataclass
+class FpnConfig:
+    fpn_in_channels: List[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
+    fpn_out_channels: int = 256
+    fpn_num_outs: int = 5
+
+
+@dataclass
+class AnchorConfig:
+    anchor_scales: List[float] = field(default_factory=lambda: [8.0])
+    anchor_ratios: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    anchor_strides: List[int] = field(default_factory=lambda: [4, 8, 16, 32, 64])
+
+
+@dataclass
+class RpnConfig:
+    rpn_in_channels: int = 256
+    rpn_feat_channels: int = 256
+    rpn_loss_cls_weight: float = 1.0
+    rpn_loss_reg_weight: float = 1.0
+    rpn_target_means: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    rpn_target_stds: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
+    neg_iou_thr: float = 0.3
+    pos_iou_thr: float = 0.7
+    min_pos_iou: float = 0.3
+    num_expected_total: int = 256               # sampled anchors per image
+    pos_fraction: float = 0.5
+
+
+@dataclass
+class ProposalConfig:
+    """Proposal generation for one phase (train or test)."""
+    nms_pre: int = 2000                         # top-k per level before NMS
+    nms_post: int = 2000
+    max_num: int = 2000                         # proposals kept per image
+    nms_thr: float = 0.7
+    min_bbox_size: float = 0.0
+
+
+@dataclass
+class RoiConfig:
+    roi_out_size: int = 7
+    mask_out_size: int = 14
+    roi_sample_ratio: int = 2                   # bilinear samples per bin side
+    roi_align_out_channels: int = 256
+    roi_align_featmap_strides: List[int] = field(default_factory=lambda: [4, 8, 16, 32])
+    roi_align_finest_scale: int = 56
+
+
+@dataclass
+class RcnnConfig:
+    neg_iou_thr_stage2: float = 0.5
+    pos_iou_thr_stage2: float = 0.5
+    min_pos_iou_stage2: float = 0.5
+    num_expected_total_stage2: int = 512        # sampled RoIs per image
+    pos_fraction_stage2: float = 0.25
+    rcnn_in_channels: int = 256
+    rcnn_fc_out_channels: int = 1024
+    rcnn_mask_out_channels: int = 256
+    rcnn_loss_cls_weight: float = 1.0
+    rcnn_loss_reg_weight: float = 1.0
+    rcnn_loss_mask_weight: float = 1.0
+    rcnn_target_means: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    rcnn_target_stds: List[float] = field(default_factory=lambda: [0.1, 0.1, 0.2, 0.2])
+    mask_shape: int = 28
+
+
+@dataclass
+class TestConfig:
+    test_score_thr: float = 0.05
+    test_iou_thr: float = 0.5
+    test_max_per_img: int = 100
+    test_batch_size: int = 2
+    mask_thr_binary: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    device_target: str = "CPU"                  # CPU | GPU | Ascend
+    base_lr: float = 0.02
+    base_step: int = 58633                      # steps of one epoch in the recipe's schedule
+    total_epoch: int = 13
+    warmup_step: int = 500
+    warmup_mode: str = "linear"
+    warmup_ratio: float = 1.0 / 3.0
+    batch_size: int = 2
+    loss_scale: float = 1.0
+    momentum: float = 0.91
+    weight_decay: float = 1e-4
+    pretrain_epoch_size: int = 0
+    epoch_size: int = 12
+    save_checkpoint: bool = True
+    save_checkpoint_epochs: int = 1
+    save_checkpoint_steps: int = 0              # 0: only at epoch ends
+    keep_checkpoint_max: int = 12
+    save_checkpoint_path: str = "./checkpoint"
+    log_interval: int = 1
+    seed: int = 1
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    fpn: FpnConfig = field(default_factory=FpnConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
+    rpn: RpnConfig = field(default_factory=RpnConfig)
+    proposal_train: ProposalConfig = field(default_factory=ProposalConfig)
+    proposal_test: ProposalConfig = field(
+        default_factory=lambda: ProposalConfig(nms_pre=1000, nms_post=1000, max_num=1000))
+    roi: RoiConfig = field(default_factory=RoiConfig)
+    rcnn: RcnnConfig = field(default_factory=RcnnConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes
+
+    @property
+    def num_anchors(self) -> int:
+        """Anchors per feature-map cell."""
+        return len(self.anchor.anchor_scales) * len(self.anchor.anchor_ratios)
+
+    @property
+    def feature_shapes(self) -> List[Tuple[int, int]]:
+        """(h, w) of P2..P6 for the padded input size."""
+        return [(-(-self.data.img_height // s), -(-self.data.img_width // s)) for s in self.anchor.anchor_strides]
+
+    @property
+    def num_bboxes(self) -> int:
+        """Total anchors over all levels of one image."""
+        return sum(h * w for h, w in self.feature_shapes) * self.num_anchors
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- validation
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def _in_unit(value: float, key: str, low_open: bool = True) -> None:
+    ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
+    _check(ok, key, f"must be in {'(0' if low_open else '[0'}, 1], got {value}")
+
+
+def _positive(value, key: str) -> None:
+    _check(value > 0, key, f"must be > 0, got {value}")
+
+
+def validate(cfg: Config) -> Config:
+    """Raise ConfigError naming the first impossible value; return cfg unchanged otherwise."""
+    d = cfg.data
+    _check(d.dataset in ("coco", "other"), "data.dataset", f"must be 'coco' or 'other', got '{d.dataset}'")
+    for key in ("img_width", "img_height"):
+        value = getattr(d, key)
+        _check(value > 0 and value % 32 == 0, f"data.{key}", f"must be a positive multiple of 32, got {value}")
+    for key in ("flip_ratio", "photo_ratio", "expand_ratio"):
+        _in_unit(getattr(d, key), f"data.{key}", low_open=False)
+    _positive(d.max_instance_count, "data.max_instance_count")
+    _check(len(d.classes) >= 2, "data.classes", "needs 'background' plus at least one class")
+    _check(len(set(d.classes)) == len(d.classes), "data.classes", "class names must be unique")
+    _check(len(d.img_mean) == 3 and len(d.img_std) == 3, "data.img_mean/img_std", "need 3 values each")
+    _check(all(s > 0 for s in d.img_std), "data.img_std", "values must be > 0")
+    _positive(d.num_parallel_workers, "data.num_parallel_workers")
+    _positive(d.convert_workers, "data.convert_workers")
+    _positive(d.mindrecord_shards, "data.mindrecord_shards")
+
+    b = cfg.backbone
+    _check(len(b.resnet_block) == 4, "backbone.resnet_block", "needs 4 stage depths")
+    _check(0 <= b.frozen_stages <= 4, "backbone.frozen_stages", f"must be in [0, 4], got {b.frozen_stages}")
+    _check(list(cfg.fpn.fpn_in_channels) == list(b.resnet_out_channels), "fpn.fpn_in_channels",
+           "must equal backbone.resnet_out_channels")
+    _check(cfg.fpn.fpn_num_outs == len(cfg.anchor.anchor_strides), "fpn.fpn_num_outs",
+           "must equal the number of anchor.anchor_strides")
+
+    a = cfg.anchor
+    _check(all(s > 0 for s in a.anchor_scales), "anchor.anchor_scales", "values must be > 0")
+    _check(all(r > 0 for r in a.anchor_ratios), "anchor.anchor_ratios", "values must be > 0")
+    _check(all(s > 0 and d.img_height % s == 0 and d.img_width % s == 0 for s in a.anchor_strides[:-1]),
+           "anchor.anchor_strides", "strides except the last must divide the image size")
+
+    r = cfg.rpn
+    for key in ("neg_iou_thr", "pos_iou_thr", "min_pos_iou", "pos_fraction"):
+        _in_unit(getattr(r, key), f"rpn.{key}", low_open=key != "neg_iou_thr")
+    _check(r.neg_iou_thr <= r.pos_iou_thr, "rpn.neg_iou_thr", "must be <= rpn.pos_iou_thr")
+    _positive(r.num_expected_total, "rpn.num_expected_total")
+    _check(len(r.rpn_target_stds) == 4 and all(s > 0 for s in r.rpn_target_stds), "rpn.rpn_target_stds",
+           "needs 4 values > 0")
+
+    for phase in ("proposal_train", "proposal_test"):
+        p = getattr(cfg, phase)
+        for key in ("nms_pre", "nms_post", "max_num"):
+            _positive(getattr(p, key), f"{phase}.{key}")
+        _check(p.max_num <= p.nms_post, f"{phase}.max_num", "must be <= nms_post")
+        _in_unit(p.nms_thr, f"{phase}.nms_thr")
+        _check(p.min_bbox_size >= 0, f"{phase}.min_bbox_size", "must be >= 0")
+
+    roi = cfg.roi
+    for key in ("roi_out_size", "mask_out_size", "roi_sample_ratio", "roi_align_finest_scale"):
+        _positive(getattr(roi, key), f"roi.{key}")
+    _check(roi.roi_align_out_channels == cfg.fpn.fpn_out_channels, "roi.roi_align_out_channels",
+           "must equal fpn.fpn_out_channels")
+
+    c = cfg.rcnn
+    for key in ("neg_iou_thr_stage2", "pos_iou_thr_stage2", "min_pos_iou_stage2", "pos_fraction_stage2"):
+        _in_unit(getattr(c, key), f"rcnn.{key}")
+    _positive(c.num_expected_total_stage2, "rcnn.num_expected_total_stage2")
+    _check(c.num_expected_total_stage2 > cfg.data.max_instance_count, "rcnn.num_expected_total_stage2",
+           "must exceed data.max_instance_count (GT boxes are added to the stage-2 proposals)")
+    _check(len(c.rcnn_target_stds) == 4 and all(s > 0 for s in c.rcnn_target_stds), "rcnn.rcnn_target_stds",
+           "needs 4 values > 0")
+    _check(c.mask_shape == 2 * roi.mask_out_size, "rcnn.mask_shape",
+           "must be twice roi.mask_out_size (the mask head upsamples by 2)")
+
+    t = cfg.test
+    _in_unit(t.test_score_thr, "test.test_score_thr", low_open=False)
+    _in_unit(t.test_iou_thr, "test.test_iou_thr")
+    _in_unit(t.mask_thr_binary, "test.mask_thr_binary")
+    _positive(t.test_max_per_img, "test.test_max_per_img")
+    _positive(t.test_batch_size, "test.test_batch_size")
+
+    tr = cfg.train
+    _check(tr.device_target in ("CPU", "GPU", "Ascend"), "train.device_target",
+           f"must be CPU, GPU or Ascend, got '{tr.device_target}'")
+    _positive(tr.base_lr, "train.base_lr")
+    _positive(tr.base_step, "train.base_step")
+    _positive(tr.total_epoch, "train.total_epoch")
+    _check(tr.warmup_step >= 0, "train.warmup_step", f"must be >= 0, got {tr.warmup_step}")
+    _check(tr.warmup_mode in ("linear", "constant"), "train.warmup_mode", "must be 'linear' or 'constant'")
+    _in_unit(tr.warmup_ratio, "train.warmup_ratio")
+    _positive(tr.batch_size, "train.batch_size")
+    _positive(tr.loss_scale, "train.loss_scale")
+    _check(0.0 <= tr.momentum < 1.0, "train.momentum", f"must be in [0, 1), got {tr.momentum}")
+    _check(tr.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {tr.weight_decay}")
+    _positive(tr.epoch_size, "train.epoch_size")
+    _check(tr.pretrain_epoch_size >= 0, "train.pretrain_epoch_size", "must be >= 0")
+    _positive(tr.save_checkpoint_epochs, "train.save_checkpoint_epochs")
+    _check(tr.save_checkpoint_steps >= 0, "train.save_checkpoint_steps", "must be >= 0")
+    _positive(tr.keep_checkpoint_max, "train.keep_checkpoint_max")
+    _positive(tr.log_interval, "train.log_interval")
+    return cfg
+
+
+# ---------------------------------------------------------------- loading and overriding
+
+def _section_fields(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _leaf_index() -> dict:
+    """Leaf key -> list of sections holding it, for flat `--key value` overrides."""
+    index: dict = {}
+    for section, section_type in _section_fields(Config).items():
+        for leaf in _section_fields(section_type):
+            index.setdefault(leaf, []).append(section)
+    return index
+
+
+def _coerce(value, type_hint, key: str):
+    """Convert a YAML or command-line value to the declared type, or raise ConfigError."""
+    origin = typing.get_origin(type_hint)
+    if origin in (list, List, tuple, Tuple, Sequence):
+        (item_type,) = typing.get_args(type_hint)[:1] or (str,)
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            value = parsed
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, item_type, key) for v in value]
+    if origin is typing.Union:
+        inner = [t for t in typing.get_args(type_hint) if t is not type(None)]
+        return None if value is None else _coerce(value, inner[0], key)
+    if type_hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if type_hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected {type_hint.__name__}, got {value!r}")
+        try:
+            number = float(value) if type_hint is float else value
+            if type_hint is int:
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                number = int(float(value)) if isinstance(value, str) and "." in value else int(value)
+            return number
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}': expected {type_hint.__name__}, got {value!r}") from None
+    if type_hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _resolve(key: str) -> Tuple[str, str]:
+    """'train.base_lr' or a unique leaf 'base_lr' -> ('train', 'base_lr')."""
+    sections = _section_fields(Config)
+    if "." in key:
+        section, leaf = key.split(".", 1)
+        if section not in sections:
+            raise ConfigError(f"unknown config section '{section}' in '{key}'; sections: {', '.join(sections)}")
+        if leaf not in _section_fields(sections[section]):
+            raise ConfigError(f"unknown config key '{key}'; keys of '{section}': "
+                              f"{', '.join(_section_fields(sections[section]))}")
+        return section, leaf
+    owners = _leaf_index().get(key)
+    if not owners:
+        raise ConfigError(f"unknown config key '{key}'")
+    if len(owners) > 1:
+        raise ConfigError(f"config key '{key}' is ambiguous; use one of "
+                          f"{', '.join(s + '.' + key for s in owners)}")
+    return owners[0], key
+
+
+def set_value(cfg: Config, key: str, value) -> None:
+    section, leaf = _resolve(key)
+    section_obj = getattr(cfg, section)
+    hint = _section_fields(type(section_obj))[leaf]
+    setattr(section_obj, leaf, _coerce(value, hint, f"{section}.{leaf}"))
+
+
+def apply_mapping(cfg: Config, mapping: dict, source: str = "") -> None:
+    """Apply a nested {section: {key: value}} mapping (as read from YAML)."""
+    where = f" (in {source})" if source else ""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"config file must hold a mapping of sections{where}")
+    for section, values in mapping.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section}' must be a mapping{where}")
+        for leaf, value in values.items():
+            try:
+                set_value(cfg, f"{section}.{leaf}", value)
+            except ConfigError as err:
+                raise ConfigError(f"{err}{where}") from None
+
+
+def preset_path(name_or_path: str) -> str:
+    """'tiny' -> configs/tiny.yaml; a path is returned as is."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    candidate = os.path.join(CONFIG_DIR, f"{name_or_path}.yaml")
+    if os.path.exists(candidate):
+        return candidate
+    raise ConfigError(f"config file '{name_or_path}' not found (presets: "
+                      f"{', '.join(sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith('.yaml')))})")
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) -> Config:
+    """Recipe defaults, then the YAML file (if any), then overrides {key: value}; validated."""
+    cfg = Config()
+    if path:
+        resolved = preset_path(path)
+        with open(resolved, "r", encoding="utf-8") as handle:
+            try:
+                mapping = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"config file '{resolved}' is not valid YAML: {err}") from None
+        apply_mapping(cfg, mapping, resolved)
+    for key, value in (overrides or {}).items():
+        set_value(cfg, key, value)
+    return validate(cfg)
+
+
+def parse_overrides(tokens: Sequence[str]) -> dict:
+    """['--train.base_lr', '0.01', '--flip_ratio=0'] -> {'train.base_lr': '0.01', 'flip_ratio': '0'}."""
+    overrides, i = {}, 0
+    tokens = list(tokens)
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected argument '{token}'; config overrides look like --key value")
+        key = token[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            value = tokens[i + 1]
+            i += 2
+        else:
+            raise ConfigError(f"config override '--{key}' needs a value")
+        overrides[key] = value
+    return overrides
+
+
+def config_from_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None,
+                     default_config: Optional[str] = None):
+    """Parse a script's own options plus `--config FILE` and any `--key value` config overrides.
+
+    Returns (args, cfg). Options the script declares win over config keys of the same name.
+    """
+    parser.add_argument("--config", default=default_config, help="YAML preset name or path (configs/*.yaml)")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, parse_overrides(rest))
+    except ConfigError as err:
+        parser.error(str(err))
+    return args, cfg
