@@ -202,6 +202,16 @@ class Config:
         return [(-(-self.data.img_height // s), -(-self.data.img_width // s)) for s in self.anchor.anchor_strides]
 
     @property
+    def num_pos_stage2(self) -> int:
+        """Positive RoI slots per image in stage 2 (the mask head trains on these)."""
+        return int(round(self.rcnn.num_expected_total_stage2 * self.rcnn.pos_fraction_stage2))
+
+    @property
+    def roi_sample_num(self) -> int:
+        """RoI rows per image in stage 2: positive slots then negative slots (recipe: 128 + 512 = 640)."""
+        return self.num_pos_stage2 + self.rcnn.num_expected_total_stage2
+
+    @property
     def num_bboxes(self) -> int:
         """Total anchors over all levels of one image."""
         return sum(h * w for h, w in self.feature_shapes) * self.num_anchors
