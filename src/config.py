@@ -370,11 +370,11 @@ def _coerce(value, type_hint, key: str):
         if isinstance(value, bool):
             raise ConfigError(f"config key '{key}': expected {type_hint.__name__}, got {value!r}")
         try:
-            number = float(value) if type_hint is float else value
+            number = float(value)
             if type_hint is int:
-                if isinstance(value, float) and not value.is_integer():
+                if not number.is_integer():
                     raise ValueError
-                number = int(float(value)) if isinstance(value, str) and "." in value else int(value)
+                return int(number)
             return number
         except (TypeError, ValueError):
             raise ConfigError(f"config key '{key}': expected {type_hint.__name__}, got {value!r}") from None
