@@ -1,0 +1,270 @@
+"""From raw network detections to COCO results and metrics.
+
+eval.py, postprocess.py (Ascend 310 outputs) and predict.py all turn the fixed-size network outputs
+(boxes in network-input pixels, 28x28 mask probabilities) into per-image detections in original image
+coordinates through this module, so the three paths cannot drift apart.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+# Order of COCOeval.stats: the 12 lines of COCOeval.summarize().
+COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+IOU_TYPES = ("bbox", "segm")
+
+
+@dataclass
+class Detections:
+    """Kept detections of one image in original image coordinates (N of them)."""
+    boxes: np.ndarray    # (N, 4) float32 x1, y1, x2, y2
+    scores: np.ndarray   # (N,) float32
+    labels: np.ndarray   # (N,) int32 in 1..C-1
+    masks: np.ndarray    # (N, ori_h, ori_w) uint8 0/1
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+# ---------------------------------------------------------------- geometry
+
+def boxes_to_original(boxes: np.ndarray, image_shape: Sequence[float]) -> np.ndarray:
+    """Network-input boxes (K, 4) -> original image boxes, clipped to the image.
+
+    image_shape = (ori_h, ori_w, scale_h, scale_w) as produced by the eval pipeline.
+    """
+    ori_h, ori_w, scale_h, scale_w = (float(v) for v in image_shape)
+    scale = np.array([scale_w, scale_h, scale_w, scale_h], dtype=np.float32)
+    limit = np.array([ori_w, ori_h, ori_w, ori_h], dtype=np.float32)
+    return np.clip(np.asarray(boxes, np.float32) / scale, 0.0, limit)
+
+
+def _interpolation_matrix(start: float, end: float, length: int, mask_size: int):
+    """Bilinear weights from a mask axis of mask_size cells spanning [start, end) to image pixels.
+
+    Returns (first_pixel, weights (n, mask_size)) for the n pixels whose centres fall inside
+    [start, end); pixels outside the box are not covered (they stay 0 when pasted).
+    """
+    first = max(int(np.ceil(start - 0.5)), 0)
+    stop = min(int(np.ceil(end - 0.5)), length)
+    if stop <= first or end <= start:
+        return first, np.zeros((0, mask_size), np.float32)
+    centres = np.arange(first, stop, dtype=np.float64) + 0.5
+    # Mask cell j covers [start + j*step, start + (j+1)*step); its value sits at the cell centre.
+    position = (centres - start) / (end - start) * mask_size - 0.5
+    position = np.clip(position, 0.0, mask_size - 1)
+    low = np.floor(position).astype(np.int64)
+    high = np.minimum(low + 1, mask_size - 1)
+    frac = (position - low).astype(np.float32)
+    weights = np.zeros((len(centres), mask_size), np.float32)
+    rows = np.arange(len(centres))
+    np.add.at(weights, (rows, low), 1.0 - frac)
+    np.add.at(weights, (rows, high), frac)
+    return first, weights
+
+
+def paste_masks(masks: np.ndarray, boxes: np.ndarray, img_h: int, img_w: int, threshold: float) -> np.ndarray:
+    """Paste (K, S, S) mask probabilities into (K, img_h, img_w) binary masks.
+
+    boxes (K, 4) are x1, y1, x2, y2 in the same (original) pixel frame; a pixel belongs to the box when
+    its centre does, and takes the bilinear interpolation of the mask cells (separable: Wy @ m @ Wx^T),
+    so each mask costs only its box area.
+    """
+    masks = np.asarray(masks, np.float32)
+    boxes = np.asarray(boxes, np.float64)
+    if masks.ndim != 3 or masks.shape[1] != masks.shape[2] or len(masks) != len(boxes):
+        raise ValueError(f"paste_masks: need masks (K, S, S) and boxes (K, 4), got {masks.shape} and {boxes.shape}")
+    mask_size = masks.shape[1]
+    out = np.zeros((len(masks), img_h, img_w), np.uint8)
+    for k, (x1, y1, x2, y2) in enumerate(boxes):
+        col0, wx = _interpolation_matrix(x1, x2, img_w, mask_size)
+        row0, wy = _interpolation_matrix(y1, y2, img_h, mask_size)
+        if len(wx) == 0 or len(wy) == 0:
+            continue
+        region = wy @ masks[k] @ wx.T                                   # (ny, nx)
+        out[k, row0:row0 + len(wy), col0:col0 + len(wx)] = region >= threshold
+    return out
+
+
+def detections_from_outputs(boxes, scores, labels, valid, masks, image_shape,
+                            mask_threshold: float) -> Detections:
+    """One image's fixed-size outputs (K rows; masks (K, S, S)) -> its valid detections, original frame."""
+    keep = np.asarray(valid, bool).reshape(-1)
+    ori_h, ori_w = int(round(float(image_shape[0]))), int(round(float(image_shape[1])))
+    kept_boxes = boxes_to_original(np.asarray(boxes)[keep], image_shape)
+    return Detections(
+        boxes=kept_boxes,
+        scores=np.asarray(scores, np.float32)[keep],
+        labels=np.asarray(labels, np.int32)[keep],
+        masks=paste_masks(np.asarray(masks)[keep], kept_boxes, ori_h, ori_w, mask_threshold),
+    )
+
+
+# ---------------------------------------------------------------- COCO categories and results
+
+def label_to_category_ids(categories: List[dict], classes: Sequence[str], source: str = "") -> np.ndarray:
+    """(C,) COCO category id of each class index, matched by name; index 0 (background) maps to 0."""
+    by_name = {cat["name"]: int(cat["id"]) for cat in categories}
+    missing = [name for name in classes[1:] if name not in by_name]
+    if missing:
+        where = f" of '{source}'" if source else ""
+        raise ValueError(f"classes {missing} of config key 'data.classes' are not among the categories{where} "
+                         f"({', '.join(sorted(by_name))}); use the config preset that matches the annotation file")
+    return np.array([0] + [by_name[name] for name in classes[1:]], dtype=np.int64)
+
+
+def detections_to_coco(image_id: int, detections: Detections, category_ids: np.ndarray) -> List[dict]:
+    """COCO results entries (bbox [x, y, w, h] and RLE segmentation) for one image."""
+    if len(detections) == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(detections.masks.transpose(1, 2, 0)))
+    results = []
+    for box, score, label, rle in zip(detections.boxes, detections.scores, detections.labels, rles):
+        x1, y1, x2, y2 = (float(v) for v in box)
+        results.append({
+            "image_id": int(image_id),
+            "category_id": int(category_ids[int(label)]),
+            "bbox": [x1, y1, x2 - x1, y2 - y1],
+            "score": float(score),
+            "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
+        })
+    return results
+
+
+def load_coco(ann_file: str) -> COCO:
+    """COCO ground truth with a clear error for a missing or unreadable annotation file."""
+    if not os.path.isfile(ann_file):
+        raise FileNotFoundError(f"annotation file '{ann_file}' does not exist")
+    with open(ann_file, "r", encoding="utf-8") as handle:
+        try:
+            dataset = json.load(handle)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"annotation file '{ann_file}' is not valid JSON: {err}") from None
+    missing = [key for key in ("images", "annotations", "categories")
+               if not isinstance(dataset, dict) or key not in dataset]
+    if missing:
+        raise ValueError(f"annotation file '{ann_file}' is not a COCO instances file: lacks {missing}")
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def check_image_coverage(image_ids: Iterable[int], coco_gt: COCO, ann_file: str) -> None:
+    """Evaluated images must be exactly the annotation file's images, each once.
+
+    Otherwise COCOeval silently scores missing images as misses (the recipe's known trap: a MindRecord
+    built from another split gives wrong numbers without any error).
+    """
+    ids = [int(i) for i in image_ids]
+    expected = set(coco_gt.getImgIds())
+    seen = set(ids)
+    problems = []
+    if len(ids) != len(seen):
+        problems.append(f"{len(ids) - len(seen)} images were evaluated more than once")
+    if seen - expected:
+        problems.append(f"{len(seen - expected)} evaluated images are not in the annotation file "
+                        f"(e.g. id {sorted(seen - expected)[0]})")
+    if expected - seen:
+        problems.append(f"{len(expected - seen)} images of the annotation file were not evaluated "
+                        f"(e.g. id {sorted(expected - seen)[0]})")
+    if problems:
+        raise ValueError(f"evaluated {len(ids)} images but '{ann_file}' has {len(expected)}: "
+                         f"{'; '.join(problems)}. Rebuild the eval MindRecord from the same split as the "
+                         f"annotation file (delete the eval files under data.mindrecord_dir).")
+
+
+def _results_for(iou_type: str, results: List[dict]) -> List[dict]:
+    """Copies holding only what `iou_type` scores.
+
+    COCO.loadRes takes the box area as instance area whenever a bbox is present, which would put masks
+    into the wrong small/medium/large bucket; segm results therefore carry only the segmentation.
+    """
+    drop = "segmentation" if iou_type == "bbox" else "bbox"
+    return [{k: v for k, v in r.items() if k != drop} for r in results]
+
+
+def _detections_coco(coco_gt: COCO, results: List[dict]) -> COCO:
+    if results:
+        return coco_gt.loadRes(results)
+    empty = COCO()    # loadRes cannot take an empty list; an empty result set scores 0 recall/precision
+    empty.dataset = {"images": list(coco_gt.dataset["images"]), "categories": list(coco_gt.dataset["categories"]),
+                     "annotations": []}
+    empty.createIndex()
+    return empty
+
+
+def evaluate_coco(coco_gt: COCO, results: List[dict], iou_types: Sequence[str] = IOU_TYPES) -> Dict[str, dict]:
+    """Run COCOeval per iou type, printing the 12-line summaries; {iou_type: {metric name: value}}."""
+    metrics = {}
+    for iou_type in iou_types:
+        if iou_type not in IOU_TYPES:
+            raise ValueError(f"unknown iou type '{iou_type}'; choose from {IOU_TYPES}")
+        coco_dt = _detections_coco(coco_gt, _results_for(iou_type, results))
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+        evaluator.params.imgIds = sorted(coco_gt.getImgIds())
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+        metrics[iou_type] = {name: float(value) for name, value in zip(COCO_METRIC_NAMES, evaluator.stats)}
+    return metrics
+
+
+# ---------------------------------------------------------------- files and checkpoints
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write JSON through a temp file in the same directory, so readers never see a partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(obj, out)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint_into(net, ckpt_path: str, num_classes: Optional[int] = None) -> None:
+    """Load a checkpoint into net, failing clearly on a missing/corrupt file or mismatched shapes.
+
+    Every network parameter must be in the checkpoint with the same shape; extra entries (optimizer
+    state, step counters) are ignored.
+    """
+    import mindspore as ms
+
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"checkpoint '{ckpt_path}' does not exist")
+    try:
+        param_dict = ms.load_checkpoint(ckpt_path)
+    except (ValueError, RuntimeError, TypeError, OSError) as err:
+        raise ValueError(f"checkpoint '{ckpt_path}' cannot be read (corrupt or not a MindSpore "
+                         f"checkpoint): {str(err).splitlines()[0]}") from None
+    missing, mismatched = [], []
+    for param in net.get_parameters():
+        saved = param_dict.get(param.name)
+        if saved is None:
+            missing.append(param.name)
+        elif tuple(saved.shape) != tuple(param.shape):
+            mismatched.append(f"{param.name}: checkpoint {tuple(saved.shape)} vs network {tuple(param.shape)}")
+    if mismatched:
+        hint = f" (the network has {num_classes} classes incl. background; does data.classes match " \
+               f"the training config?)" if num_classes is not None else ""
+        raise ValueError(f"checkpoint '{ckpt_path}' does not fit the network{hint}: " + "; ".join(mismatched[:5]))
+    if missing:
+        raise ValueError(f"checkpoint '{ckpt_path}' lacks {len(missing)} network parameters "
+                         f"(e.g. '{missing[0]}'); is it a Mask R-CNN checkpoint of this config?")
+    ms.load_param_into_net(net, param_dict, strict_load=True)
