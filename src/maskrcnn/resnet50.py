@@ -1,0 +1,130 @@
+"""ResNet50 backbone: image -> C2..C5 feature maps for the FPN.
+
+Parameter names follow torchvision so checkpoints convert by renaming only the BatchNorm leaves:
+
+    conv1.weight                        <-> conv1.weight
+    bn1.gamma / beta                    <-> bn1.weight / bias
+    bn1.moving_mean / moving_variance   <-> bn1.running_mean / running_var
+    layer{k}.{i}.conv{1,2,3}.weight     <-> same name
+    layer{k}.{i}.bn{1,2,3}.<leaf>       <-> same name, leaves mapped as for bn1
+    layer{k}.0.downsample.0.weight      <-> same name (1x1 projection conv)
+    layer{k}.0.downsample.1.<leaf>      <-> same name, leaves mapped as for bn1
+
+(inside MaskRcnnResnet50 every name carries the prefix of the attribute holding the backbone). There is
+no fc layer. Convolutions have no bias and use explicit padding, so output sizes match torchvision.
+
+Freezing (the recipe fine-tunes from ImageNet weights): ``frozen_stages = k >= 1`` freezes the stem and
+stages 1..k (``requires_grad=False``) and stops the gradient at their output, so no backward pass is
+spent on them; 0 freezes nothing. ``freeze_bn`` makes every BatchNorm use its moving statistics in
+training too and freezes gamma/beta.
+
+Initialisation for training from scratch (no pretrained weights here): convolutions are Kaiming normal
+(fan_out), BatchNorm gamma 1 / beta 0, moving statistics 0 / 1. With frozen BatchNorm those statistics
+never change, so every BatchNorm is a fixed identity and nothing normalises the 16 residual additions:
+with Kaiming branches the activation variance grows at every block. Trainable residual branches
+therefore start at zero, so each trainable block starts as the identity and the signal only passes
+the stem and the four projection shortcuts (Goyal et al. 2017; Fixup, Zhang et al. 2019):
+- trainable BatchNorm: the last gamma of the branch is zero (the usual trick);
+- frozen BatchNorm: gamma is fixed forever, so a zero gamma would kill the branch for good; the last
+  conv weight of the branch is zero instead. It still gets a gradient (its input and the gradient
+  from above are non-zero), and the earlier convs of the branch get one as soon as it moves.
+Frozen stages keep their Kaiming branches: they never learn, and a random branch is a richer fixed
+feature than an identity.
+"""
+import mindspore as ms
+from mindspore import nn, ops
+from mindspore.common.initializer import HeNormal, initializer
+
+IMAGE_CHANNELS = 3                  # RGB
+BOTTLENECK_EXPANSION = 4            # a bottleneck's 3x3 conv has out_channels / 4 channels
+STEM_KERNEL, STEM_STRIDE = 7, 2
+STEM_POOL_KERNEL, STEM_POOL_STRIDE = 3, 2
+STAGE_STRIDE = 2                    # stages 2..4 halve the resolution in their first block
+
+
+def _conv(in_channels, out_channels, kernel_size, stride=1, zero_init=False):
+    """Bias-free conv with torchvision padding (kernel // 2 on every side), Kaiming normal fan_out."""
+    weight = initializer("zeros" if zero_init else HeNormal(mode="fan_out", nonlinearity="relu"),
+                         (out_channels, in_channels, kernel_size, kernel_size), ms.float32)
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
+                     padding=kernel_size // 2, has_bias=False, weight_init=weight)
+
+
+def _batch_norm(channels, freeze_bn, zero_gamma=False):
+    """BatchNorm; when frozen it always normalises with its moving statistics and never updates them."""
+    bn = nn.BatchNorm2d(channels, gamma_init="zeros" if zero_gamma else "ones",
+                        use_batch_statistics=False if freeze_bn else None)
+    if freeze_bn:
+        bn.gamma.requires_grad = False
+        bn.beta.requires_grad = False
+    return bn
+
+
+class Bottleneck(nn.Cell):
+    """1x1 reduce, 3x3 (carries the stride), 1x1 expand, plus a shortcut; (B, in, h, w) -> (B, out, h/s, w/s).
+
+    zero_branch: start the residual branch at zero (see the module docstring for why and how).
+    """
+
+    def __init__(self, in_channels, out_channels, stride, freeze_bn, zero_branch):
+        super().__init__()
+        mid_channels = out_channels // BOTTLENECK_EXPANSION
+        self.conv1 = _conv(in_channels, mid_channels, 1)
+        self.bn1 = _batch_norm(mid_channels, freeze_bn)
+        self.conv2 = _conv(mid_channels, mid_channels, 3, stride)
+        self.bn2 = _batch_norm(mid_channels, freeze_bn)
+        self.conv3 = _conv(mid_channels, out_channels, 1, zero_init=zero_branch and freeze_bn)
+        self.bn3 = _batch_norm(out_channels, freeze_bn, zero_gamma=zero_branch and not freeze_bn)
+        self.relu = nn.ReLU()
+        self.has_downsample = stride != 1 or in_channels != out_channels
+        if self.has_downsample:
+            self.downsample = nn.SequentialCell([_conv(in_channels, out_channels, 1, stride),
+                                                 _batch_norm(out_channels, freeze_bn)])
+
+    def construct(self, x):
+        identity = self.downsample(x) if self.has_downsample else x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet50(nn.Cell):
+    """(B, 3, H, W) -> (c2, c3, c4, c5) at strides 4, 8, 16, 32 with cfg.backbone.resnet_out_channels."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        bb = cfg.backbone
+        stem_channels = bb.resnet_in_channels[0]
+        self.conv1 = _conv(IMAGE_CHANNELS, stem_channels, STEM_KERNEL, STEM_STRIDE)
+        self.bn1 = _batch_norm(stem_channels, bb.freeze_bn)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(kernel_size=STEM_POOL_KERNEL, stride=STEM_POOL_STRIDE, pad_mode="pad",
+                                    padding=STEM_POOL_KERNEL // 2)
+        self.frozen_stages = bb.frozen_stages
+        stages = []
+        for index, (depth, in_channels, out_channels) in enumerate(
+                zip(bb.resnet_block, bb.resnet_in_channels, bb.resnet_out_channels)):
+            stride = 1 if index == 0 else STAGE_STRIDE  # stage 1 follows the stem max-pool
+            trainable = index >= self.frozen_stages
+            blocks = [Bottleneck(in_channels if i == 0 else out_channels, out_channels, stride if i == 0 else 1,
+                                 bb.freeze_bn, zero_branch=trainable) for i in range(depth)]
+            stages.append(nn.SequentialCell(blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+
+        if self.frozen_stages >= 1:
+            for cell in [self.conv1, self.bn1] + stages[:self.frozen_stages]:
+                for param in cell.get_parameters():
+                    param.requires_grad = False
+
+    def _freeze_output(self, x, stage_number):
+        """Cut the graph after the last frozen stage: nothing below it learns."""
+        return ops.stop_gradient(x) if stage_number == self.frozen_stages else x
+
+    def construct(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))    # (B, 64, H/4, W/4)
+        c2 = self._freeze_output(self.layer1(x), 1)              # (B, 256, H/4, W/4)
+        c3 = self._freeze_output(self.layer2(c2), 2)             # (B, 512, H/8, W/8)
+        c4 = self._freeze_output(self.layer3(c3), 3)             # (B, 1024, H/16, W/16)
+        c5 = self._freeze_output(self.layer4(c4), 4)             # (B, 2048, H/32, W/32)
+        return c2, c3, c4, c5
