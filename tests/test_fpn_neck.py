@@ -1,0 +1,99 @@
+"""FPN neck: static output shapes, the top-down wiring against NumPy, init and parameter count."""
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor
+
+from src.config import load_config
+from src.maskrcnn.fpn_neck import FeatPyramidNeck
+
+
+def analytic_fpn_count(cfg):
+    out = cfg.fpn.fpn_out_channels
+    lateral = sum(c * out + out for c in cfg.fpn.fpn_in_channels)
+    smooth = len(cfg.fpn.fpn_in_channels) * (out * out * 9 + out)
+    return lateral + smooth
+
+
+def numpy_neck(feats, lateral_w, lateral_b):
+    """The neck with identity 3x3 convs: lateral 1x1, nearest 2x top-down sum, P6 = P5[::2, ::2]."""
+    laterals = [np.einsum("oc,bchw->bohw", w, f) + b[None, :, None, None]
+                for f, w, b in zip(feats, lateral_w, lateral_b)]
+    merged = [laterals[-1]]
+    for lateral in reversed(laterals[:-1]):
+        merged.insert(0, lateral + merged[0].repeat(2, axis=2).repeat(2, axis=3))
+    return merged + [merged[-1][:, :, ::2, ::2]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def graph_mode():
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def neck_run(tiny):
+    """Runs the neck once with random laterals and identity 3x3 convs; returns (feats, laterals, outputs)."""
+    rng = np.random.RandomState(0)
+    neck = FeatPyramidNeck(tiny)
+    lateral_w, lateral_b = [], []
+    for conv in neck.lateral_convs:
+        out_c, in_c = conv.weight.shape[:2]
+        w = rng.randn(out_c, in_c).astype(np.float32) / np.sqrt(in_c)
+        b = rng.randn(out_c).astype(np.float32)
+        conv.weight.set_data(Tensor(w[:, :, None, None]))
+        conv.bias.set_data(Tensor(b))
+        lateral_w.append(w)
+        lateral_b.append(b)
+    for conv in neck.fpn_convs:
+        identity = np.zeros(conv.weight.shape, np.float32)
+        identity[np.arange(identity.shape[0]), np.arange(identity.shape[0]), 1, 1] = 1.0
+        conv.weight.set_data(Tensor(identity))
+    feats = [rng.randn(2, c, h, w).astype(np.float32)
+             for c, (h, w) in zip(tiny.fpn.fpn_in_channels, tiny.feature_shapes)]
+    outs = neck(tuple(Tensor(f) for f in feats))
+    return feats, (lateral_w, lateral_b), [o.asnumpy() for o in outs]
+
+
+def test_outputs_have_the_static_feature_shapes(tiny, neck_run):
+    _, _, outs = neck_run
+    assert [o.shape for o in outs] == [(2, tiny.fpn.fpn_out_channels, h, w) for h, w in tiny.feature_shapes]
+
+
+def test_top_down_pathway_matches_numpy(neck_run):
+    feats, (lateral_w, lateral_b), outs = neck_run
+    for level, (got, want) in enumerate(zip(outs, numpy_neck(feats, lateral_w, lateral_b))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"P{level + 2}")
+
+
+def test_p6_covers_an_odd_sized_p5():
+    cfg = load_config("tiny", {"data.img_height": 96})          # P5 has 3 rows, P6 ceil(3 / 2) = 2
+    assert cfg.feature_shapes[3][0] == 3 and cfg.feature_shapes[4][0] == 2
+    neck = FeatPyramidNeck(cfg)
+    feats = tuple(Tensor(np.ones((1, c, h, w), np.float32))
+                  for c, (h, w) in zip(cfg.fpn.fpn_in_channels, cfg.feature_shapes))
+    assert neck(feats)[4].shape == (1, cfg.fpn.fpn_out_channels) + tuple(cfg.feature_shapes[4])
+
+
+def test_xavier_uniform_weights_and_zero_bias(tiny):
+    neck = FeatPyramidNeck(tiny)
+    for conv in list(neck.lateral_convs) + list(neck.fpn_convs):
+        w = conv.weight.asnumpy()
+        fan_in, fan_out = w.shape[1] * w.shape[2] * w.shape[3], w.shape[0] * w.shape[2] * w.shape[3]
+        bound = np.sqrt(6.0 / (fan_in + fan_out))
+        assert np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound
+        np.testing.assert_allclose(w.std(), bound / np.sqrt(3.0), rtol=0.05)
+        assert not np.any(conv.bias.asnumpy())
+
+
+def test_parameter_names_and_count(tiny):
+    neck = FeatPyramidNeck(tiny)
+    params = list(neck.get_parameters())
+    levels = range(len(tiny.fpn.fpn_in_channels))
+    assert {p.name for p in params} == {f"{kind}.{i}.{leaf}" for kind in ("lateral_convs", "fpn_convs")
+                                        for i in levels for leaf in ("weight", "bias")}
+    assert sum(int(np.prod(p.shape)) for p in params) == analytic_fpn_count(tiny) == 3_344_384
