@@ -1,0 +1,164 @@
+"""Max-IoU assignment and fixed-count random sampling shared by both stages, and the stage-1 (RPN) wrapper.
+
+`MaxIoUAssigner` and `FixedCountSampler` are the one core; `BboxAssignSample` (anchors, here) and
+`BboxAssignSampleForRcnn` (proposals + GT boxes, bbox_assign_sample_stage2.py) only adapt inputs/outputs.
+
+Sampling randomness is a pure function of (seed, image index, stage stream, candidate index): an in-graph
+integer hash gives every candidate a uniform key and the sampler keeps the top keys. There is no RNG
+state, so a run resumed from a checkpoint (seed = the step counter) samples exactly as an uninterrupted one.
+"""
+import mindspore as ms
+import numpy as np
+from mindspore import nn, ops
+
+from src.maskrcnn import box_ops
+
+UINT32_MASK = 0xFFFFFFFF
+# Integer hash (Chris Wellons' "lowbias32" family): xor-shift / multiply rounds on 32-bit values. Both
+# multipliers are < 2**31, so the products of 32-bit values fit in int64 with no overflow.
+HASH_MULTIPLIERS = (0x21F0AAAD, 0x735A2D97)
+HASH_SHIFTS = (16, 15, 15)
+KEY_BITS = 24               # keys are the top 24 hash bits: exactly representable as float32 in [0, 1)
+# Hash streams keep stage-1 and stage-2 draws independent for the same seed and image.
+RPN_STREAM = 1
+RCNN_STREAM = 2
+NOT_A_CANDIDATE = -1.0      # key of candidates outside the pool being sampled (real keys are >= 0)
+
+
+def hash_uint32(x):
+    """Elementwise 32-bit hash of an int64 Tensor holding values in [0, 2**32)."""
+    x = ops.bitwise_xor(x, ops.bitwise_right_shift(x, ms.Tensor(HASH_SHIFTS[0], ms.int64)))
+    for multiplier, shift in zip(HASH_MULTIPLIERS, HASH_SHIFTS[1:]):
+        x = ops.bitwise_and(x * multiplier, ms.Tensor(UINT32_MASK, ms.int64))
+        x = ops.bitwise_xor(x, ops.bitwise_right_shift(x, ms.Tensor(shift, ms.int64)))
+    return x
+
+
+def _as_uint32(value):
+    """int32 scalar Tensor or Python int -> int64 scalar Tensor of its low 32 bits."""
+    if isinstance(value, int):
+        value = ms.Tensor(value, ms.int64)
+    return ops.bitwise_and(ops.cast(value, ms.int64), ms.Tensor(UINT32_MASK, ms.int64))
+
+
+def random_keys(seed, image_index, stream, candidate_ids):
+    """Uniform float32 keys in [0, 1), one per candidate id (int64 (N,)), fixed by (seed, image, stream)."""
+    state = hash_uint32(_as_uint32(seed))
+    state = hash_uint32(ops.bitwise_xor(state, ms.Tensor(stream, ms.int64)))
+    state = hash_uint32(ops.bitwise_xor(state, _as_uint32(image_index)))
+    bits = hash_uint32(ops.bitwise_xor(candidate_ids, state))                       # (N,)
+    top_bits = ops.bitwise_right_shift(bits, ms.Tensor(32 - KEY_BITS, ms.int64))
+    return ops.cast(top_bits, ms.float32) * (1.0 / (1 << KEY_BITS))
+
+
+class MaxIoUAssigner(nn.Cell):
+    """mmdet-v1 max-IoU assignment of candidate boxes to ground-truth boxes, for one image.
+
+    A valid candidate is negative if its best IoU with the valid GTs is < neg_iou_thr, positive (for its
+    best GT) if >= pos_iou_thr. Then every valid GT claims the valid candidates whose IoU equals that GT's
+    best IoU, if that IoU >= min_pos_iou (the later GT wins a candidate claimed twice), so each GT gets at
+    least one positive when it can. Invalid candidates are neither; padded GTs overlap nothing.
+    """
+
+    def __init__(self, pos_iou_thr: float, neg_iou_thr: float, min_pos_iou: float, num_gts: int):
+        super().__init__()
+        self.pos_iou_thr = pos_iou_thr
+        self.neg_iou_thr = neg_iou_thr
+        self.min_pos_iou = min_pos_iou
+        self.gt_numbers = ms.Tensor(np.arange(1, num_gts + 1, dtype=np.int32)[:, None])   # (M, 1)
+
+    def construct(self, gt_bboxes, gt_valids, boxes, box_valids):
+        """gt_bboxes (M, 4), gt_valids (M,) bool, boxes (N, 4), box_valids (N,) bool ->
+        (assigned_gt (N,) int32 index into the M GTs, positive (N,) bool, negative (N,) bool)."""
+        iou = box_ops.box_iou(gt_bboxes, boxes)                                      # (M, N)
+        iou = ops.where(gt_valids[:, None], iou, ops.zeros_like(iou))
+        max_iou, best_gt = ops.max(iou, axis=0)                                      # (N,)
+        positive = ops.logical_and(box_valids, max_iou >= self.pos_iou_thr)
+        negative = ops.logical_and(box_valids, max_iou < self.neg_iou_thr)
+
+        gt_best_iou = ops.max(ops.where(box_valids[None, :], iou, ops.full_like(iou, -1.0)), axis=1)[0]  # (M,)
+        claims = ops.logical_and(iou == gt_best_iou[:, None], box_valids[None, :])
+        claims = ops.logical_and(claims, ops.logical_and(gt_valids, gt_best_iou >= self.min_pos_iou)[:, None])
+        claimed_by = ops.max(ops.where(claims, self.gt_numbers, ops.zeros_like(self.gt_numbers)), axis=0)[0]
+        claimed = claimed_by > 0                                                     # (N,)
+
+        assigned_gt = ops.where(claimed, claimed_by - 1, ops.cast(best_gt, ms.int32))
+        positive = ops.logical_or(positive, claimed)
+        negative = ops.logical_and(negative, ops.logical_not(positive))
+        return assigned_gt, positive, negative
+
+
+class FixedCountSampler(nn.Cell):
+    """Random fixed-count sampling with static shapes, for one image.
+
+    Picks up to `num_pos` positives, then `num_total - picked positives` negatives, each uniformly at random
+    (the candidates with the largest `random_keys`). Returns slot tensors: the chosen candidate indices plus
+    a mask of which slots hold a real sample (a slot is empty when its pool ran out).
+    """
+
+    def __init__(self, num_candidates: int, num_pos: int, num_total: int, stream: int):
+        super().__init__()
+        if not 0 <= num_pos <= num_total <= num_candidates:
+            raise ValueError(f"sampler needs 0 <= num_pos ({num_pos}) <= num_total ({num_total}) <= "
+                             f"number of candidates ({num_candidates}); check the sampling sizes in the config")
+        self.num_pos = num_pos
+        self.num_total = num_total
+        self.stream = stream
+        self.candidate_ids = ms.Tensor(np.arange(num_candidates, dtype=np.int64))
+        self.negative_ranks = ms.Tensor(np.arange(num_total, dtype=np.int32))
+
+    def construct(self, positive, negative, seed, image_index):
+        """positive, negative (N,) bool; seed int32 scalar Tensor; image_index int or int32 scalar Tensor ->
+        (pos_index (num_pos,) int32, pos_used (num_pos,) bool,
+         neg_index (num_total,) int32, neg_used (num_total,) bool); at most num_total slots are used."""
+        keys = random_keys(seed, image_index, self.stream, self.candidate_ids)       # (N,)
+        absent = ops.full_like(keys, NOT_A_CANDIDATE)
+        pos_keys, pos_index = ops.topk(ops.where(positive, keys, absent), self.num_pos)
+        pos_used = pos_keys >= 0.0
+        num_neg = self.num_total - ops.reduce_sum(ops.cast(pos_used, ms.int32))
+        neg_keys, neg_index = ops.topk(ops.where(negative, keys, absent), self.num_total)
+        neg_used = ops.logical_and(neg_keys >= 0.0, self.negative_ranks < num_neg)
+        return pos_index, pos_used, neg_index, neg_used
+
+
+def rpn_num_pos(cfg) -> int:
+    """Positive quota of the stage-1 sampler."""
+    return int(round(cfg.rpn.num_expected_total * cfg.rpn.pos_fraction))
+
+
+class BboxAssignSample(nn.Cell):
+    """Stage-1 (RPN) targets for all anchors of one image, with weights on the sampled anchors.
+
+    construct(gt_bboxes (M, 4), gt_valids (M,) bool, anchors (N, 4), anchor_valid (N,) bool,
+              seed int32 scalar, image_index int or int32 scalar) ->
+      bbox_targets (N, 4) float32: deltas of the assigned GT, rpn means/stds, zero off sampled positives;
+      bbox_weights (N,) float32: 1 on sampled positives;
+      labels (N,) int32: 1 on sampled positives, else 0;
+      label_weights (N,) float32: 1 on sampled anchors (positives and negatives).
+    N = cfg.num_bboxes, M = cfg.data.max_instance_count; cfg.rpn.num_expected_total anchors are sampled
+    when enough negatives exist, at most round(num_expected_total * pos_fraction) of them positive.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        r = cfg.rpn
+        self.num_anchors = cfg.num_bboxes
+        self.assigner = MaxIoUAssigner(r.pos_iou_thr, r.neg_iou_thr, r.min_pos_iou, cfg.data.max_instance_count)
+        self.sampler = FixedCountSampler(self.num_anchors, rpn_num_pos(cfg), r.num_expected_total, RPN_STREAM)
+        self.means = box_ops.as_tensor(r.rpn_target_means)
+        self.stds = box_ops.as_tensor(r.rpn_target_stds)
+
+    def _slots_to_mask(self, index, used):
+        """Sampled slots -> (N,) float32 mask over anchors (slot indices are distinct)."""
+        return ops.scatter_nd(index[:, None], ops.cast(used, ms.float32), (self.num_anchors,))
+
+    def construct(self, gt_bboxes, gt_valids, anchors, anchor_valid, seed, image_index):
+        assigned_gt, positive, negative = self.assigner(gt_bboxes, gt_valids, anchors, anchor_valid)
+        pos_index, pos_used, neg_index, neg_used = self.sampler(positive, negative, seed, image_index)
+        bbox_weights = self._slots_to_mask(pos_index, pos_used)                       # (N,)
+        label_weights = bbox_weights + self._slots_to_mask(neg_index, neg_used)
+        matched_gt = ops.gather(gt_bboxes, assigned_gt, 0)                            # (N, 4)
+        deltas = box_ops.encode(anchors, matched_gt, self.means, self.stds)
+        bbox_targets = ops.where(bbox_weights[:, None] > 0, deltas, ops.zeros_like(deltas))
+        labels = ops.cast(bbox_weights, ms.int32)
+        return bbox_targets, bbox_weights, labels, label_weights
