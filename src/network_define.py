@@ -1,0 +1,245 @@
+"""Training cells around MaskRcnnResnet50 and the per-step loggers of the training loop.
+
+The model's training construct returns the eight recipe losses (``LOSS_NAMES``). ``MaskRcnnObjective``
+turns them into (scaled total loss, all losses) so that gradients flow from the total only while all
+eight are returned for logging. ``TrainOneStepCell`` runs forward + backward, averages gradients over
+devices when data parallel, checks them for NaN/Inf and applies SGD momentum only to finite gradients.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, TextIO
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import nn, ops
+from mindspore.communication import get_group_size
+
+TOTAL_LOSS = "total_loss"
+LOSS_DECIMALS = 5                   # the recipe's loss log precision
+BAR_WIDTH = 24                      # characters of the console progress bar
+
+
+class MaskRcnnObjective(nn.Cell):
+    """(image, image_shape, box, label, valid_num, mask) -> (total_loss * loss_scale, *losses).
+
+    The total is scaled by the fixed loss scale so small gradients survive low precision; the optimizer
+    divides the scale out again (``Momentum(loss_scale=...)``).
+    """
+
+    def __init__(self, network: nn.Cell, loss_names: Sequence[str], loss_scale: float):
+        super().__init__(auto_prefix=False)     # keep the model's parameter names in checkpoints
+        self.network = network
+        self.total_index = list(loss_names).index(TOTAL_LOSS)
+        self.loss_scale = loss_scale
+
+    def construct(self, image, image_shape, box, label, valid_num, mask):
+        losses = self.network(image, image_shape, box, label, valid_num, mask)
+        return (losses[self.total_index] * self.loss_scale,) + tuple(losses)
+
+
+_grad_is_finite = ops.MultitypeFuncGraph("grad_is_finite")
+
+
+@_grad_is_finite.register("Tensor")
+def _tensor_is_finite(grad):
+    return ops.isfinite(grad).all()
+
+
+def is_data_parallel() -> bool:
+    return ms.get_auto_parallel_context("parallel_mode") in (ms.ParallelMode.DATA_PARALLEL,
+                                                             ms.ParallelMode.HYBRID_PARALLEL)
+
+
+class TrainOneStepCell(nn.Cell):
+    """One SGD step; returns (losses tuple, finite flag). Non-finite gradients leave all weights untouched."""
+
+    def __init__(self, objective: MaskRcnnObjective, optimizer: nn.Optimizer):
+        super().__init__(auto_prefix=False)
+        self.objective = objective
+        self.optimizer = optimizer
+        self.weights = optimizer.parameters
+        self.grad_fn = ops.value_and_grad(objective, None, self.weights, has_aux=True)
+        self.hyper_map = ops.HyperMap()
+        self.grad_reducer = ops.identity
+        if is_data_parallel():
+            self.grad_reducer = nn.DistributedGradReducer(
+                self.weights, ms.get_auto_parallel_context("gradients_mean"), get_group_size())
+
+    def construct(self, image, image_shape, box, label, valid_num, mask):
+        outputs, grads = self.grad_fn(image, image_shape, box, label, valid_num, mask)
+        losses = outputs[1:]
+        grads = self.grad_reducer(grads)
+        finite = ops.stack(self.hyper_map(_grad_is_finite, grads)).all() & ops.isfinite(outputs[0])
+        if finite:
+            losses = ops.depend(losses, self.optimizer(grads))
+        return losses, finite
+
+
+# ---------------------------------------------------------------- fault handling
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or its gradients became NaN/Inf; training must stop without saving the bad state."""
+
+
+def check_finite(losses: Dict[str, float], finite: bool, epoch: int, step_in_epoch: int, global_step: int) -> None:
+    """Raise NonFiniteLossError naming the step and the offending losses."""
+    bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
+    if finite and not bad:
+        return
+    what = ", ".join(f"{name}={value}" for name, value in bad.items()) or "gradients are NaN/Inf"
+    raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {step_in_epoch} (global step {global_step}): "
+                             f"{what}; the weights of this step were not applied")
+
+
+# ---------------------------------------------------------------- step logging
+
+@dataclass
+class StepRecord:
+    """One logged step; losses and step time are means over the steps since the previous record."""
+    epoch: int                  # 1-based, as in the recipe's log
+    step_in_epoch: int          # 1-based
+    global_step: int            # completed steps since the start of training
+    losses: Dict[str, float]
+    lr: float
+    step_time: float            # seconds
+
+
+def format_loss_line(record: StepRecord, loss_names: Sequence[str]) -> str:
+    """The recipe's loss_<rank>.log line: 'epoch:1 step:7393 ,rpn_loss:0.10626, rcnn_loss:..., total_loss:...'."""
+    values = ", ".join(f"{name}:{record.losses[name]:.{LOSS_DECIMALS}f}" for name in loss_names)
+    return f"epoch:{record.epoch} step:{record.step_in_epoch} ,{values}"
+
+
+class LossLog:
+    """Appends the recipe's loss line; flushed per line so a killed run keeps its log."""
+
+    def __init__(self, path: str, loss_names: Sequence[str]):
+        self.path = path
+        self.loss_names = list(loss_names)
+
+    def write(self, record: StepRecord) -> None:
+        with open(self.path, "a", encoding="utf-8") as out:
+            out.write(format_loss_line(record, self.loss_names) + "\n")
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step (losses, lr, step time) for plotting."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def write(self, record: StepRecord) -> None:
+        row = {"epoch": record.epoch, "step": record.step_in_epoch, "global_step": record.global_step,
+               **record.losses, "lr": record.lr, "step_time_ms": record.step_time * 1000.0}
+        with open(self.path, "a", encoding="utf-8") as out:
+            out.write(json.dumps(row) + "\n")
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class ProgressBar:
+    """Console progress: epoch, step, bar, total loss, lr, ms/step and ETA of the run.
+
+    On a terminal the line is redrawn in place; otherwise (a log file) one line per record is printed.
+    The first step of a process includes graph compilation and is left out of the speed estimate.
+    """
+
+    def __init__(self, total_epochs: int, steps_per_epoch: int, last_global_step: int,
+                 stream: Optional[TextIO] = None):
+        self.total_epochs = total_epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.last_global_step = last_global_step
+        self.stream = stream or sys.stdout
+        self.in_place = self.stream.isatty()
+        self.timed_steps = 0
+        self.timed_seconds = 0.0
+
+    def add_timing(self, steps: int, seconds: float, includes_compile: bool) -> None:
+        if not includes_compile:
+            self.timed_steps += steps
+            self.timed_seconds += seconds
+
+    def write(self, record: StepRecord) -> None:
+        done = int(BAR_WIDTH * record.step_in_epoch / self.steps_per_epoch)
+        bar = "#" * done + "-" * (BAR_WIDTH - done)
+        if self.timed_steps:
+            per_step = self.timed_seconds / self.timed_steps
+            remaining = per_step * (self.last_global_step - record.global_step)
+            speed = f"{per_step * 1000:.0f} ms/step ETA {_format_duration(remaining)}"
+        else:
+            speed = f"{record.step_time * 1000:.0f} ms/step (incl. compile)"
+        line = (f"epoch {record.epoch}/{self.total_epochs} step {record.step_in_epoch}/{self.steps_per_epoch} "
+                f"[{bar}] {TOTAL_LOSS} {record.losses[TOTAL_LOSS]:.4f} lr {record.lr:.6f} {speed}")
+        if self.in_place:
+            end = "\n" if record.step_in_epoch == self.steps_per_epoch else ""
+            self.stream.write("\r" + line + end)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+class StepMonitor:
+    """Averages losses and step times over `log_interval` steps and hands each record to the sinks."""
+
+    def __init__(self, loss_names: Sequence[str], log_interval: int, sinks: List, progress: Optional[ProgressBar]):
+        self.loss_names = list(loss_names)
+        self.log_interval = log_interval
+        self.sinks = sinks + ([progress] if progress else [])
+        self.progress = progress
+        self._reset()
+        self._first_step = True
+
+    def _reset(self) -> None:
+        self._sums = np.zeros(len(self.loss_names), np.float64)
+        self._count = 0
+        self._seconds = 0.0
+        self._includes_compile = False
+
+    def step(self, epoch: int, step_in_epoch: int, global_step: int, losses: np.ndarray, lr: float,
+             step_time: float) -> None:
+        """Account one completed step (epoch and step_in_epoch 1-based)."""
+        self._sums += losses
+        self._count += 1
+        self._seconds += step_time
+        self._includes_compile |= self._first_step
+        self._first_step = False
+        self._position = (epoch, step_in_epoch, global_step, lr)
+        if self._count >= self.log_interval:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending partial interval (called at the end of each epoch and of the run)."""
+        if not self._count:
+            return
+        epoch, step_in_epoch, global_step, lr = self._position
+        means = self._sums / self._count
+        record = StepRecord(epoch, step_in_epoch, global_step,
+                            {name: float(value) for name, value in zip(self.loss_names, means)},
+                            lr, self._seconds / self._count)
+        if self.progress:
+            self.progress.add_timing(self._count, self._seconds, self._includes_compile)
+        for sink in self.sinks:
+            sink.write(record)
+        self._reset()
+
+
+def open_step_monitor(output_dir: str, rank: int, loss_names: Sequence[str], log_interval: int,
+                      total_epochs: int, steps_per_epoch: int, last_global_step: int) -> StepMonitor:
+    """loss_<rank>.log on every rank; metrics.jsonl and the console progress bar on rank 0 only."""
+    os.makedirs(output_dir, exist_ok=True)
+    sinks: List = [LossLog(os.path.join(output_dir, f"loss_{rank}.log"), loss_names)]
+    progress = None
+    if rank == 0:
+        sinks.append(MetricsLog(os.path.join(output_dir, "metrics.jsonl")))
+        progress = ProgressBar(total_epochs, steps_per_epoch, last_global_step)
+    return StepMonitor(loss_names, log_interval, sinks, progress)
+

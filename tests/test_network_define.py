@@ -1,0 +1,194 @@
+"""Train-one-step cell (SGD momentum maths, loss scale, NaN guard) and the step loggers.
+
+The cell is tested on a small network that honours the model's training contract: the same construct
+signature, the eight-loss tuple, a frozen parameter and an int32 step counter used as a "sampling seed".
+"""
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+from src.network_define import (LossLog, MaskRcnnObjective, MetricsLog, NonFiniteLossError, ProgressBar,
+                                StepMonitor, StepRecord, TrainOneStepCell, check_finite, format_loss_line)
+
+LOSS_NAMES = ("rpn_loss", "rcnn_loss", "rpn_cls_loss", "rpn_reg_loss", "rcnn_cls_loss", "rcnn_reg_loss",
+              "rcnn_mask_loss", "total_loss")
+BATCH, MAX_INSTANCES, HEIGHT, WIDTH, CLASSES = 2, 3, 16, 24, 4
+LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.91, 1e-4
+
+
+class ContractNet(nn.Cell):
+    """A few real parameters behind the MaskRcnnResnet50 training contract.
+
+    nan_at_step: the step counter value at which the total loss becomes NaN (-1: never).
+    """
+
+    def __init__(self, nan_at_step=-1):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, has_bias=True, weight_init="normal")
+        self.cls = nn.Dense(4, CLASSES, weight_init="normal")
+        self.reg = nn.Dense(4, 4, weight_init="normal")
+        self.frozen_scale = Parameter(Tensor(np.full((4,), 0.5, np.float32)), name="frozen_scale",
+                                      requires_grad=False)
+        self.step_counter = Parameter(Tensor(0, ms.int32), name="step_counter", requires_grad=False)
+        self.nan_at_step = nan_at_step
+        self.ce = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
+
+    def construct(self, image, image_shape, box, label, valid_num, mask):
+        seed = self.step_counter.astype(ms.float32)
+        feat = self.conv(image).mean(axis=(2, 3)) * self.frozen_scale            # (B, 4)
+        rpn_cls = ops.sigmoid(feat).mean()
+        rpn_reg = (feat * feat).mean() * ops.cos(seed)                           # depends on the "seed"
+        rcnn_cls = self.ce(self.cls(feat), label[:, 0])
+        valid = valid_num.astype(ms.float32)
+        rcnn_reg = ((self.reg(feat)[:, None, :] - box / image_shape[:, None, :2].mean()) ** 2).mean(-1)
+        rcnn_reg = (rcnn_reg * valid).sum() / valid.sum()
+        rcnn_mask = ops.abs(feat.mean() - mask.astype(ms.float32).mean())
+        rpn_loss = rpn_cls + rpn_reg
+        rcnn_loss = rcnn_cls + rcnn_reg + rcnn_mask
+        total = rpn_loss + rcnn_loss
+        poison = ops.select(self.step_counter == self.nan_at_step, Tensor(np.nan, ms.float32),
+                            Tensor(1.0, ms.float32))
+        total = total * poison
+        ops.assign_add(self.step_counter, Tensor(1, ms.int32))
+        return rpn_loss, rcnn_loss, rpn_cls, rpn_reg, rcnn_cls, rcnn_reg, rcnn_mask, total
+
+
+def make_batch(seed):
+    rng = np.random.default_rng(seed)
+    image = rng.normal(size=(BATCH, 3, HEIGHT, WIDTH)).astype(np.float32)
+    image_shape = np.tile(np.array([[HEIGHT, WIDTH, 1.0, 1.0]], np.float32), (BATCH, 1))
+    box = rng.uniform(0, HEIGHT, size=(BATCH, MAX_INSTANCES, 4)).astype(np.float32)
+    label = rng.integers(1, CLASSES, size=(BATCH, MAX_INSTANCES)).astype(np.int32)
+    valid = np.array([[True, True, False], [True, False, False]])
+    mask = rng.integers(0, 2, size=(BATCH, MAX_INSTANCES, HEIGHT, WIDTH)).astype(np.uint8)
+    return [Tensor(a) for a in (image, image_shape, box, label, valid, mask)]
+
+
+def build_train_cell(loss_scale=1.0, nan_at_step=-1):
+    ms.set_seed(3)
+    net = ContractNet(nan_at_step)
+    net.set_train(True)
+    opt = nn.Momentum(net.trainable_params(), Tensor(np.full((8,), LR, np.float32)), MOMENTUM,
+                      weight_decay=WEIGHT_DECAY, loss_scale=loss_scale)
+    return net, opt, TrainOneStepCell(MaskRcnnObjective(net, LOSS_NAMES, loss_scale), opt)
+
+
+def snapshot(params):
+    return {p.name: p.asnumpy().copy() for p in params}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def graph_mode():
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+
+
+def reference_gradients(net, batch):
+    """d total_loss / d trainable weights, computed without the training cells."""
+    def total(*inputs):
+        return net(*inputs)[-1]
+    return ms.grad(total, grad_position=None, weights=net.trainable_params())(*batch)
+
+
+def test_one_step_is_sgd_momentum_with_weight_decay_and_leaves_frozen_alone():
+    net, opt, cell = build_train_cell()
+    batch = make_batch(0)
+    before = snapshot(net.get_parameters())
+    grads = [g.asnumpy() for g in reference_gradients(net, batch)]     # advances the counter to 1
+    net.step_counter.set_data(Tensor(0, ms.int32))
+    losses, finite = cell(*batch)
+    assert bool(finite) and len(losses) == len(LOSS_NAMES)
+    assert int(net.step_counter.asnumpy()) == 1
+    for param, grad in zip(net.trainable_params(), grads):
+        moment = grad + WEIGHT_DECAY * before[param.name]              # first step: accumulator = grad + wd*w
+        np.testing.assert_allclose(param.asnumpy(), before[param.name] - LR * moment, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(net.frozen_scale.asnumpy(), before["frozen_scale"])
+    total = float(losses[-1].asnumpy())
+    parts = [float(losses[LOSS_NAMES.index(n)].asnumpy()) for n in ("rpn_loss", "rcnn_loss")]
+    assert total == pytest.approx(sum(parts), rel=1e-6)
+
+
+def test_loss_scale_is_divided_out():
+    results = []
+    for scale in (1.0, 256.0):
+        net, _, cell = build_train_cell(loss_scale=scale)
+        batch = make_batch(1)
+        for _ in range(2):
+            losses, _ = cell(*batch)
+        results.append((float(losses[-1].asnumpy()), snapshot(net.trainable_params())))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for name, value in results[0][1].items():
+        np.testing.assert_allclose(results[1][1][name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_nan_loss_skips_the_update_and_is_reported():
+    net, opt, cell = build_train_cell(nan_at_step=1)
+    batch = make_batch(2)
+    losses, finite = cell(*batch)
+    assert bool(finite)
+    weights, moments = snapshot(net.trainable_params()), snapshot(opt.moments)
+    losses, finite = cell(*batch)
+    assert not bool(finite)
+    assert np.isnan(float(losses[-1].asnumpy()))
+    for name, value in snapshot(net.trainable_params()).items():
+        np.testing.assert_array_equal(value, weights[name])
+    for name, value in snapshot(opt.moments).items():
+        np.testing.assert_array_equal(value, moments[name])
+    named = {n: float(v.asnumpy()) for n, v in zip(LOSS_NAMES, losses)}
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1 step 2 \(global step 2\).*total_loss=nan"):
+        check_finite(named, bool(finite), 1, 2, 2)
+
+
+def test_check_finite_catches_gradient_only_overflow():
+    check_finite({"total_loss": 1.0}, True, 1, 1, 1)
+    with pytest.raises(NonFiniteLossError, match="gradients are NaN/Inf"):
+        check_finite({"total_loss": 1.0}, False, 3, 7, 27)
+
+
+# ---------------------------------------------------------------- loggers
+
+RECIPE_LINE = re.compile(r"^epoch:(\d+) step:(\d+) ," + ", ".join(rf"{n}:(-?\d+\.\d{{5}})" for n in LOSS_NAMES) + "$")
+
+
+def record(step, total=1.0):
+    losses = {name: total * (i + 1) / 10 for i, name in enumerate(LOSS_NAMES)}
+    return StepRecord(epoch=2, step_in_epoch=step, global_step=10 + step, losses=losses, lr=0.01, step_time=0.25)
+
+
+def test_loss_line_matches_the_recipe_format():
+    line = format_loss_line(record(7393), LOSS_NAMES)
+    match = RECIPE_LINE.match(line)
+    assert match, line
+    assert line.startswith("epoch:2 step:7393 ,rpn_loss:0.10000, rcnn_loss:0.20000, rpn_cls_loss:0.30000")
+    assert line.endswith("total_loss:0.80000")
+
+
+def test_monitor_averages_over_the_interval_and_flushes_the_rest(tmp_path):
+    loss_log = LossLog(str(tmp_path / "loss_0.log"), LOSS_NAMES)
+    metrics = MetricsLog(str(tmp_path / "metrics.jsonl"))
+    stream = io.StringIO()
+    progress = ProgressBar(total_epochs=3, steps_per_epoch=5, last_global_step=15, stream=stream)
+    monitor = StepMonitor(LOSS_NAMES, log_interval=2, sinks=[loss_log, metrics], progress=progress)
+    for step in range(1, 6):
+        losses = np.arange(1, 9, dtype=np.float64) * step
+        monitor.step(epoch=1, step_in_epoch=step, global_step=step, losses=losses, lr=0.001 * step,
+                     step_time=10.0 if step == 1 else 0.5)
+    monitor.flush()
+    lines = open(tmp_path / "loss_0.log").read().splitlines()
+    assert [RECIPE_LINE.match(line).group(2) for line in lines] == ["2", "4", "5"]
+    assert RECIPE_LINE.match(lines[0]).group(3) == "1.50000"      # mean of rpn_loss 1 and 2
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [row["global_step"] for row in rows] == [2, 4, 5]
+    assert rows[1]["total_loss"] == pytest.approx(8 * 3.5) and rows[1]["lr"] == pytest.approx(0.004)
+    assert rows[0]["step_time_ms"] == pytest.approx(5250.0) and rows[2]["step_time_ms"] == pytest.approx(500.0)
+    assert set(LOSS_NAMES) <= set(rows[0])
+    console = stream.getvalue().splitlines()
+    assert len(console) == 3 and "(incl. compile)" in console[0]
+    # speed from steps 3..5 only (the compile step is excluded): 500 ms, 10 steps left -> 5 s
+    assert console[2].startswith("epoch 1/3 step 5/5 [" + "#" * 24 + "]")
+    assert "500 ms/step ETA 0:00:05" in console[2]
