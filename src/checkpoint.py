@@ -274,3 +274,10 @@ def load_pretrained(path: str, network) -> LoadReport:
     loaded = set(report.loaded)
     report.left_at_init = [name for name in model if name not in loaded]
     return report
+
+
+# ---------------------------------------------------------------- inference weights
+
+def load_model_weights(path: str, network) -> None:
+    """Every model parameter from a checkpoint (eval, export, predict); names and shapes must all match."""
+    _assign_strict(network.get_parameters(), read_checkpoint(path), path, "model")
