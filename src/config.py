@@ -144,6 +144,7 @@ class TestConfig:
     test_score_thr: float = 0.05
     test_iou_thr: float = 0.5
     test_max_per_img: int = 100
+    test_nms_pre: int = 1000                    # (box, class) candidates ranked before per-class NMS
     test_batch_size: int = 2
     mask_thr_binary: float = 0.5
 
@@ -306,6 +307,7 @@ def validate(cfg: Config) -> Config:
     _in_unit(t.test_iou_thr, "test.test_iou_thr")
     _in_unit(t.mask_thr_binary, "test.mask_thr_binary")
     _positive(t.test_max_per_img, "test.test_max_per_img")
+    _check(t.test_nms_pre >= t.test_max_per_img, "test.test_nms_pre", "must be >= test.test_max_per_img")
     _positive(t.test_batch_size, "test.test_batch_size")
 
     tr = cfg.train
@@ -488,3 +490,20 @@ def config_from_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[st
     except ConfigError as err:
         parser.error(str(err))
     return args, cfg
+
+
+def recipe_yaml() -> str:
+    """The defaults as YAML (sections in block style, lists inline): `python -m src.config > configs/coco.yaml`."""
+
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    _Dumper.add_representer(list, lambda dumper, data: dumper.represent_sequence(
+        "tag:yaml.org,2002:seq", data, flow_style=True))
+    header = ("# The ModelZoo Mask R-CNN recipe: COCO 2017, 1280x768 keep-ratio, batch 2, 12 epochs, SGD lr 0.02.\n"
+              "# Every value equals the default of src/config.py (a test checks it); copy and edit for your runs.\n")
+    return header + yaml.dump(Config().to_dict(), Dumper=_Dumper, sort_keys=False, width=110)
+
+
+if __name__ == "__main__":
+    print(recipe_yaml(), end="")

@@ -91,3 +91,11 @@ def test_config_from_args_keeps_script_options():
     assert args.checkpoint_path == "x.ckpt" and cfg.train.base_lr == 0.1
     with pytest.raises(SystemExit):
         config_from_args(argparse.ArgumentParser(), ["--config", "tiny", "--base_lr", "-3"])
+
+
+def test_recipe_yaml_round_trips():
+    from src.config import apply_mapping, recipe_yaml
+    cfg = Config()
+    cfg.train.base_lr = 1.0
+    apply_mapping(cfg, yaml.safe_load(recipe_yaml()))
+    assert cfg == Config()
