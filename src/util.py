@@ -10,9 +10,10 @@ import contextlib
 import io
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -22,6 +23,8 @@ from pycocotools.cocoeval import COCOeval
 # Order of COCOeval.stats: the 12 lines of COCOeval.summarize().
 COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("bbox", "segm")
+RESULTS_FILE = "detections.json"       # COCO results (bbox + RLE segm) of eval.py and postprocess.py
+METRICS_FILE = "eval_metrics.json"     # {iou_type: {metric: value}} plus run facts
 
 
 @dataclass
@@ -221,16 +224,16 @@ def evaluate_coco(coco_gt: COCO, results: List[dict], iou_types: Sequence[str] =
     return metrics
 
 
-# ---------------------------------------------------------------- files and checkpoints
+# ---------------------------------------------------------------- files
 
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON through a temp file in the same directory, so readers never see a partial file."""
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write through a temp file in the same directory + os.replace, so readers never see a partial file."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=directory)
+    handle, tmp = tempfile.mkstemp(prefix=".tmp_", dir=directory)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(obj, out)
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -238,33 +241,50 @@ def write_json_atomic(path: str, obj) -> None:
         raise
 
 
-def load_checkpoint_into(net, ckpt_path: str, num_classes: Optional[int] = None) -> None:
-    """Load a checkpoint into net, failing clearly on a missing/corrupt file or mismatched shapes.
+def write_json_atomic(path: str, obj) -> None:
+    write_bytes_atomic(path, json.dumps(obj).encode("utf-8"))
 
-    Every network parameter must be in the checkpoint with the same shape; extra entries (optimizer
-    state, step counters) are ignored.
-    """
+
+def score_and_save(coco_gt: COCO, ann_file: str, image_ids: Sequence[int], results: List[dict],
+                   output_dir: str, extra: Optional[dict] = None) -> Dict[str, dict]:
+    """Check image coverage, write the results JSON, run COCOeval, write the metrics JSON."""
+    check_image_coverage(image_ids, coco_gt, ann_file)
+    write_json_atomic(os.path.join(output_dir, RESULTS_FILE), results)
+    metrics = evaluate_coco(coco_gt, results)
+    write_json_atomic(os.path.join(output_dir, METRICS_FILE), {**metrics, **(extra or {})})
+    return metrics
+
+
+# ---------------------------------------------------------------- network
+
+def run_script(main: Callable, argv: Sequence[str]) -> None:
+    """Run a command-line entry point; bad input (missing file, wrong checkpoint, bad value) ends with
+    one 'ERROR: ...' line and exit status 1 instead of a traceback."""
+    from src.checkpoint import CheckpointError
+
+    try:
+        main(argv)
+    except (FileNotFoundError, ValueError, CheckpointError) as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+def setup_context(device_target: str, device_id: Optional[int] = None) -> None:
+    """Graph mode on the chosen device: the inference graph has static shapes and compiles once."""
     import mindspore as ms
 
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"checkpoint '{ckpt_path}' does not exist")
-    try:
-        param_dict = ms.load_checkpoint(ckpt_path)
-    except (ValueError, RuntimeError, TypeError, OSError) as err:
-        raise ValueError(f"checkpoint '{ckpt_path}' cannot be read (corrupt or not a MindSpore "
-                         f"checkpoint): {str(err).splitlines()[0]}") from None
-    missing, mismatched = [], []
-    for param in net.get_parameters():
-        saved = param_dict.get(param.name)
-        if saved is None:
-            missing.append(param.name)
-        elif tuple(saved.shape) != tuple(param.shape):
-            mismatched.append(f"{param.name}: checkpoint {tuple(saved.shape)} vs network {tuple(param.shape)}")
-    if mismatched:
-        hint = f" (the network has {num_classes} classes incl. background; does data.classes match " \
-               f"the training config?)" if num_classes is not None else ""
-        raise ValueError(f"checkpoint '{ckpt_path}' does not fit the network{hint}: " + "; ".join(mismatched[:5]))
-    if missing:
-        raise ValueError(f"checkpoint '{ckpt_path}' lacks {len(missing)} network parameters "
-                         f"(e.g. '{missing[0]}'); is it a Mask R-CNN checkpoint of this config?")
-    ms.load_param_into_net(net, param_dict, strict_load=True)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device(device_target, device_id)
+
+
+def build_inference_net(cfg, checkpoint_path: str):
+    """MaskRcnnResnet50 in inference mode with all weights from the checkpoint (strict names and shapes)."""
+    from src.checkpoint import load_model_weights
+    from src.maskrcnn.mask_rcnn_r50 import MaskRcnnResnet50
+
+    if not os.path.isfile(checkpoint_path):    # before the seconds spent building the network
+        raise FileNotFoundError(f"checkpoint '{checkpoint_path}' does not exist")
+    net = MaskRcnnResnet50(cfg)
+    net.set_train(False)
+    load_model_weights(checkpoint_path, net)
+    return net

@@ -10,7 +10,7 @@ from pycocotools import mask as mask_utils
 from src.config import load_config
 from src.util import (COCO_METRIC_NAMES, Detections, boxes_to_original, check_image_coverage,
                       detections_from_outputs, detections_to_coco, evaluate_coco, label_to_category_ids,
-                      load_checkpoint_into, load_coco, paste_masks, write_json_atomic)
+                      load_coco, paste_masks, write_json_atomic)
 
 MASK = 28
 
@@ -193,27 +193,3 @@ def test_write_json_atomic_leaves_no_temp_file(tmp_path):
     write_json_atomic(str(path), {"a": [3]})
     assert json.loads(path.read_text()) == {"a": [3]}
     assert os.listdir(path.parent) == ["out.json"]
-
-
-def _small_net(out_features):
-    from mindspore import nn
-    return nn.SequentialCell([nn.Dense(4, 8), nn.Dense(8, out_features)])
-
-
-def test_load_checkpoint_into_errors(tmp_path):
-    import mindspore as ms
-    good = _small_net(5)
-    ckpt = str(tmp_path / "net.ckpt")
-    ms.save_checkpoint(good, ckpt)
-    target = _small_net(5)
-    load_checkpoint_into(target, ckpt)
-    np.testing.assert_array_equal(target[1].weight.asnumpy(), good[1].weight.asnumpy())
-
-    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
-        load_checkpoint_into(target, str(tmp_path / "missing.ckpt"))
-    corrupt = tmp_path / "corrupt.ckpt"
-    corrupt.write_bytes(b"\x00not a checkpoint" * 10)
-    with pytest.raises(ValueError, match="corrupt.ckpt.*cannot be read"):
-        load_checkpoint_into(target, str(corrupt))
-    with pytest.raises(ValueError, match=r"does not fit.*3 classes.*\(5, 8\) vs network \(3, 8\)"):
-        load_checkpoint_into(_small_net(3), ckpt, num_classes=3)
