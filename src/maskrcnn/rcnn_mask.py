@@ -1,0 +1,84 @@
+"""R-CNN mask head: RoI features -> per-class 28x28 mask logits, its targets and its loss.
+
+Four 3x3 convs + ReLU, a 2x2 stride-2 deconv + ReLU that doubles the resolution, and a 1x1 conv to one
+logit map per class (torchvision's names: mask_fcn1..4, conv5_mask, mask_fcn_logits). Init: Kaiming
+normal (fan_out) for the convs and the deconv, N(0, 0.001) for the logits so every mask starts at p ~ 0.5.
+
+Mask targets use the coordinate convention of box_ops (continuous input pixels, pixel (i, j) covers
+[j, j+1) x [i, i+1), no "+1" on widths), the one util.paste_masks inverts at evaluation: target cell
+(u, v) of a RoI (x1, y1, x2, y2) averages 2x2 bilinear samples of its (w/28 x h/28) bin. With
+ops.ROIAlign that is roi_end_mode=0 on the RoI shifted by half a pixel, because the op places pixel i
+at coordinate i rather than at its centre i + 0.5 (torchvision's aligned=True).
+"""
+import mindspore as ms
+from mindspore import nn, ops
+from mindspore.common.initializer import HeNormal, Normal
+
+from src.maskrcnn.rcnn_cls import select_class
+
+LOGITS_INIT_STD = 0.001
+TARGET_THRESHOLD = 0.5
+PIXEL_CENTRE = 0.5          # continuous coordinate of pixel 0's centre
+
+
+def _kaiming_conv(in_channels, out_channels, kernel_size):
+    return nn.Conv2d(in_channels, out_channels, kernel_size, pad_mode="pad", padding=kernel_size // 2,
+                     has_bias=True, weight_init=HeNormal(mode="fan_out", nonlinearity="relu"), bias_init="zeros")
+
+
+class RcnnMask(nn.Cell):
+    """construct(mask_feats (R, rcnn_in_channels, mask_out_size, mask_out_size)) ->
+    mask_logits (R, C, mask_shape, mask_shape), C = cfg.num_classes, mask_shape = 2 * mask_out_size."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        c = cfg.rcnn
+        channels = c.rcnn_mask_out_channels
+        self.mask_fcn1 = _kaiming_conv(c.rcnn_in_channels, channels, 3)
+        self.mask_fcn2 = _kaiming_conv(channels, channels, 3)
+        self.mask_fcn3 = _kaiming_conv(channels, channels, 3)
+        self.mask_fcn4 = _kaiming_conv(channels, channels, 3)
+        upsample = c.mask_shape // cfg.roi.mask_out_size
+        self.conv5_mask = nn.Conv2dTranspose(channels, channels, upsample, stride=upsample, pad_mode="valid",
+                                             has_bias=True, weight_init=HeNormal(mode="fan_out", nonlinearity="relu"),
+                                             bias_init="zeros")
+        self.mask_fcn_logits = nn.Conv2d(channels, cfg.num_classes, 1, has_bias=True,
+                                         weight_init=Normal(LOGITS_INIT_STD), bias_init="zeros")
+        self.relu = nn.ReLU()
+        self.mask_weight = c.rcnn_loss_mask_weight
+        self.target_align = ops.ROIAlign(c.mask_shape, c.mask_shape, spatial_scale=1.0,
+                                         sample_num=cfg.roi.roi_sample_ratio, roi_end_mode=0)
+        self.sigmoid_ce = ops.SigmoidCrossEntropyWithLogits()
+
+    def construct(self, mask_feats):
+        x = self.relu(self.mask_fcn1(mask_feats))
+        x = self.relu(self.mask_fcn2(x))
+        x = self.relu(self.mask_fcn3(x))
+        x = self.relu(self.mask_fcn4(x))                                             # (R, 256, 14, 14)
+        x = self.relu(self.conv5_mask(x))                                            # (R, 256, 28, 28)
+        return self.mask_fcn_logits(x)                                               # (R, C, 28, 28)
+
+    def mask_targets(self, gt_masks, rois, gt_index):
+        """Binary training targets of the RoIs' matched GT masks.
+
+        gt_masks (B, M, H, W) uint8 0/1 at input resolution, rois (R, 4) x1, y1, x2, y2 in input pixels,
+        gt_index (R,) int32 = b * M + m of each RoI's GT -> (R, mask_shape, mask_shape) float32 0/1:
+        the RoIAlign of the GT mask over the RoI, thresholded at 0.5. No gradient flows.
+        """
+        batch, num_gts, height, width = gt_masks.shape
+        masks = ops.cast(gt_masks, ms.float32).reshape(batch * num_gts, 1, height, width)
+        boxes = ops.concat((ops.cast(gt_index, ms.float32)[:, None], rois - PIXEL_CENTRE), axis=1)   # (R, 5)
+        soft = self.target_align(masks, boxes)[:, 0]                                 # (R, 28, 28)
+        return ops.stop_gradient(ops.cast(soft >= TARGET_THRESHOLD, ms.float32))
+
+    def loss(self, mask_logits, labels, mask_targets, weights):
+        """Per-pixel binary cross-entropy on the logit map of each row's GT class.
+
+        mask_logits (R, C, S, S), labels (R,) int32, mask_targets (R, S, S) 0/1, weights (R,) f32 (1 on rows
+        that are real positives) -> rcnn_mask_loss float32 scalar: the mean over pixels of each row,
+        summed with the row weights, divided by their sum (at least 1), times rcnn_loss_mask_weight.
+        """
+        own_logits = select_class(mask_logits, labels)                               # (R, S, S)
+        per_row = self.sigmoid_ce(own_logits, mask_targets).mean(axis=(1, 2))        # (R,)
+        num_rows = ops.maximum(weights.sum(), 1.0)
+        return (per_row * weights).sum() / num_rows * self.mask_weight
