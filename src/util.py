@@ -39,6 +39,28 @@ class Detections:
         return len(self.scores)
 
 
+# ---------------------------------------------------------------- input
+
+def read_image_input(path: str, transform):
+    """Image file -> (RGB (h, w, 3) uint8, image (1, 3, H, W) float32, image_shape (1, 4) float32).
+
+    `transform` is the eval pipeline's src.dataset.EvalTransform, so predict.py and preprocess.py feed the
+    network exactly what eval.py does.
+    """
+    from src.dataset import decode_image
+
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except OSError as err:
+        raise FileNotFoundError(f"cannot read image '{path}': {err.strerror or err}") from None
+    rgb = decode_image(raw)
+    if rgb is None:
+        raise ValueError(f"image '{path}' cannot be decoded (truncated or not an image)")
+    image, image_shape, _ = transform(np.frombuffer(raw, np.uint8), np.zeros(1, np.int32))
+    return rgb, image[None], image_shape[None]
+
+
 # ---------------------------------------------------------------- geometry
 
 def boxes_to_original(boxes: np.ndarray, image_shape: Sequence[float]) -> np.ndarray:

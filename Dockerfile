@@ -1,0 +1,9 @@
+# Mask R-CNN environment. The default base runs on CPU; for Ascend pass an Ascend MindSpore image:
+#   docker build -t maskrcnn:ascend . --build-arg FROM_IMAGE_NAME=<ascend-mindspore image>
+# then start it with scripts/docker_start.sh IMAGE DATA_DIR MODEL_DIR.
+ARG FROM_IMAGE_NAME=python:3.11-slim
+FROM ${FROM_IMAGE_NAME}
+
+COPY requirements.txt /tmp/maskrcnn/requirements.txt
+RUN python3 -m pip install --no-cache-dir -r /tmp/maskrcnn/requirements.txt && rm -rf /tmp/maskrcnn
+WORKDIR /workspace
