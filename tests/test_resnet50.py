@@ -76,7 +76,8 @@ def graph_mode():
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_config("tiny")
+    """The tiny preset at a quarter of its input area: the full ResNet50, but cheap on this CPU."""
+    return load_config("tiny", {"data.img_height": 64, "data.img_width": 96})
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +171,15 @@ def test_trainable_batch_norm_zero_inits_last_gamma_instead():
         if name.endswith("conv3.weight"):
             assert np.any(p.asnumpy()), name
     assert params["conv1.weight"].requires_grad and params["layer1.0.bn1.gamma"].requires_grad
+
+
+def test_frozen_stages_keep_batch_norm_frozen_even_when_freeze_bn_is_off():
+    cfg = load_config("tiny", {"backbone.freeze_bn": False, "backbone.frozen_stages": 1})
+    net = ResNet50(cfg)
+    frozen_bns = [net.bn1, net.layer1[0].bn3, net.layer1[0].downsample[1]]
+    trainable_bns = [net.layer2[0].bn1, net.layer4[2].bn3]
+    assert all(bn.use_batch_statistics is False and not bn.gamma.requires_grad for bn in frozen_bns)
+    assert all(bn.use_batch_statistics is None and bn.gamma.requires_grad for bn in trainable_bns)
 
 
 def test_activations_stay_bounded_through_50_layers(first_step):

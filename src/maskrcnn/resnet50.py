@@ -14,9 +14,10 @@ Parameter names follow torchvision so checkpoints convert by renaming only the B
 no fc layer. Convolutions have no bias and use explicit padding, so output sizes match torchvision.
 
 Freezing (the recipe fine-tunes from ImageNet weights): ``frozen_stages = k >= 1`` freezes the stem and
-stages 1..k (``requires_grad=False``) and stops the gradient at their output, so no backward pass is
-spent on them; 0 freezes nothing. ``freeze_bn`` makes every BatchNorm use its moving statistics in
-training too and freezes gamma/beta.
+stages 1..k (``requires_grad=False``, BatchNorm included) and stops the gradient at their output, so no
+backward pass is spent on them; 0 freezes nothing. A frozen BatchNorm always normalises with its moving
+statistics, in training too, never updates them and has gamma/beta frozen; ``freeze_bn`` freezes every
+BatchNorm of the backbone that way.
 
 Initialisation for training from scratch (no pretrained weights here): convolutions are Kaiming normal
 (fan_out), BatchNorm gamma 1 / beta 0, moving statistics 0 / 1. With frozen BatchNorm those statistics
@@ -96,19 +97,19 @@ class ResNet50(nn.Cell):
         super().__init__()
         bb = cfg.backbone
         stem_channels = bb.resnet_in_channels[0]
+        self.frozen_stages = bb.frozen_stages
         self.conv1 = _conv(IMAGE_CHANNELS, stem_channels, STEM_KERNEL, STEM_STRIDE)
-        self.bn1 = _batch_norm(stem_channels, bb.freeze_bn)
+        self.bn1 = _batch_norm(stem_channels, bb.freeze_bn or self.frozen_stages >= 1)
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(kernel_size=STEM_POOL_KERNEL, stride=STEM_POOL_STRIDE, pad_mode="pad",
                                     padding=STEM_POOL_KERNEL // 2)
-        self.frozen_stages = bb.frozen_stages
         stages = []
         for index, (depth, in_channels, out_channels) in enumerate(
                 zip(bb.resnet_block, bb.resnet_in_channels, bb.resnet_out_channels)):
             stride = 1 if index == 0 else STAGE_STRIDE  # stage 1 follows the stem max-pool
             trainable = index >= self.frozen_stages
             blocks = [Bottleneck(in_channels if i == 0 else out_channels, out_channels, stride if i == 0 else 1,
-                                 bb.freeze_bn, zero_branch=trainable) for i in range(depth)]
+                                 bb.freeze_bn or not trainable, zero_branch=trainable) for i in range(depth)]
             stages.append(nn.SequentialCell(blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
 
