@@ -36,10 +36,16 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def neck_run(tiny):
+def narrow():
+    """The tiny preset with a 16-channel pyramid, for the graph-mode runs (3x3 convs are slow on this CPU)."""
+    return load_config("tiny", {"fpn.fpn_out_channels": 16, "roi.roi_align_out_channels": 16})
+
+
+@pytest.fixture(scope="module")
+def neck_run(narrow):
     """Runs the neck once with random laterals and identity 3x3 convs; returns (feats, laterals, outputs)."""
     rng = np.random.RandomState(0)
-    neck = FeatPyramidNeck(tiny)
+    neck = FeatPyramidNeck(narrow)
     lateral_w, lateral_b = [], []
     for conv in neck.lateral_convs:
         out_c, in_c = conv.weight.shape[:2]
@@ -54,14 +60,14 @@ def neck_run(tiny):
         identity[np.arange(identity.shape[0]), np.arange(identity.shape[0]), 1, 1] = 1.0
         conv.weight.set_data(Tensor(identity))
     feats = [rng.randn(2, c, h, w).astype(np.float32)
-             for c, (h, w) in zip(tiny.fpn.fpn_in_channels, tiny.feature_shapes)]
+             for c, (h, w) in zip(narrow.fpn.fpn_in_channels, narrow.feature_shapes)]
     outs = neck(tuple(Tensor(f) for f in feats))
     return feats, (lateral_w, lateral_b), [o.asnumpy() for o in outs]
 
 
-def test_outputs_have_the_static_feature_shapes(tiny, neck_run):
+def test_outputs_have_the_static_feature_shapes(narrow, neck_run):
     _, _, outs = neck_run
-    assert [o.shape for o in outs] == [(2, tiny.fpn.fpn_out_channels, h, w) for h, w in tiny.feature_shapes]
+    assert [o.shape for o in outs] == [(2, narrow.fpn.fpn_out_channels, h, w) for h, w in narrow.feature_shapes]
 
 
 def test_top_down_pathway_matches_numpy(neck_run):
@@ -71,7 +77,8 @@ def test_top_down_pathway_matches_numpy(neck_run):
 
 
 def test_p6_covers_an_odd_sized_p5():
-    cfg = load_config("tiny", {"data.img_height": 96})          # P5 has 3 rows, P6 ceil(3 / 2) = 2
+    cfg = load_config("tiny", {"data.img_height": 96,            # P5 has 3 rows, P6 ceil(3 / 2) = 2
+                               "fpn.fpn_out_channels": 16, "roi.roi_align_out_channels": 16})
     assert cfg.feature_shapes[3][0] == 3 and cfg.feature_shapes[4][0] == 2
     neck = FeatPyramidNeck(cfg)
     feats = tuple(Tensor(np.ones((1, c, h, w), np.float32))

@@ -58,8 +58,9 @@ def tiny():
 @pytest.fixture(scope="module")
 def position_run(tiny):
     """RPN whose outputs encode position: channel 0 of the input holds the cell index y * w + x, the 3x3
-    conv passes it through, anchor a's logit adds a * CLS_TAG and delta channel c adds c * REG_TAG."""
-    rpn = RPN(tiny)
+    conv passes it through, anchor a's logit adds a * CLS_TAG and delta channel c adds c * REG_TAG.
+    16 channels instead of 256 keep the 3x3 conv cheap on this CPU; the layout does not depend on them."""
+    rpn = RPN(load_config("tiny", {"rpn.rpn_in_channels": 16, "rpn.rpn_feat_channels": 16}))
     conv = np.zeros(rpn.rpn_conv.weight.shape, np.float32)
     conv[0, 0, 1, 1] = 1.0
     rpn.rpn_conv.weight.set_data(Tensor(conv))
@@ -70,7 +71,7 @@ def position_run(tiny):
         head.bias.set_data(Tensor(np.arange(weight.shape[0], dtype=np.float32) * tag))
     feats = []
     for h, w in tiny.feature_shapes:
-        feat = np.zeros((2, tiny.rpn.rpn_in_channels, h, w), np.float32)
+        feat = np.zeros((2, rpn.rpn_conv.in_channels, h, w), np.float32)
         feat[:, 0] = np.arange(h * w, dtype=np.float32).reshape(h, w)
         feats.append(Tensor(feat))
     cls_scores, bbox_deltas = rpn(tuple(feats))
