@@ -31,9 +31,9 @@ All geometric steps are folded into one affine map applied identically to image,
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import tempfile
@@ -70,8 +70,7 @@ TRAIN_COLUMNS = ["image", "image_shape", "box", "label", "valid_num", "mask"]
 EVAL_COLUMNS = ["image", "image_shape", "image_id"]
 
 MIN_BOX_SIZE = 1.0                           # boxes narrower or lower than this (pixels, after clipping) are skipped
-CONVERT_CHUNK = 8                            # images per worker task
-CONVERT_WINDOW_CHUNKS = 4                    # chunks in flight per worker: bounds conversion memory
+CONVERT_WINDOW = 32                          # images in flight per conversion worker: bounds memory
 MAX_LOGGED_PER_REASON = 10                   # individual warnings per skip reason; the rest only counted
 CV_MAX_CHANNELS = 128                        # cv2.warpAffine limit on channels per call
 EXPAND_RATIO_RANGE = (1.0, 4.0)              # canvas side / image side for the expand augmentation (mmdet)
@@ -295,12 +294,6 @@ def encode_record(task: ImageTask, is_training: bool, max_instances: int):
     return record, counts, messages
 
 
-def _encode_chunk(args):
-    tasks, is_training, max_instances = args
-    cv2.setNumThreads(1)
-    return [encode_record(task, is_training, max_instances) for task in tasks]
-
-
 # ---------------------------------------------------------------- conversion driver
 
 def mindrecord_files(cfg: Config, is_training: bool) -> List[str]:
@@ -366,17 +359,15 @@ def _iter_windows(tasks: Sequence[ImageTask], window: int):
 
 
 def _encoded_windows(tasks: Sequence[ImageTask], is_training: bool, max_instances: int, workers: int):
-    """Yield lists of encode_record results, a bounded window at a time, in task order."""
-    window = CONVERT_CHUNK * CONVERT_WINDOW_CHUNKS * workers
-    if workers == 1:
+    """Yield lists of encode_record results, a bounded window of images at a time, in task order.
+
+    Threads, not processes: the work is file reads and cv2.imdecode, which release the GIL, and forking a
+    process that already runs MindSpore threads can deadlock (spawning re-imports MindSpore per worker).
+    """
+    window = CONVERT_WINDOW * workers
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         for part in _iter_windows(tasks, window):
-            yield [encode_record(task, is_training, max_instances) for task in part]
-        return
-    # fork: workers need only numpy/cv2/pycocotools, and re-importing MindSpore per worker costs seconds
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        for part in _iter_windows(tasks, window):
-            chunks = [(list(c), is_training, max_instances) for c in _iter_windows(part, CONVERT_CHUNK)]
-            yield [result for chunk in pool.imap(_encode_chunk, chunks) for result in chunk]
+            yield list(pool.map(lambda task: encode_record(task, is_training, max_instances), part))
 
 
 def data_to_mindrecord(cfg: Config, is_training: bool) -> List[str]:
