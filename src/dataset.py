@@ -72,7 +72,6 @@ EVAL_COLUMNS = ["image", "image_shape", "image_id"]
 MIN_BOX_SIZE = 1.0                           # boxes narrower or lower than this (pixels, after clipping) are skipped
 CONVERT_WINDOW = 32                          # images in flight per conversion worker: bounds memory
 MAX_LOGGED_PER_REASON = 10                   # individual warnings per skip reason; the rest only counted
-CV_MAX_CHANNELS = 128                        # cv2.warpAffine limit on channels per call
 EXPAND_RATIO_RANGE = (1.0, 4.0)              # canvas side / image side for the expand augmentation (mmdet)
 EXPAND_COIN = 0.5                            # the recipe's Expand flips its own coin: expand_ratio 1.0 -> 50 %
 BRIGHTNESS_DELTA = 32.0                      # photometric distortion ranges (mmdet PhotoMetricDistortion)
@@ -539,35 +538,35 @@ def photometric_distortion(rng: np.random.Generator, image: np.ndarray) -> np.nd
     return np.clip(image, 0.0, 255.0)
 
 
+def warp_planes(planes: Sequence[np.ndarray], geometry: Geometry, out: np.ndarray) -> np.ndarray:
+    """Warp each (h, w) source plane into out[i] (H, W) in place, bilinearly; outside the source is 0.
+
+    Warping plane by plane straight into the (n, H, W) output avoids an HWC -> CHW copy of the largest
+    arrays of the pipeline. uint8 planes round at 0.5, so 0/1 masks stay 0/1.
+    """
+    matrix = geometry.pixel_matrix()
+    height, width = out.shape[1:]
+    for plane, target in zip(planes, out):
+        cv2.warpAffine(np.ascontiguousarray(plane), matrix, (width, height), dst=target, flags=cv2.INTER_LINEAR,
+                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return out
+
+
 class _Normaliser:
-    """Warp an RGB image into the padded H x W input, normalise it and return (3, H, W) float32."""
+    """Normalise an RGB image and warp it into the zero-padded (3, H, W) float32 input."""
 
     def __init__(self, cfg: Config):
         self.height, self.width = cfg.data.img_height, cfg.data.img_width
         self.mean = np.asarray(cfg.data.img_mean, np.float32)
-        self.std = np.asarray(cfg.data.img_std, np.float32)
+        self.inv_std = 1.0 / np.asarray(cfg.data.img_std, np.float32)
 
     def __call__(self, image: np.ndarray, geometry: Geometry) -> np.ndarray:
-        # outside the source (expand canvas, padding) the warp fills the mean, i.e. 0 after normalising
-        warped = cv2.warpAffine(image.astype(np.float32), geometry.pixel_matrix(), (self.width, self.height),
-                                flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                                borderValue=tuple(float(v) for v in self.mean))        # (H, W, 3)
-        normalised = (warped - self.mean) / self.std
-        normalised[geometry.out_h:] = 0.0
-        normalised[:, geometry.out_w:] = 0.0
-        return np.ascontiguousarray(normalised.transpose(2, 0, 1))                     # (3, H, W)
-
-
-def warp_masks(masks: np.ndarray, geometry: Geometry, height: int, width: int) -> np.ndarray:
-    """(h, w, n) uint8 0/1 source masks -> (n, H, W) uint8 input masks (bilinear, rounded at 0.5)."""
-    out = np.zeros((masks.shape[2], height, width), np.uint8)
-    matrix = geometry.pixel_matrix()
-    for start in range(0, masks.shape[2], CV_MAX_CHANNELS):
-        part = cv2.warpAffine(np.ascontiguousarray(masks[:, :, start:start + CV_MAX_CHANNELS]), matrix,
-                              (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                              borderValue=0)
-        out[start:start + CV_MAX_CHANNELS] = part.reshape(height, width, -1).transpose(2, 0, 1)
-    return out
+        # normalising first (at source size) makes the warp's zero border the mean colour: expand canvas
+        normalised = (image.astype(np.float32) - self.mean) * self.inv_std                  # (h, w, 3)
+        out = warp_planes(cv2.split(normalised), geometry, np.empty((3, self.height, self.width), np.float32))
+        out[:, geometry.out_h:] = 0.0            # bilinear taps can reach half a pixel past the valid region
+        out[:, :, geometry.out_w:] = 0.0
+        return out
 
 
 def _bytes(column: np.ndarray) -> bytes:
@@ -618,7 +617,7 @@ class TrainTransform:
             label[:n] = rows[targets, 4].astype(np.int32)
             valid[:n] = True
             source_masks = mask_utils.decode([{"size": [height, width], "counts": rles[i]} for i in targets])
-            mask[:n] = warp_masks(source_masks, geometry, d.img_height, d.img_width)   # (n, H, W)
+            warp_planes(source_masks.transpose(2, 0, 1), geometry, mask[:n])          # (h, w, n) -> (n, H, W)
         return out_image, geometry.image_shape(), box, label, valid, mask
 
 
