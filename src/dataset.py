@@ -100,9 +100,29 @@ class DatasetError(ValueError):
 
 # ---------------------------------------------------------------- parsing (main process)
 
+class SkipLog:
+    """Counts skipped input by reason and logs the first MAX_LOGGED_PER_REASON cases of each."""
+
+    def __init__(self):
+        self.counts: collections.Counter = collections.Counter()
+        self._logged: collections.Counter = collections.Counter()
+
+    def add(self, reason: str, message: str, amount: int = 1) -> None:
+        self.counts[reason] += amount
+        self.log(reason, message)
+
+    def log(self, reason: str, message: str) -> None:
+        if self._logged[reason] < MAX_LOGGED_PER_REASON:
+            logger.warning("skipped (%s): %s", reason, message)
+        self._logged[reason] += 1
+
+    def summary(self) -> str:
+        return ", ".join(f"{reason}: {n}" for reason, n in sorted(self.counts.items())) or "nothing skipped"
+
+
 @dataclass
 class ImageTask:
-    """Everything a worker needs to turn one image into a record; plain data so it pickles cheaply."""
+    """Everything a conversion worker needs to turn one image into a record."""
     image_id: int
     path: str
     size: Optional[Tuple[int, int]]          # (height, width) promised by the annotation file, if any
@@ -137,10 +157,12 @@ def _coco_tasks(cfg: Config, is_training: bool, skips: SkipLog) -> Tuple[List[Im
 
     tasks: Dict[int, ImageTask] = {}
     image_dir = os.path.join(d.coco_root, data_type)
-    for image in coco["images"]:
+    for index, image in enumerate(coco["images"]):
+        _require(image, ("id", "file_name", "height", "width"), f"{anno_file}: images[{index}]")
         tasks[image["id"]] = ImageTask(image["id"], os.path.join(image_dir, image["file_name"]),
                                        (int(image["height"]), int(image["width"])))
-    for ann in coco["annotations"]:
+    for index, ann in enumerate(coco["annotations"]):
+        _require(ann, ("image_id", "category_id", "bbox"), f"{anno_file}: annotations[{index}]")
         if ann["category_id"] not in label_of_category:
             raise DatasetError(f"{anno_file}: annotation id {ann.get('id')} has category_id "
                                f"{ann['category_id']}, which is not in 'categories'")
@@ -155,6 +177,12 @@ def _coco_tasks(cfg: Config, is_training: bool, skips: SkipLog) -> Tuple[List[Im
         task.iscrowd.append(int(ann.get("iscrowd", 0)))
         task.segmentations.append(ann.get("segmentation") or [])
     return [tasks[i] for i in sorted(tasks)], anno_file
+
+
+def _require(entry: dict, keys: Sequence[str], where: str) -> None:
+    missing = [key for key in keys if key not in entry]
+    if missing:
+        raise DatasetError(f"{where} lacks {missing}")
 
 
 def _txt_tasks(cfg: Config) -> Tuple[List[ImageTask], str]:
@@ -189,26 +217,6 @@ def _txt_tasks(cfg: Config) -> Tuple[List[ImageTask], str]:
                 task.segmentations.append(None)
             tasks.append(task)
     return tasks, d.anno_path
-
-
-class SkipLog:
-    """Counts skipped input by reason and logs the first MAX_LOGGED_PER_REASON cases of each."""
-
-    def __init__(self):
-        self.counts: collections.Counter = collections.Counter()
-        self._logged: collections.Counter = collections.Counter()
-
-    def add(self, reason: str, message: str, amount: int = 1) -> None:
-        self.counts[reason] += amount
-        self.log(reason, message)
-
-    def log(self, reason: str, message: str) -> None:
-        if self._logged[reason] < MAX_LOGGED_PER_REASON:
-            logger.warning("skipped (%s): %s", reason, message)
-        self._logged[reason] += 1
-
-    def summary(self) -> str:
-        return ", ".join(f"{reason}: {n}" for reason, n in sorted(self.counts.items())) or "nothing skipped"
 
 
 # ---------------------------------------------------------------- one image -> one record (workers)
@@ -518,7 +526,7 @@ def photometric_distortion(rng: np.random.Generator, image: np.ndarray) -> np.nd
     image = image.astype(np.float32)
     if rng.random() < PHOTO_STEP_PROBABILITY:
         image += rng.uniform(-BRIGHTNESS_DELTA, BRIGHTNESS_DELTA)
-    contrast_first = rng.random() < 0.5
+    contrast_first = rng.random() < 0.5          # contrast before or after the HSV steps, equally often
     contrast = rng.uniform(*CONTRAST_RANGE) if rng.random() < PHOTO_STEP_PROBABILITY else None
     if contrast is not None and contrast_first:
         image *= contrast
@@ -655,7 +663,11 @@ def sample_order(num_records: int, is_training: bool, seed: int, epoch: int,
 
 def create_maskrcnn_dataset(cfg: Config, files: Sequence[str], is_training: bool, batch_size: int,
                             num_shards: int = 1, shard_id: int = 0, epoch: int = 0):
-    """Batched MindSpore dataset of one epoch; columns TRAIN_COLUMNS or EVAL_COLUMNS (docs/architecture.md)."""
+    """Batched MindSpore dataset of one epoch; columns TRAIN_COLUMNS or EVAL_COLUMNS (docs/architecture.md).
+
+    The same (cfg.train.seed, epoch) always yields the same batches, whatever the worker count, so a
+    resumed run rebuilds epoch e and calls `.skip(k)` to continue after k finished batches.
+    """
     files = list(files)
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:

@@ -286,6 +286,14 @@ def test_undeclared_category_id_is_an_error(tmp_path, synthetic_coco):
         data_to_mindrecord(_cfg(root, tmp_path / "mr"), True)
 
 
+def test_annotation_without_required_key_is_named(tmp_path, synthetic_coco):
+    def edit(coco):
+        del coco["annotations"][2]["bbox"]
+    root = _annotation_only_root(tmp_path, synthetic_coco, edit)
+    with pytest.raises(DatasetError, match=r"annotations\[2\] lacks \['bbox'\]"):
+        data_to_mindrecord(_cfg(root, tmp_path / "mr"), True)
+
+
 def test_missing_annotation_file_is_named(tmp_path):
     with pytest.raises(DatasetError, match="instances_train2017.json"):
         data_to_mindrecord(_cfg(tmp_path, tmp_path / "mr"), True)
@@ -466,7 +474,8 @@ def test_eval_columns_are_the_plain_rescaled_image(tiny_mindrecord, synthetic_co
     assert [len(b["image"]) for b in batches] == [3, 1]                  # no drop_remainder for eval
     samples = _samples(batches)
     assert all(list(b) == EVAL_COLUMNS for b in batches)
-    assert [int(s["image_id"]) for s in samples] == [int(r["image_id"]) for r in _raw_records(tiny_mindrecord.val_files)]
+    recorded = [int(r["image_id"]) for r in _raw_records(tiny_mindrecord.val_files)]
+    assert [int(s["image_id"]) for s in samples] == recorded
     infos = {i["id"]: i for i in coco["images"]}
     mean, std = np.array(cfg.data.img_mean, np.float32), np.array(cfg.data.img_std, np.float32)
     for sample in samples:
@@ -500,6 +509,16 @@ def test_other_epoch_or_seed_changes_order_and_augmentation(tiny_mindrecord, tra
     assert not np.array_equal(sample_order(8, True, 1, 0), sample_order(8, True, 2, 0))
     later = _batches(create_maskrcnn_dataset(cfg, tiny_mindrecord.train_files, True, cfg.train.batch_size, epoch=1))
     assert not all(np.array_equal(a["image_shape"], b["image_shape"]) for a, b in zip(later, train_batches))
+
+
+def test_resumed_epoch_skips_to_the_same_batches(tiny_mindrecord):
+    cfg = tiny_mindrecord.cfg
+    full = _batches(create_maskrcnn_dataset(cfg, tiny_mindrecord.train_files, True, 2, epoch=3))
+    resumed = _batches(create_maskrcnn_dataset(cfg, tiny_mindrecord.train_files, True, 2, epoch=3).skip(2))
+    assert len(resumed) == len(full) - 2
+    for a, b in zip(resumed, full[2:]):
+        for column in TRAIN_COLUMNS:
+            np.testing.assert_array_equal(a[column], b[column])
 
 
 @pytest.mark.parametrize("num_records, num_shards", [(8, 2), (9, 2), (7, 3)])
