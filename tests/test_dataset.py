@@ -17,8 +17,9 @@ import src.dataset as dataset_module
 from src.config import load_config
 from src.dataset import (CLIPPED_BOX, EVAL_COLUMNS, FILE_PREFIX, SKIP_CORRUPT_IMAGE, SKIP_DEGENERATE_MASK,
                          SKIP_EMPTY_BOX, SKIP_MISSING_IMAGE, SKIP_NO_ANNOTATION, SKIP_ORPHAN_ANNOTATION,
-                         SKIP_OVER_MAX, TRAIN_COLUMNS, DatasetError, create_maskrcnn_dataset, data_to_mindrecord,
-                         decode_image, decode_instances, load_manifest, manifest_path, sample_order)
+                         SKIP_OVER_MAX, SKIP_SIZE_MISMATCH, TRAIN_COLUMNS, DatasetError, create_maskrcnn_dataset,
+                         data_to_mindrecord, decode_image, decode_instances, load_manifest, manifest_path,
+                         photometric_distortion, sample_order)
 
 TRAIN_JSON = os.path.join("annotations", "instances_train2017.json")
 VAL_JSON = os.path.join("annotations", "instances_val2017.json")
@@ -223,12 +224,14 @@ def broken_coco(synthetic_coco, tmp_path_factory):
     for _ in range(10):
         add(6, crowded["bbox"], crowded["segmentation"])
     num_targets6 = sum(not a["iscrowd"] for a in anns_of[6]) + 10
+    images[7]["height"] += 1                                             # JSON size disagrees with the file
     _write_json(os.path.join(root, TRAIN_JSON), coco)
 
     val = _read_json(os.path.join(root, VAL_JSON))
     val["annotations"] = [a for a in val["annotations"] if a["image_id"] != val["images"][0]["id"]]
     _write_json(os.path.join(root, VAL_JSON), val)
-    expected = {SKIP_MISSING_IMAGE: 1, SKIP_CORRUPT_IMAGE: 1, SKIP_NO_ANNOTATION: 1, SKIP_EMPTY_BOX: 2,
+    expected = {SKIP_MISSING_IMAGE: 1, SKIP_CORRUPT_IMAGE: 1, SKIP_SIZE_MISMATCH: 1, SKIP_NO_ANNOTATION: 1,
+                SKIP_EMPTY_BOX: 2,
                 CLIPPED_BOX: 1, SKIP_DEGENERATE_MASK: 2, SKIP_ORPHAN_ANNOTATION: 1,
                 SKIP_OVER_MAX: num_targets6 - 8}
     return root, expected
@@ -241,8 +244,9 @@ def broken_conversion(broken_coco, tmp_path_factory):
     return cfg, data_to_mindrecord(cfg, True), data_to_mindrecord(cfg, False), expected
 
 
-@pytest.mark.parametrize("reason", [SKIP_MISSING_IMAGE, SKIP_CORRUPT_IMAGE, SKIP_NO_ANNOTATION, SKIP_EMPTY_BOX,
-                                    CLIPPED_BOX, SKIP_DEGENERATE_MASK, SKIP_ORPHAN_ANNOTATION, SKIP_OVER_MAX])
+@pytest.mark.parametrize("reason", [SKIP_MISSING_IMAGE, SKIP_CORRUPT_IMAGE, SKIP_SIZE_MISMATCH, SKIP_NO_ANNOTATION,
+                                    SKIP_EMPTY_BOX, CLIPPED_BOX, SKIP_DEGENERATE_MASK, SKIP_ORPHAN_ANNOTATION,
+                                    SKIP_OVER_MAX])
 def test_bad_training_input_is_counted_and_skipped(broken_conversion, reason):
     cfg, _, _, expected = broken_conversion
     assert load_manifest(cfg, True)["skipped"][reason] == expected[reason]
@@ -251,14 +255,14 @@ def test_bad_training_input_is_counted_and_skipped(broken_conversion, reason):
 def test_bad_input_records_are_clean(broken_conversion):
     cfg, train_files, val_files, _ = broken_conversion
     records = {int(r["image_id"]): r for r in _raw_records(train_files)}
-    assert sorted(records) == [4, 5, 6, 7, 8]                       # 1 missing, 2 corrupt, 3 unannotated
+    assert sorted(records) == [4, 5, 6, 8]                          # 1 missing, 2 corrupt, 3 unannotated, 7 size
     rows4, _ = decode_instances(records[4]["num_instances"], records[4]["annotation"], records[4]["masks"])
     np.testing.assert_allclose(rows4[-1, :4], [0, 0, 15, 15])       # the clipped box
     rows6, _ = decode_instances(records[6]["num_instances"], records[6]["annotation"], records[6]["masks"])
     assert (rows6[:, 5] == 0).sum() == cfg.data.max_instance_count
     assert load_manifest(cfg, False)["records"] == len(_raw_records(val_files)) == 4   # unannotated kept
     batches = _batches(create_maskrcnn_dataset(cfg, train_files, True, 1))
-    assert len(batches) == 5 and all(b["valid_num"].sum() >= 1 for b in batches)
+    assert len(batches) == 4 and all(b["valid_num"].sum() >= 1 for b in batches)
 
 
 def _annotation_only_root(tmp_path, synthetic_coco, edit):
@@ -448,6 +452,22 @@ def test_flip_mirrors_image_boxes_and_masks(tiny_mindrecord):
         np.testing.assert_array_equal(b["box"][:n, [1, 3]], a["box"][:n, [1, 3]])
         differing = (b["mask"][:n, :, :valid_w] != a["mask"][:n, :, valid_w - 1::-1]).sum()
         assert differing <= 0.01 * a["mask"][:n].sum()
+
+
+def test_photometric_distortion_changes_colours_within_range(tiny_mindrecord):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(20, 30, 3)).astype(np.uint8)
+    outputs = [photometric_distortion(np.random.default_rng(seed), image) for seed in range(8)]
+    assert all(o.dtype == np.float32 and o.shape == image.shape and 0 <= o.min() and o.max() <= 255 for o in outputs)
+    assert sum(not np.allclose(o, image, atol=1.0) for o in outputs) >= 6
+    cfg = _with(tiny_mindrecord.cfg, **NO_AUGMENTATION)
+    plain = _batches(create_maskrcnn_dataset(cfg, tiny_mindrecord.train_files, True, 2))
+    distorted = _batches(create_maskrcnn_dataset(_with(cfg, **{"data.photo_ratio": 1.0}),
+                                                 tiny_mindrecord.train_files, True, 2))
+    assert not all(np.allclose(a["image"], b["image"]) for a, b in zip(plain, distorted))
+    for a, b in zip(plain, distorted):
+        for column in ("image_shape", "box", "mask"):
+            np.testing.assert_array_equal(a[column], b[column])
 
 
 def test_crowd_regions_are_not_training_targets(tiny_mindrecord):
