@@ -23,6 +23,8 @@ KEY_BITS = 24               # keys are the top 24 hash bits: exactly representab
 RPN_STREAM = 1
 RCNN_STREAM = 2
 NOT_A_CANDIDATE = -1.0      # key of candidates outside the pool being sampled (real keys are >= 0)
+NOWHERE = -1.0e4            # corner of the zero-area box standing in for padded GTs / invalid candidates
+UNREACHABLE_IOU = 2.0       # claim level of GTs that claim nothing (IoU <= 1)
 
 
 def hash_uint32(x):
@@ -58,6 +60,9 @@ class MaxIoUAssigner(nn.Cell):
     best GT) if >= pos_iou_thr. Then every valid GT claims the valid candidates whose IoU equals that GT's
     best IoU, if that IoU >= min_pos_iou (the later GT wins a candidate claimed twice), so each GT gets at
     least one positive when it can. Invalid candidates are neither; padded GTs overlap nothing.
+
+    Padded GTs and invalid candidates are swapped for a zero-area box far outside the image before the
+    IoU, so masking costs (M,) and (N,) work instead of selects over the (M, N) matrix (slow on CPU).
     """
 
     def __init__(self, pos_iou_thr: float, neg_iou_thr: float, min_pos_iou: float, num_gts: int):
@@ -65,24 +70,30 @@ class MaxIoUAssigner(nn.Cell):
         self.pos_iou_thr = pos_iou_thr
         self.neg_iou_thr = neg_iou_thr
         self.min_pos_iou = min_pos_iou
-        self.gt_numbers = ms.Tensor(np.arange(1, num_gts + 1, dtype=np.int32)[:, None])   # (M, 1)
+        self.gt_numbers = ms.Tensor(np.arange(1, num_gts + 1, dtype=np.float32)[:, None])   # (M, 1)
+        self.nowhere = ms.Tensor(np.full((1, 4), NOWHERE, np.float32))
+
+    def _or_nowhere(self, boxes, valid):
+        return ops.where(ops.broadcast_to(valid[:, None], boxes.shape), boxes,
+                         ops.broadcast_to(self.nowhere, boxes.shape))
 
     def construct(self, gt_bboxes, gt_valids, boxes, box_valids):
         """gt_bboxes (M, 4), gt_valids (M,) bool, boxes (N, 4), box_valids (N,) bool ->
         (assigned_gt (N,) int32 index into the M GTs, positive (N,) bool, negative (N,) bool)."""
-        iou = box_ops.box_iou(gt_bboxes, boxes)                                      # (M, N)
-        iou = ops.where(gt_valids[:, None], iou, ops.zeros_like(iou))
+        iou = box_ops.box_iou(self._or_nowhere(gt_bboxes, gt_valids), self._or_nowhere(boxes, box_valids))  # (M, N)
         max_iou, best_gt = ops.max(iou, axis=0)                                      # (N,)
         positive = ops.logical_and(box_valids, max_iou >= self.pos_iou_thr)
         negative = ops.logical_and(box_valids, max_iou < self.neg_iou_thr)
 
-        gt_best_iou = ops.max(ops.where(box_valids[None, :], iou, ops.full_like(iou, -1.0)), axis=1)[0]  # (M,)
-        claims = ops.logical_and(iou == gt_best_iou[:, None], box_valids[None, :])
-        claims = ops.logical_and(claims, ops.logical_and(gt_valids, gt_best_iou >= self.min_pos_iou)[:, None])
-        claimed_by = ops.max(ops.where(claims, self.gt_numbers, ops.zeros_like(self.gt_numbers)), axis=0)[0]
-        claimed = claimed_by > 0                                                     # (N,)
+        # A GT claims the candidates at its best IoU; GTs that may not claim get an unreachable level.
+        gt_best_iou = ops.max(iou, axis=1)[0]                                        # (M,)
+        may_claim = ops.logical_and(gt_valids, gt_best_iou >= self.min_pos_iou)
+        claim_level = ops.where(may_claim, gt_best_iou, ops.full_like(gt_best_iou, UNREACHABLE_IOU))
+        claims = ops.cast(iou - claim_level[:, None] >= 0.0, ms.float32)            # (M, N): iou == level
+        claimed_by = ops.max(claims * self.gt_numbers, axis=0)[0]                    # (N,) last claiming GT + 1
+        claimed = claimed_by > 0.0
 
-        assigned_gt = ops.where(claimed, claimed_by - 1, ops.cast(best_gt, ms.int32))
+        assigned_gt = ops.where(claimed, ops.cast(claimed_by, ms.int32) - 1, ops.cast(best_gt, ms.int32))
         positive = ops.logical_or(positive, claimed)
         negative = ops.logical_and(negative, ops.logical_not(positive))
         return assigned_gt, positive, negative
