@@ -163,10 +163,23 @@ def load_resume_point(path: str, steps_per_epoch: int) -> ResumePoint:
     return ResumePoint(path, state, params)
 
 
+_CHECKPOINT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<epoch>\d+)_(?P<step>\d+)\.ckpt$")
+
+
+def find_checkpoints(directory: str, prefix: str = CHECKPOINT_PREFIX) -> List[str]:
+    """Paths of the training checkpoints in `directory`, oldest first (by epoch, then step)."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        match = _CHECKPOINT_NAME.match(name)
+        if match and match.group("prefix") == prefix:
+            found.append(((int(match.group("epoch")), int(match.group("step"))), name))
+    return [os.path.join(directory, name) for _, name in sorted(found)]
+
+
 class CheckpointManager:
     """Writes training checkpoints into one directory and keeps the newest `keep_max` of them."""
-
-    _NAME = re.compile(r"^(?P<prefix>.+)-(?P<epoch>\d+)_(?P<step>\d+)\.ckpt$")
 
     def __init__(self, directory: str, keep_max: int, prefix: str = CHECKPOINT_PREFIX):
         if keep_max < 1:
@@ -185,15 +198,7 @@ class CheckpointManager:
                 os.remove(os.path.join(self.directory, name))
 
     def checkpoints(self) -> List[str]:
-        """Paths of this manager's checkpoints, oldest first (by epoch, then step)."""
-        if not os.path.isdir(self.directory):
-            return []
-        found = []
-        for name in os.listdir(self.directory):
-            match = self._NAME.match(name)
-            if match and match.group("prefix") == self.prefix:
-                found.append(((int(match.group("epoch")), int(match.group("step"))), name))
-        return [os.path.join(self.directory, name) for _, name in sorted(found)]
+        return find_checkpoints(self.directory, self.prefix)
 
     def latest(self) -> Optional[str]:
         paths = self.checkpoints()

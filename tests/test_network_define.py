@@ -13,12 +13,13 @@ import pytest
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from src.config import load_config
+from src.maskrcnn.mask_rcnn_r50 import LOSS_NAMES
 from src.network_define import (LossLog, MaskRcnnObjective, MetricsLog, NonFiniteLossError, ProgressBar,
                                 StepMonitor, StepRecord, TrainOneStepCell, check_finite, format_loss_line)
 
-LOSS_NAMES = ("rpn_loss", "rcnn_loss", "rpn_cls_loss", "rpn_reg_loss", "rcnn_cls_loss", "rcnn_reg_loss",
-              "rcnn_mask_loss", "total_loss")
-BATCH, MAX_INSTANCES, HEIGHT, WIDTH, CLASSES = 2, 3, 16, 24, 4
+BATCH, MAX_INSTANCES, HEIGHT, WIDTH = 2, 3, 16, 24
+CLASSES = len(load_config("tiny").data.classes)        # labels of the tiny synthetic set are 1..CLASSES-1
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.91, 1e-4
 
 

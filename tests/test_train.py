@@ -1,0 +1,205 @@
+"""train.py end to end on the synthetic set (tiny config).
+
+Fast tests drive the real loop (data, schedule, logs, checkpoints, resume, NaN stop) with the small
+contract network of test_network_define; tests marked `slow` run the real MaskRcnnResnet50: resume
+equality, and two msrun workers on CPU.
+"""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from src.checkpoint import find_checkpoints, load_resume_point
+from src.config import load_config
+from src.lr_schedule import dynamic_lr
+from test_network_define import LOSS_NAMES, RECIPE_LINE, ContractNet
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS_PER_EPOCH = 4                 # 8 synthetic training images, batch 2
+RESUME_RTOL = 1e-6                  # CPU, fixed seeds: the resumed losses equal the uninterrupted ones
+
+
+def data_args(tiny_mindrecord, *extra):
+    d = tiny_mindrecord.cfg.data
+    return ["--config", "tiny", "--coco_root", d.coco_root, "--mindrecord_dir", d.mindrecord_dir, *map(str, extra)]
+
+
+def run_args(tiny_mindrecord, output_dir, *extra):
+    return data_args(tiny_mindrecord, "--output_dir", output_dir, *extra)
+
+
+def contract_model(cfg):
+    return ContractNet()
+
+
+def metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as rows:
+        return {row["global_step"]: row for row in map(json.loads, rows)}
+
+
+def summary(output_dir, rank=0):
+    with open(os.path.join(output_dir, f"train_summary_{rank}.json")) as handle:
+        return json.load(handle)
+
+
+def checkpoint_names(output_dir):
+    return [os.path.basename(p) for p in find_checkpoints(os.path.join(output_dir, "checkpoint"))]
+
+
+def resume_from(source_dir, checkpoint_name, target_dir):
+    """A fresh output dir whose only checkpoint is `checkpoint_name` of `source_dir` (a run killed after it)."""
+    os.makedirs(os.path.join(target_dir, "checkpoint"))
+    shutil.copy(os.path.join(source_dir, "checkpoint", checkpoint_name), os.path.join(target_dir, "checkpoint"))
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_mindrecord, tmp_path_factory):
+    """Two epochs of the contract network, a checkpoint after every step."""
+    out = tmp_path_factory.mktemp("full_run")
+    code = train.main(run_args(tiny_mindrecord, out, "--epoch_size", 2, "--save_checkpoint_steps", 1,
+                                "--keep_checkpoint_max", 20), build_model=contract_model)
+    assert code == 0
+    return str(out)
+
+
+def test_full_run_logs_every_step_in_the_recipe_format(full_run, tiny_mindrecord):
+    lines = open(os.path.join(full_run, "loss_0.log")).read().splitlines()
+    positions = [RECIPE_LINE.match(line).group(1, 2) for line in lines]
+    assert positions == [(str(e), str(s)) for e in (1, 2) for s in range(1, STEPS_PER_EPOCH + 1)]
+    rows = metrics(full_run)
+    assert sorted(rows) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    cfg = load_config("tiny")
+    expected_lr = dynamic_lr(cfg.train, 1, 0, 2 * STEPS_PER_EPOCH)
+    np.testing.assert_allclose([rows[g]["lr"] for g in sorted(rows)], expected_lr, rtol=1e-6)
+    assert all(set(LOSS_NAMES) <= set(row) and row["step_time_ms"] > 0 for row in rows.values())
+    assert checkpoint_names(full_run) == [f"maskrcnn-{e}_{s}.ckpt" for e in (1, 2) for s in range(1, 5)]
+    done = summary(full_run)
+    assert done["global_step"] == 8 and done["steps_this_run"] == 8
+
+
+@pytest.mark.parametrize("checkpoint, first_resumed", [("maskrcnn-1_4.ckpt", 5), ("maskrcnn-2_1.ckpt", 6)])
+def test_resume_continues_exactly_where_the_run_stopped(full_run, tiny_mindrecord, tmp_path, checkpoint,
+                                                        first_resumed):
+    resume_from(full_run, checkpoint, tmp_path)
+    assert train.main(run_args(tiny_mindrecord, tmp_path, "--epoch_size", 2, "--resume", "auto"),
+                      build_model=contract_model) == 0
+    uninterrupted, resumed = metrics(full_run), metrics(tmp_path)
+    assert sorted(resumed) == list(range(first_resumed, 9))
+    for step in resumed:                 # same data batch, sampling seed, lr, weights and momentum
+        for key in LOSS_NAMES + ("lr",):
+            assert resumed[step][key] == pytest.approx(uninterrupted[step][key], rel=RESUME_RTOL), (step, key)
+    assert summary(tmp_path)["parameter_sha256"] == summary(full_run)["parameter_sha256"]
+    assert summary(tmp_path)["steps_this_run"] == 9 - first_resumed
+
+
+def test_max_steps_stops_and_saves_and_a_finished_run_has_nothing_to_do(tiny_mindrecord, tmp_path, capsys):
+    args = run_args(tiny_mindrecord, tmp_path, "--max_steps", 3, "--keep_checkpoint_max", 1)
+    assert train.main(args, build_model=contract_model) == 0
+    assert checkpoint_names(tmp_path) == ["maskrcnn-1_3.ckpt"]
+    point = load_resume_point(os.path.join(tmp_path, "checkpoint", "maskrcnn-1_3.ckpt"), STEPS_PER_EPOCH)
+    assert point.state.global_step == 3 and point.state.next_position() == (0, 3)
+    assert train.main(args + ["--resume", "auto"], build_model=contract_model) == 0
+    assert "nothing to do: 3 steps done" in capsys.readouterr().out
+
+
+def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_mindrecord, tmp_path, capsys):
+    def poisoned(cfg):
+        return ContractNet(nan_at_step=2)            # the counter is 2 during global step 3
+    code = train.main(run_args(tiny_mindrecord, tmp_path, "--save_checkpoint_steps", 1), build_model=poisoned)
+    assert code == train.EXIT_TRAINING_ERROR
+    err = capsys.readouterr().err
+    assert "non-finite loss at epoch 1 step 3 (global step 3)" in err
+    assert "last good checkpoint: " in err and "maskrcnn-1_2.ckpt" in err
+    assert checkpoint_names(tmp_path) == ["maskrcnn-1_1.ckpt", "maskrcnn-1_2.ckpt"]
+    load_resume_point(os.path.join(tmp_path, "checkpoint", "maskrcnn-1_2.ckpt"), STEPS_PER_EPOCH)
+    assert len(open(os.path.join(tmp_path, "loss_0.log")).read().splitlines()) == 2
+    assert not os.path.exists(os.path.join(tmp_path, "train_summary_0.json"))
+
+
+@pytest.mark.parametrize("override, key", [(["--train.base_lr", "-1"], "train.base_lr"),
+                                           (["--keep_checkpoint_max", "0"], "train.keep_checkpoint_max"),
+                                           (["--img_width", "100"], "data.img_width"),
+                                           (["--max_steps", "-2"], "--max_steps")])
+def test_bad_values_are_rejected_before_any_data_is_touched(tmp_path, capsys, override, key):
+    mindrecord = tmp_path / "mindrecord"
+    with pytest.raises(SystemExit) as info:
+        train.main(["--config", "tiny", "--coco_root", str(tmp_path / "nowhere"), "--mindrecord_dir", str(mindrecord),
+                    "--output_dir", str(tmp_path / "out"), *override])
+    assert info.value.code == 2
+    assert key in capsys.readouterr().err
+    assert not mindrecord.exists() and not (tmp_path / "out").exists()
+
+
+def test_script_options_set_config_keys():
+    args, cfg = train.parse_args(["--config", "tiny", "--seed", "7", "--dataset", "other", "--coco_root", "/c",
+                                  "--mindrecord_dir", "/m", "--device_target", "CPU", "--base_lr", "0.5"])
+    assert (cfg.train.seed, cfg.data.dataset, cfg.data.coco_root, cfg.data.mindrecord_dir) == (7, "other", "/c", "/m")
+    assert cfg.train.base_lr == 0.5 and args.run_distribute is False
+    assert train.parse_args(["--run_distribute=True"])[0].run_distribute is True
+
+
+@pytest.mark.parametrize("content, message", [(b"\x0a\x05trunc", "truncated"), (b"plain text", "truncated")])
+def test_damaged_resume_checkpoint_is_a_clear_error(tiny_mindrecord, tmp_path, capsys, content, message):
+    bad = tmp_path / "maskrcnn-1_2.ckpt"
+    bad.write_bytes(content)
+    code = train.main(run_args(tiny_mindrecord, tmp_path / "out", "--resume", bad), build_model=contract_model)
+    assert code == train.EXIT_TRAINING_ERROR
+    err = capsys.readouterr().err
+    assert str(bad) in err and message in err
+
+
+def test_resume_auto_without_checkpoints_starts_fresh(tiny_mindrecord, tmp_path, capsys):
+    assert train.main(run_args(tiny_mindrecord, tmp_path, "--resume", "auto", "--max_steps", 1),
+                      build_model=contract_model) == 0
+    assert "no checkpoint in" in capsys.readouterr().out
+    assert summary(tmp_path)["global_step"] == 1
+
+
+# ---------------------------------------------------------------- the real model (slow)
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_real_model_resume_matches_the_uninterrupted_run(tiny_mindrecord, tmp_path, capsys):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert train.main(run_args(tiny_mindrecord, full, "--max_steps", 3, "--save_checkpoint_steps", 1)) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"MaskRcnnResnet50: [\d.]+M parameters, [\d.]+M trainable, input 128x192", out)
+    resume_from(str(full), "maskrcnn-1_2.ckpt", str(resumed))
+    assert train.main(run_args(tiny_mindrecord, resumed, "--max_steps", 3, "--resume", "auto")) == 0
+    uninterrupted, after_resume = metrics(full), metrics(resumed)
+    assert sorted(after_resume) == [3]
+    for key in LOSS_NAMES:
+        assert after_resume[3][key] == pytest.approx(uninterrupted[3][key], rel=RESUME_RTOL), key
+    assert summary(resumed)["parameter_sha256"] == summary(full)["parameter_sha256"]
+
+
+@pytest.mark.slow
+def test_two_msrun_workers_train_in_sync_on_different_shards(tiny_mindrecord, tmp_path):
+    out = tmp_path / "parallel"
+    env = dict(os.environ, TRAIN_OUTPUT_DIR=str(out), MASTER_PORT=str(_free_port()), DEVICE_TARGET="CPU")
+    extra = data_args(tiny_mindrecord, "--max_steps", 2, "--save_checkpoint_steps", 1)
+    result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_distribute_train.sh"), "--workers", "2",
+                             "none", "--", *extra], env=env, capture_output=True, text=True, timeout=1500)
+    logs = {rank: open(out / "msrun_log" / f"worker_{rank}.log").read() for rank in (0, 1)}
+    assert result.returncode == 0, result.stderr[-3000:] + logs[0][-3000:] + logs[1][-3000:]
+    ranks = [summary(out, rank) for rank in (0, 1)]
+    assert [r["group_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [2, 2]
+    assert ranks[0]["parameter_sha256"] == ranks[1]["parameter_sha256"]
+    # same initial weights and sampling seed: a different first loss means a different shard of images
+    first = [RECIPE_LINE.match(open(out / f"loss_{rank}.log").readline()).group(3, 4, 5, 6) for rank in (0, 1)]
+    assert first[0] != first[1]
+    assert checkpoint_names(out) == ["maskrcnn-1_1.ckpt", "maskrcnn-1_2.ckpt"]
+    assert "saved " in logs[0] and "saved " not in logs[1]
