@@ -147,7 +147,7 @@ def train(args, cfg: Config, build_model: Optional[Callable[[Config], nn.Cell]] 
     """Run (or continue) training; `build_model` defaults to MaskRcnnResnet50 (tests pass small models)."""
     from src.dataset import create_maskrcnn_dataset
     from src.maskrcnn.mask_rcnn_r50 import LOSS_NAMES, MaskRcnnResnet50, model_summary
-    from src.network_define import MaskRcnnObjective, TrainOneStepCell, check_finite, open_step_monitor
+    from src.network_define import build_train_step, check_finite, open_step_monitor
     from src.util import write_json_atomic
 
     rank, group_size = init_devices(cfg, args.run_distribute)
@@ -194,12 +194,9 @@ def train(args, cfg: Config, build_model: Optional[Callable[[Config], nn.Cell]] 
     # the optimizer indexes its lr table from 0 in every run, so the table starts at the resumed step
     schedule_start = tr.pretrain_epoch_size * steps_per_epoch + state.global_step
     lr_table = dynamic_lr(tr, group_size, schedule_start, last_step - state.global_step)
-    optimizer = nn.Momentum(net.trainable_params(), Tensor(lr_table), tr.momentum,
-                            weight_decay=tr.weight_decay, loss_scale=tr.loss_scale)
+    optimizer, train_cell = build_train_step(net, LOSS_NAMES, tr, Tensor(lr_table))
     if resume:
         resume.restore_optimizer(optimizer)
-    train_cell = TrainOneStepCell(MaskRcnnObjective(net, LOSS_NAMES, tr.loss_scale), optimizer)
-    train_cell.set_train(True)
 
     manager = CheckpointManager(ckpt_dir, tr.keep_checkpoint_max) if is_main and tr.save_checkpoint else None
     saved_at = state.global_step

@@ -81,6 +81,18 @@ class TrainOneStepCell(nn.Cell):
         return losses, finite
 
 
+def build_train_step(network: nn.Cell, loss_names: Sequence[str], train_cfg, learning_rate):
+    """SGD momentum over the trainable parameters (recipe settings) and the one-step cell around it.
+
+    Returns (optimizer, train_cell); `learning_rate` is a float or a per-step table (Tensor).
+    """
+    optimizer = nn.Momentum(network.trainable_params(), learning_rate, train_cfg.momentum,
+                            weight_decay=train_cfg.weight_decay, loss_scale=train_cfg.loss_scale)
+    cell = TrainOneStepCell(MaskRcnnObjective(network, loss_names, train_cfg.loss_scale), optimizer)
+    cell.set_train(True)
+    return optimizer, cell
+
+
 # ---------------------------------------------------------------- fault handling
 
 class NonFiniteLossError(RuntimeError):

@@ -13,10 +13,10 @@ import pytest
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from src.config import load_config
+from src.config import TrainConfig, load_config
 from src.maskrcnn.mask_rcnn_r50 import LOSS_NAMES
-from src.network_define import (LossLog, MaskRcnnObjective, MetricsLog, NonFiniteLossError, ProgressBar,
-                                StepMonitor, StepRecord, TrainOneStepCell, check_finite, format_loss_line)
+from src.network_define import (LossLog, MetricsLog, NonFiniteLossError, ProgressBar, StepMonitor, StepRecord,
+                                build_train_step, check_finite, format_loss_line)
 
 BATCH, MAX_INSTANCES, HEIGHT, WIDTH = 2, 3, 16, 24
 CLASSES = len(load_config("tiny").data.classes)        # labels of the tiny synthetic set are 1..CLASSES-1
@@ -75,9 +75,9 @@ def build_train_cell(loss_scale=1.0, nan_at_step=-1):
     ms.set_seed(3)
     net = ContractNet(nan_at_step)
     net.set_train(True)
-    opt = nn.Momentum(net.trainable_params(), Tensor(np.full((8,), LR, np.float32)), MOMENTUM,
-                      weight_decay=WEIGHT_DECAY, loss_scale=loss_scale)
-    return net, opt, TrainOneStepCell(MaskRcnnObjective(net, LOSS_NAMES, loss_scale), opt)
+    train_cfg = TrainConfig(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, loss_scale=loss_scale)
+    opt, cell = build_train_step(net, LOSS_NAMES, train_cfg, Tensor(np.full((8,), LR, np.float32)))
+    return net, opt, cell
 
 
 def snapshot(params):

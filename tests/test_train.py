@@ -203,3 +203,44 @@ def test_two_msrun_workers_train_in_sync_on_different_shards(tiny_mindrecord, tm
     assert first[0] != first[1]
     assert checkpoint_names(out) == ["maskrcnn-1_1.ckpt", "maskrcnn-1_2.ckpt"]
     assert "saved " in logs[0] and "saved " not in logs[1]
+
+
+# ---------------------------------------------------------------- launch scripts (argument checks)
+
+def run_script(name, *args, cwd=None):
+    return subprocess.run(["bash", os.path.join(ROOT, "scripts", name), *map(str, args)], capture_output=True,
+                          text=True, timeout=120, cwd=cwd)
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["a", "CPU", "extra"], 2, "usage:"),
+    (["none", "TPU"], 2, "DEVICE_TARGET must be CPU, GPU or Ascend, got 'TPU'"),
+    (["/no/such/backbone.ckpt", "CPU"], 1, "PRETRAINED_CKPT '/no/such/backbone.ckpt' does not exist"),
+])
+def test_standalone_script_checks_its_arguments(tmp_path, args, code, message):
+    result = run_script("run_standalone_train.sh", *args, cwd=tmp_path)
+    assert result.returncode == code and message in result.stderr
+    assert not (tmp_path / "train").exists()
+
+
+def test_distribute_script_checks_its_arguments(tmp_path):
+    result = run_script("run_distribute_train.sh", cwd=tmp_path)
+    assert result.returncode == 2 and "usage:" in result.stderr and "--workers N" in result.stderr
+    result = run_script("run_distribute_train.sh", "--workers", "0", cwd=tmp_path)
+    assert result.returncode == 2 and "--workers needs a positive integer, got '0'" in result.stderr
+    result = run_script("run_distribute_train.sh", tmp_path / "hccl_8p.json", cwd=tmp_path)
+    assert result.returncode == 1 and f"RANK_TABLE_FILE '{tmp_path / 'hccl_8p.json'}' does not exist" in result.stderr
+    result = run_script("run_distribute_train.sh", "--workers", "2", tmp_path / "r50.ckpt", cwd=tmp_path)
+    assert result.returncode == 1 and "r50.ckpt' does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("table, message", [
+    ("{not json", "is not an HCCL rank table"),
+    (json.dumps({"server_list": [{"device": []}, {"device": []}]}), "found 2 servers"),
+])
+def test_distribute_script_rejects_bad_rank_tables(tmp_path, table, message):
+    path = tmp_path / "hccl.json"
+    path.write_text(table)
+    result = run_script("run_distribute_train.sh", path, cwd=tmp_path)
+    assert result.returncode == 1 and message in result.stderr
+    assert not list(tmp_path.glob("train_parallel*"))
