@@ -187,3 +187,46 @@ def test_pretrained_without_any_match_suggests_conversion(tmp_path):
                                   for p in conv.get_parameters()])
     with pytest.raises(CheckpointError, match="convert_checkpoint"):
         load_pretrained(raw, make_run()[0])
+
+
+# ---------------------------------------------------------------- the real model's names
+
+CLASS_SPECIFIC = {"rcnn_cls.cls_score.weight", "rcnn_cls.cls_score.bias", "rcnn_cls.bbox_pred.weight",
+                  "rcnn_cls.bbox_pred.bias", "rcnn_mask.mask_fcn_logits.weight", "rcnn_mask.mask_fcn_logits.bias"}
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    """MaskRcnnResnet50 of the tiny config (5 classes) and the same with 3 classes (built, not compiled)."""
+    from src.config import load_config
+    from src.maskrcnn.mask_rcnn_r50 import MaskRcnnResnet50
+    fewer_classes = load_config("tiny", {"data.classes": ["background", "rectangle", "ellipse"]})
+    return MaskRcnnResnet50(load_config("tiny")), MaskRcnnResnet50(fewer_classes)
+
+
+def test_finetuning_to_another_class_count_drops_exactly_the_class_specific_layers(tmp_path, tiny_models):
+    source, target = tiny_models
+    path = str(tmp_path / "maskrcnn_coco.ckpt")
+    write_checkpoint_atomic(path, [{"name": p.name, "data": p} for p in source.get_parameters()])
+    report = load_pretrained(path, target)
+    assert {name for name, _ in report.skipped} == CLASS_SPECIFIC
+    assert dict(report.skipped)["rcnn_cls.cls_score.weight"] == \
+        "shape (5, 1024) in checkpoint, (3, 1024) in the model"
+    assert set(report.left_at_init) == CLASS_SPECIFIC
+    assert len(report.loaded) == len(list(source.get_parameters())) - len(CLASS_SPECIFIC)
+    np.testing.assert_array_equal(target.rcnn_cls.fc6.weight.asnumpy(), source.rcnn_cls.fc6.weight.asnumpy())
+    np.testing.assert_array_equal(target.rcnn_mask.mask_fcn4.weight.asnumpy(),
+                                  source.rcnn_mask.mask_fcn4.weight.asnumpy())
+
+
+def test_converted_backbone_fills_only_the_backbone(tmp_path, tiny_models):
+    source, target = tiny_models
+    path = str(tmp_path / "resnet50_backbone.ckpt")
+    backbone = [p for p in source.get_parameters() if p.name.startswith("backbone.")]
+    write_checkpoint_atomic(path, [{"name": p.name, "data": p} for p in backbone])
+    report = load_pretrained(path, target)
+    assert sorted(report.loaded) == sorted(p.name for p in backbone) and not report.skipped
+    heads = [p.name for p in target.get_parameters() if not p.name.startswith("backbone.")]
+    assert sorted(report.left_at_init) == sorted(heads)
+    assert "left at initialisation 43 tensors (neck: 16, rcnn_cls: 8, rcnn_mask: 12, rpn: 6, sample_seed: 1)" \
+        in format_load_report(report)
