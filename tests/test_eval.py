@@ -2,21 +2,22 @@
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from eval import detect_dataset, mindrecord_image_ids, pad_batch
-from ground_truth_detector import GroundTruthDetector, roi_mask
+from inference_helpers import (GroundTruthDetector, config_cli_args, narrow_config, roi_mask, run_python,
+                               val_paths)
 from src.util import (check_image_coverage, evaluate_coco, label_to_category_ids, load_coco, paste_masks,
                       score_and_save)
 
+pytest_plugins = ["inference_fixtures"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _val_ann_file(cfg):
-    return os.path.join(cfg.data.coco_root, cfg.data.instance_set.format(cfg.data.val_data_type))
+    return val_paths(cfg)[1]
 
 
 def _run(cfg, files, detector, batch_size):
@@ -114,9 +115,43 @@ def test_paste_path_reproduces_large_masks(tiny_mindrecord):
 
 
 def _run_eval_cli(*args):
-    env = dict(os.environ, GLOG_v="3")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return run_python(os.path.join(ROOT, "eval.py"), *args)
+
+
+def test_eval_of_a_tiny_model_runs_end_to_end(narrow_eval, narrow_model):
+    cfg = narrow_model.cfg
+    _, ann_file = val_paths(cfg)
+    coco_gt = load_coco(ann_file)
+    metrics = narrow_eval.metrics
+    assert narrow_eval.stdout.count("Average Precision") == 12 and narrow_eval.stdout.count("Average Recall") == 12
+    assert "images/s" in narrow_eval.stdout
+    assert metrics["images"] == len(coco_gt.getImgIds()) and metrics["images_per_second"] > 0
+    for iou_type in ("bbox", "segm"):
+        assert all(value == -1.0 or 0.0 <= value <= 1.0 for value in metrics[iou_type].values())
+    results = json.load(open(os.path.join(narrow_eval.output_dir, "detections.json")))
+    assert 0 < len(results) <= metrics["images"] * cfg.test.test_max_per_img
+    categories = set(coco_gt.getCatIds())
+    for r in results:
+        image = coco_gt.imgs[r["image_id"]]
+        x, y, w, h = r["bbox"]
+        assert r["category_id"] in categories and 0.0 <= r["score"] <= 1.0
+        assert x >= 0 and y >= 0 and w >= 0 and h >= 0
+        assert x + w <= image["width"] + 1e-3 and y + h <= image["height"] + 1e-3
+        assert r["segmentation"]["size"] == [image["height"], image["width"]]
+
+
+def test_eval_rejects_a_checkpoint_with_another_class_count(narrow_model, tmp_path):
+    import mindspore as ms
+    from src.maskrcnn.mask_rcnn_r50 import MaskRcnnResnet50
+
+    other = narrow_config(narrow_model.cfg, **{"data.classes": ["background", "rectangle", "ellipse"]})
+    ckpt = str(tmp_path / "three_classes.ckpt")
+    ms.save_checkpoint(MaskRcnnResnet50(other), ckpt)
+    _, ann_file = val_paths(narrow_model.cfg)
+    run = _run_eval_cli("--checkpoint_path", ckpt, "--ann_file", ann_file, "--output_dir", str(tmp_path),
+                        *config_cli_args(narrow_model.cfg))
+    assert run.returncode == 1
+    assert "three_classes.ckpt' does not fit" in run.stderr and "(3, " in run.stderr and "(5, " in run.stderr
 
 
 def test_eval_cli_rejects_missing_and_corrupt_checkpoints(tiny_mindrecord, tmp_path):

@@ -12,7 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from ground_truth_detector import GroundTruthDetector
+from inference_helpers import GroundTruthDetector, val_paths
 from postprocess import postprocess
 from preprocess import preprocess
 from src.config import load_config
@@ -23,16 +23,11 @@ from src.util import load_coco
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _val(cfg):
-    return (os.path.join(cfg.data.coco_root, cfg.data.val_data_type),
-            os.path.join(cfg.data.coco_root, cfg.data.instance_set.format(cfg.data.val_data_type)))
-
-
 @pytest.fixture(scope="module")
 def preprocessed(tiny_mindrecord, tmp_path_factory):
     cfg = tiny_mindrecord.cfg
     out = str(tmp_path_factory.mktemp("preprocess_result"))
-    data_path, ann_file = _val(cfg)
+    data_path, ann_file = val_paths(cfg)
     assert preprocess(cfg, data_path, ann_file, out) == 4
     return out
 
@@ -105,7 +100,7 @@ def test_inputs_of_another_size_are_rejected(tmp_path):
 
 def test_postprocess_of_perfect_outputs_scores_one(tiny_mindrecord, preprocessed, tmp_path):
     cfg = tiny_mindrecord.cfg
-    _, ann_file = _val(cfg)
+    _, ann_file = val_paths(cfg)
     coco_gt = load_coco(ann_file)
     detector = GroundTruthDetector(coco_gt, cfg.data.classes, cfg.test.test_max_per_img, cfg.rcnn.mask_shape)
     result_dir = str(tmp_path / "result_files")
