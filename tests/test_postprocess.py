@@ -4,6 +4,7 @@ The C++ runner cannot run here (no Ascend); its file handling (ascend310_infer/s
 and checked against the Python side of the contract, and the runner itself is stood in for by
 src/infer_files.py (a fake ground-truth detector here; the exported MINDIR in test_export.py).
 """
+import json
 import os
 import re
 import shutil
@@ -12,15 +13,15 @@ import subprocess
 import numpy as np
 import pytest
 
-from inference_helpers import GroundTruthDetector, val_paths
+from inference_helpers import ROOT, GroundTruthDetector, run_python, val_paths
 from postprocess import postprocess
 from preprocess import preprocess
 from src.config import load_config
 from src.infer_files import (OUTPUT_NAMES, keep_valid_rows, list_image_ids, output_path, read_inputs,
-                             read_outputs, write_inputs, write_outputs)
+                             read_outputs, run_mindir, write_inputs, write_outputs)
 from src.util import load_coco
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytest_plugins = ["inference_fixtures"]
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,34 @@ def test_postprocess_of_perfect_outputs_scores_one(tiny_mindrecord, preprocessed
     os.remove(output_path(result_dir, list_image_ids(preprocessed)[0], 2))
     with pytest.raises(FileNotFoundError, match="did inference finish"):
         postprocess(cfg, result_dir, preprocessed, ann_file, str(tmp_path))
+
+
+def test_exported_model_offline_gives_the_eval_metrics(narrow_model, narrow_mindir, narrow_eval, preprocessed,
+                                                     tmp_path):
+    """preprocess.py -> MINDIR runner (CPU stand-in, runner file format) -> postprocess.py == eval.py."""
+    cfg = narrow_model.cfg
+    _, ann_file = val_paths(cfg)
+    result_dir = str(tmp_path / "result_files")
+    count, _ = run_mindir(narrow_mindir.path, preprocessed, result_dir, cfg)
+    assert count == len(load_coco(ann_file).getImgIds())
+    run = run_python(os.path.join(ROOT, "postprocess.py"), "--result_dir", result_dir, "--input_dir", preprocessed,
+                     "--ann_file", ann_file, "--output_dir", str(tmp_path), "--config", "tiny")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("Evaluate annotation type") == 2 and run.stdout.count("Average Precision") == 12
+    offline = json.load(open(tmp_path / "eval_metrics.json"))
+    for iou_type in ("bbox", "segm"):
+        for name, value in narrow_eval.metrics[iou_type].items():
+            assert offline[iou_type][name] == pytest.approx(value, abs=1e-6), (iou_type, name)
+    assert offline["detections"] == narrow_eval.metrics["detections"] > 0
+    # the same detections, not just the same numbers (a random model scores AP ~0 either way)
+    key = lambda r: (r["image_id"], -r["score"], r["bbox"])
+    from_eval = sorted(json.load(open(os.path.join(narrow_eval.output_dir, "detections.json"))), key=key)
+    from_offline = sorted(json.load(open(tmp_path / "detections.json")), key=key)
+    for a, b in zip(from_eval, from_offline):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        np.testing.assert_allclose(a["bbox"] + [a["score"]], b["bbox"] + [b["score"]], rtol=1e-4, atol=1e-3)
+    same_masks = [a["segmentation"] == b["segmentation"] for a, b in zip(from_eval, from_offline)]
+    assert np.mean(same_masks) > 0.95             # a pixel right at the 0.5 threshold may flip
 
 
 CPP_DRIVER = r"""
