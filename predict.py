@@ -26,6 +26,7 @@ MASK_ALPHA = 0.45                  # weight of the class colour over masked pixe
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 FONT_SCALE_PER_PIXEL = 1.0 / 800   # label text scale relative to the longer image side
 MIN_FONT_SCALE = 0.35
+LIGHT_BACKGROUND = 150             # label text is black on class colours brighter than this (luma), else white
 
 
 def list_images(path: str) -> List[str]:
@@ -65,7 +66,9 @@ def draw_detections(rgb: np.ndarray, detections: Detections, class_names: Sequen
         (text_w, text_h), baseline = cv2.getTextSize(text, FONT, font_scale, thickness)
         top = max(y1 - text_h - baseline, 0)
         cv2.rectangle(canvas, (x1, top), (x1 + text_w, top + text_h + baseline), colour, cv2.FILLED)
-        cv2.putText(canvas, text, (x1, top + text_h), FONT, font_scale, (255, 255, 255), thickness, cv2.LINE_AA)
+        blue, green, red = colour
+        ink = (0, 0, 0) if 0.299 * red + 0.587 * green + 0.114 * blue > LIGHT_BACKGROUND else (255, 255, 255)
+        cv2.putText(canvas, text, (x1, top + text_h), FONT, font_scale, ink, thickness, cv2.LINE_AA)
     return canvas
 
 
