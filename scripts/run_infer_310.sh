@@ -4,6 +4,7 @@
 #   DATA_PATH: directory of the images named in ANN_FILE; DEVICE_ID defaults to 0; extra arguments are
 #   config overrides for the python steps (e.g. --config tiny). An AIR file is first converted to OM by atc.
 # Outputs in the current directory: preprocess_result/, result_files/, *.log; COCO mAP in acc.log.
+# Environment: MINDSPORE_PATH (MindSpore Lite root for the build), BUILD_DIR, PYTHON.
 set -euo pipefail
 usage="Usage: bash scripts/run_infer_310.sh [MINDIR_OR_AIR_PATH] [DATA_PATH] [ANN_FILE] [DEVICE_ID] [--key value ...]"
 if [ $# -lt 3 ]; then echo "$usage" >&2; exit 1; fi
@@ -19,7 +20,7 @@ case "$model" in
 esac
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-python="${PYTHON:-python3}"
+python="${PYTHON:-$( [ -x "$root/.venv/bin/python" ] && echo "$root/.venv/bin/python" || echo python3 )}"
 if [ -f /usr/local/Ascend/ascend-toolkit/set_env.sh ]; then
     # shellcheck disable=SC1091
     source /usr/local/Ascend/ascend-toolkit/set_env.sh
@@ -38,10 +39,11 @@ if [[ "$model" == *.air ]]; then
 fi
 
 echo "[2/4] build the runner (build.log)"
+export BUILD_DIR="${BUILD_DIR:-$root/ascend310_infer/build}"
 bash "$root/ascend310_infer/build.sh" > build.log 2>&1 || { tail -n 20 build.log >&2; exit 1; }
 
 echo "[3/4] inference on device $device_id -> result_files/ (infer.log)"
-"$root/ascend310_infer/build/main" --model_path="$model" --input_dir=preprocess_result \
+"$BUILD_DIR/main" --model_path="$model" --input_dir=preprocess_result \
     --result_dir=result_files --device_id="$device_id" > infer.log 2>&1 || { tail -n 20 infer.log >&2; exit 1; }
 tail -n 1 infer.log
 

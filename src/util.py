@@ -1,8 +1,10 @@
-"""From raw network detections to COCO results and metrics.
+"""What the after-training scripts share, written once: from network outputs to COCO results and metrics.
 
 eval.py, postprocess.py (Ascend 310 outputs) and predict.py all turn the fixed-size network outputs
 (boxes in network-input pixels, 28x28 mask probabilities) into per-image detections in original image
-coordinates through this module, so the three paths cannot drift apart.
+coordinates through this module, so the three paths cannot drift apart. It also holds their common
+plumbing: reading an image as the eval pipeline does, atomic writes, the CLI error wrapper, and building
+the inference network from a checkpoint.
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -237,3 +238,18 @@ def test_run_infer_310_rejects_unknown_model_formats(tmp_path):
     run = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_infer_310.sh"), str(model), str(tmp_path),
                           str(tmp_path / "ann.json")], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 1 and "must be a .mindir or .air" in run.stderr
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
+def test_run_infer_310_preprocesses_then_stops_clearly_without_the_inference_api(tiny_mindrecord, tmp_path):
+    data_path, ann_file = val_paths(tiny_mindrecord.cfg)
+    model = tmp_path / "maskrcnn.mindir"
+    model.write_bytes(b"not built here")
+    (tmp_path / "no_mindspore_lite").mkdir()
+    env = dict(os.environ, MINDSPORE_PATH=str(tmp_path / "no_mindspore_lite"), BUILD_DIR=str(tmp_path / "build"),
+               PYTHON=sys.executable)
+    run = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_infer_310.sh"), str(model), data_path,
+                          ann_file, "0", "--config", "tiny"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert run.returncode == 1 and "[2/4] build the runner" in run.stdout
+    assert "MindSpore inference API not found" in run.stderr
+    assert list_image_ids(str(tmp_path / "preprocess_result")) == sorted(load_coco(ann_file).getImgIds())
