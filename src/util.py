@@ -27,6 +27,7 @@ COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "
 IOU_TYPES = ("bbox", "segm")
 RESULTS_FILE = "detections.json"       # COCO results (bbox + RLE segm) of eval.py and postprocess.py
 METRICS_FILE = "eval_metrics.json"     # {iou_type: {metric: value}} plus run facts
+MAX_LISTED = 5                         # names listed in an error message before "and N more"
 
 
 @dataclass
@@ -145,8 +146,10 @@ def label_to_category_ids(categories: List[dict], classes: Sequence[str], source
     missing = [name for name in classes[1:] if name not in by_name]
     if missing:
         where = f" of '{source}'" if source else ""
-        raise ValueError(f"classes {missing} of config key 'data.classes' are not among the categories{where} "
-                         f"({', '.join(sorted(by_name))}); use the config preset that matches the annotation file")
+        shown = f"{missing}" if len(missing) <= MAX_LISTED else f"{missing[:MAX_LISTED]} and {len(missing) - MAX_LISTED} more"
+        raise ValueError(f"classes {shown} of config key 'data.classes' are not among the categories{where} "
+                         f"({', '.join(sorted(by_name)[:MAX_LISTED])}{', ...' if len(by_name) > MAX_LISTED else ''}); "
+                         f"use the config preset that matches the annotation file")
     return np.array([0] + [by_name[name] for name in classes[1:]], dtype=np.int64)
 
 

@@ -100,6 +100,8 @@ def test_label_to_category_ids_matches_by_name():
 def test_label_to_category_ids_names_missing_classes():
     with pytest.raises(ValueError, match=r"\['person'\].*data.classes.*ann.json"):
         label_to_category_ids(_tiny_categories(), ["background", "star", "person"], "ann.json")
+    with pytest.raises(ValueError, match=r"'bicycle', 'car', 'motorcycle', 'airplane'\] and 75 more"):
+        label_to_category_ids(_tiny_categories(), load_config().data.classes)
 
 
 def test_coco_results_round_trip_boxes_and_rle():
