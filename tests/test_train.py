@@ -1,8 +1,9 @@
 """train.py end to end on the synthetic set (tiny config).
 
-Fast tests drive the real loop (data, schedule, logs, checkpoints, resume, NaN stop) with the small
-contract network of test_network_define; tests marked `slow` run the real MaskRcnnResnet50: resume
-equality, and two msrun workers on CPU.
+Most tests drive the real loop (data, schedule, logs, checkpoints, resume, NaN stop) with the small
+contract network of test_network_define. The tests marked `slow` run the real MaskRcnnResnet50 graph in its
+narrow test width (inference_helpers.NARROW_OVERRIDES: full-width ResNet50 runs at ~1-2 min per step on
+this CPU): resume equality, and two msrun workers on CPU.
 """
 import json
 import os
@@ -18,6 +19,7 @@ import pytest
 from src.checkpoint import find_checkpoints, load_resume_point
 from src.config import load_config
 from src.lr_schedule import dynamic_lr
+from inference_helpers import config_cli_args
 from test_network_define import LOSS_NAMES, RECIPE_LINE, ContractNet
 
 import train
@@ -174,11 +176,12 @@ def _free_port():
 @pytest.mark.slow
 def test_real_model_resume_matches_the_uninterrupted_run(tiny_mindrecord, tmp_path, capsys):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    assert train.main(run_args(tiny_mindrecord, full, "--max_steps", 3, "--save_checkpoint_steps", 1)) == 0
+    narrow = config_cli_args(tiny_mindrecord.cfg)
+    assert train.main(narrow + ["--output_dir", str(full), "--max_steps", "3", "--save_checkpoint_steps", "1"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"MaskRcnnResnet50: [\d.]+M parameters, [\d.]+M trainable, input 128x192", out)
     resume_from(str(full), "maskrcnn-1_2.ckpt", str(resumed))
-    assert train.main(run_args(tiny_mindrecord, resumed, "--max_steps", 3, "--resume", "auto")) == 0
+    assert train.main(narrow + ["--output_dir", str(resumed), "--max_steps", "3", "--resume", "auto"]) == 0
     uninterrupted, after_resume = metrics(full), metrics(resumed)
     assert sorted(after_resume) == [3]
     for key in LOSS_NAMES:
@@ -190,7 +193,7 @@ def test_real_model_resume_matches_the_uninterrupted_run(tiny_mindrecord, tmp_pa
 def test_two_msrun_workers_train_in_sync_on_different_shards(tiny_mindrecord, tmp_path):
     out = tmp_path / "parallel"
     env = dict(os.environ, TRAIN_OUTPUT_DIR=str(out), MASTER_PORT=str(_free_port()), DEVICE_TARGET="CPU")
-    extra = data_args(tiny_mindrecord, "--max_steps", 2, "--save_checkpoint_steps", 1)
+    extra = config_cli_args(tiny_mindrecord.cfg) + ["--max_steps", "2", "--save_checkpoint_steps", "1"]
     result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_distribute_train.sh"), "--workers", "2",
                              "none", "--", *extra], env=env, capture_output=True, text=True, timeout=1500)
     logs = {rank: open(out / "msrun_log" / f"worker_{rank}.log").read() for rank in (0, 1)}
