@@ -43,6 +43,14 @@ def _unsupported_op(message: str) -> str:
     return ""
 
 
+def _onnx_failure_message(err: Exception) -> str:
+    message = str(err).strip()
+    op = _unsupported_op(message)
+    return (f"ONNX export of the Mask R-CNN inference graph failed"
+            f"{f': operator {op} is not supported by the ONNX exporter' if op else ''} "
+            f"(MindSpore says: {message.splitlines()[0] if message else type(err).__name__}). Export MINDIR instead.")
+
+
 def export_model(cfg: Config, ckpt_file: str, file_format: str, file_name: str, device_target: str) -> str:
     """Export and return the written path; raises ValueError before any work for an impossible request."""
     import mindspore as ms
@@ -64,21 +72,13 @@ def export_model(cfg: Config, ckpt_file: str, file_format: str, file_name: str, 
     staging = os.path.join(directory, f".{os.path.basename(target)[:-len(suffix)]}.partial{os.getpid()}")
     try:
         ms.export(net, *inputs, file_name=staging, file_format=file_format)
-    except (RuntimeError, TypeError, ValueError) as err:
-        if file_format != "ONNX":
-            raise
-        message = str(err).strip()
-        op = _unsupported_op(message)
-        raise ValueError(f"ONNX export of the Mask R-CNN inference graph failed"
-                         f"{f': operator {op} is not supported by the ONNX exporter' if op else ''} "
-                         f"(MindSpore says: {message.splitlines()[0] if message else type(err).__name__}). "
-                         f"Export MINDIR instead.") from None
-    finally:
-        if not os.path.exists(staging + suffix):
-            for leftover in (staging, staging + suffix):
-                if os.path.isfile(leftover):
-                    os.remove(leftover)
-    os.replace(staging + suffix, target)
+        os.replace(staging + suffix, target)
+    except BaseException as err:
+        if os.path.isfile(staging + suffix):
+            os.remove(staging + suffix)
+        if file_format == "ONNX" and isinstance(err, (RuntimeError, TypeError, ValueError)):
+            raise ValueError(_onnx_failure_message(err)) from None
+        raise
     return target
 
 
