@@ -143,20 +143,98 @@ def parameter_fingerprint(network: nn.Cell) -> str:
 
 # ---------------------------------------------------------------- training
 
+class TrainingLoop:
+    """SGD steps from a TrainingState to `last_step`: data position, logging, NaN stop and checkpoints."""
+
+    def __init__(self, train_cfg, epoch_dataset: Callable, train_cell: nn.Cell, optimizer, network: nn.Cell,
+                 lr_table: np.ndarray, monitor, manager: Optional[CheckpointManager], loss_names: Sequence[str]):
+        self.tr = train_cfg
+        self.epoch_dataset = epoch_dataset
+        self.train_cell = train_cell
+        self.optimizer = optimizer
+        self.network = network
+        self.lr_table = lr_table
+        self.monitor = monitor
+        self.manager = manager
+        self.loss_names = list(loss_names)
+        self.last_losses: Optional[np.ndarray] = None
+        self._saved_at = -1
+
+    def save(self, state: TrainingState) -> None:
+        """Write a checkpoint (rank 0) unless this step is already saved."""
+        if self.manager and state.global_step != self._saved_at:
+            print(f"saved {self.manager.save(self.network, self.optimizer, state)}", flush=True)
+            self._saved_at = state.global_step
+
+    def run(self, state: TrainingState, last_step: int) -> TrainingState:
+        from src.network_define import check_finite
+
+        self._saved_at = state.global_step
+        first_step = state.global_step
+        start_epoch, skip = state.next_position()
+        clock = time.perf_counter()
+        try:
+            for epoch in range(start_epoch, self.tr.epoch_size):
+                dataset = self.epoch_dataset(epoch)
+                if skip:
+                    dataset = dataset.skip(skip)          # batches the interrupted run already trained on
+                step_in_epoch, skip = skip, 0
+                for batch in dataset.create_tuple_iterator(num_epochs=1):
+                    losses, finite = self.train_cell(*batch)
+                    self.last_losses = np.array([float(loss.asnumpy()) for loss in losses])
+                    now = time.perf_counter()
+                    step_time, clock = now - clock, now
+                    step_in_epoch += 1
+                    state = TrainingState(epoch, step_in_epoch, state.global_step + 1, state.steps_per_epoch)
+                    check_finite(dict(zip(self.loss_names, self.last_losses)), bool(finite.asnumpy()), epoch + 1,
+                                 step_in_epoch, state.global_step)
+                    self.monitor.step(epoch + 1, step_in_epoch, state.global_step, self.last_losses,
+                                      float(self.lr_table[state.global_step - first_step - 1]), step_time)
+                    if self.tr.save_checkpoint_steps and state.global_step % self.tr.save_checkpoint_steps == 0:
+                        self.save(state)
+                    if state.global_step >= last_step:
+                        break
+                self.monitor.flush()
+                epoch_done = state.step_in_epoch == state.steps_per_epoch
+                if epoch_done and (epoch + 1) % self.tr.save_checkpoint_epochs == 0:
+                    self.save(state)
+                if state.global_step >= last_step:
+                    break
+            self.save(state)                              # the final state, also when stopped by --max_steps
+        finally:
+            self.monitor.flush()
+        return state
+
+
+def start_state(args, net: nn.Cell, ckpt_dir: str, steps_per_epoch: int, is_main: bool):
+    """(TrainingState, ResumePoint or None): a resumed run restores the model; a new one may load --pre_trained."""
+    resume_path = resolve_resume(args.resume, ckpt_dir)
+    if resume_path:
+        resume = load_resume_point(resume_path, steps_per_epoch)
+        resume.restore_network(net)
+        if is_main:
+            unused = f" (--pre_trained {args.pre_trained} is not used)" if args.pre_trained else ""
+            print(f"resumed from {resume_path} at global step {resume.state.global_step}{unused}", flush=True)
+        return resume.state, resume
+    if args.pre_trained:
+        report = load_pretrained(args.pre_trained, net)
+        if is_main:
+            print(format_load_report(report), flush=True)
+    return TrainingState(epoch=0, step_in_epoch=0, global_step=0, steps_per_epoch=steps_per_epoch), None
+
+
 def train(args, cfg: Config, build_model: Optional[Callable[[Config], nn.Cell]] = None) -> int:
     """Run (or continue) training; `build_model` defaults to MaskRcnnResnet50 (tests pass small models)."""
     from src.dataset import create_maskrcnn_dataset
     from src.maskrcnn.mask_rcnn_r50 import LOSS_NAMES, MaskRcnnResnet50, model_summary
-    from src.network_define import build_train_step, check_finite, open_step_monitor
+    from src.network_define import build_train_step, open_step_monitor
     from src.util import write_json_atomic
 
-    rank, group_size = init_devices(cfg, args.run_distribute)
-    ms.set_seed(cfg.train.seed)
     tr = cfg.train
-    output_dir = args.output_dir
-    ckpt_dir = checkpoint_dir(cfg, output_dir)
+    rank, group_size = init_devices(cfg, args.run_distribute)
+    ms.set_seed(tr.seed)
     is_main = rank == 0
-
+    ckpt_dir = checkpoint_dir(cfg, args.output_dir)
     files = prepare_mindrecord(cfg, rank, group_size)
 
     def epoch_dataset(epoch: int):
@@ -168,25 +246,10 @@ def train(args, cfg: Config, build_model: Optional[Callable[[Config], nn.Cell]] 
 
     net = (build_model or MaskRcnnResnet50)(cfg)
     net.set_train(True)
-    resume_path = resolve_resume(args.resume, ckpt_dir)
-    resume = load_resume_point(resume_path, steps_per_epoch) if resume_path else None
-    if resume:
-        resume.restore_network(net)
-        state = resume.state
-        if args.pre_trained and is_main:
-            print(f"resuming from {resume_path}: --pre_trained {args.pre_trained} is not used", flush=True)
-    else:
-        state = TrainingState(epoch=0, step_in_epoch=0, global_step=0, steps_per_epoch=steps_per_epoch)
-        if args.pre_trained:
-            report = load_pretrained(args.pre_trained, net)
-            if is_main:
-                print(format_load_report(report), flush=True)
-
+    state, resume = start_state(args, net, ckpt_dir, steps_per_epoch, is_main)
     if is_main:
         print(f"{model_summary(net, cfg)}; batch {tr.batch_size} per device x {group_size} device(s), "
               f"{steps_per_epoch} steps per epoch", flush=True)
-        if resume:
-            print(f"resumed from {resume_path} at global step {state.global_step}", flush=True)
     if state.global_step >= last_step:
         print(f"nothing to do: {state.global_step} steps done, the run ends at {last_step}", flush=True)
         return 0
@@ -197,62 +260,24 @@ def train(args, cfg: Config, build_model: Optional[Callable[[Config], nn.Cell]] 
     optimizer, train_cell = build_train_step(net, LOSS_NAMES, tr, Tensor(lr_table))
     if resume:
         resume.restore_optimizer(optimizer)
-
     manager = CheckpointManager(ckpt_dir, tr.keep_checkpoint_max) if is_main and tr.save_checkpoint else None
-    saved_at = state.global_step
-
-    def save(current: TrainingState) -> None:
-        nonlocal saved_at
-        if manager and current.global_step != saved_at:
-            print(f"saved {manager.save(net, optimizer, current)}", flush=True)
-            saved_at = current.global_step
-
-    monitor = open_step_monitor(output_dir, rank, LOSS_NAMES, tr.log_interval, tr.epoch_size,
+    monitor = open_step_monitor(args.output_dir, rank, LOSS_NAMES, tr.log_interval, tr.epoch_size,
                                 steps_per_epoch, last_step)
-    start_epoch, skip = state.next_position()
-    first_global_step = state.global_step
-    run_start = clock = time.perf_counter()
-    try:
-        for epoch in range(start_epoch, tr.epoch_size):
-            dataset = epoch_dataset(epoch)
-            if skip:
-                dataset = dataset.skip(skip)          # batches the interrupted run already trained on
-            step_in_epoch, skip = skip, 0
-            for batch in dataset.create_tuple_iterator(num_epochs=1):
-                losses, finite = train_cell(*batch)
-                values = np.array([float(loss.asnumpy()) for loss in losses])
-                now = time.perf_counter()
-                step_time, clock = now - clock, now
-                step_in_epoch += 1
-                state = TrainingState(epoch, step_in_epoch, state.global_step + 1, steps_per_epoch)
-                check_finite(dict(zip(LOSS_NAMES, values)), bool(finite.asnumpy()), epoch + 1, step_in_epoch,
-                             state.global_step)
-                monitor.step(epoch + 1, step_in_epoch, state.global_step, values,
-                             float(lr_table[state.global_step - first_global_step - 1]), step_time)
-                if tr.save_checkpoint_steps and state.global_step % tr.save_checkpoint_steps == 0:
-                    save(state)
-                if state.global_step >= last_step:
-                    break
-            monitor.flush()
-            epoch_done = state.step_in_epoch == steps_per_epoch
-            if epoch_done and (epoch + 1) % tr.save_checkpoint_epochs == 0:
-                save(state)
-            if state.global_step >= last_step:
-                break
-        save(state)                                   # the final state, also when stopped by --max_steps
-    finally:
-        monitor.flush()
+    loop = TrainingLoop(tr, epoch_dataset, train_cell, optimizer, net, lr_table, monitor, manager, LOSS_NAMES)
 
+    run_start, first_step = time.perf_counter(), state.global_step
+    state = loop.run(state, last_step)
     elapsed = time.perf_counter() - run_start
-    steps_run = state.global_step - first_global_step
     summary = {"rank": rank, "group_size": group_size, "global_step": state.global_step,
-               "epoch": state.epoch + 1, "step_in_epoch": state.step_in_epoch, "steps_this_run": steps_run,
-               "seconds_this_run": elapsed, "final_losses": dict(zip(LOSS_NAMES, values.tolist())),
+               "epoch": state.epoch + 1, "step_in_epoch": state.step_in_epoch,
+               "steps_this_run": state.global_step - first_step, "seconds_this_run": elapsed,
+               "final_losses": dict(zip(LOSS_NAMES, loop.last_losses.tolist())),
                "parameter_sha256": parameter_fingerprint(net),
                "latest_checkpoint": manager.latest() if manager else None}
-    write_json_atomic(os.path.join(output_dir, f"train_summary_{rank}.json"), summary)
+    write_json_atomic(os.path.join(args.output_dir, f"train_summary_{rank}.json"), summary)
     if is_main:
-        print(f"done: {steps_run} steps in {elapsed:.1f} s, global step {state.global_step}", flush=True)
+        print(f"done: {summary['steps_this_run']} steps in {elapsed:.1f} s, global step {state.global_step}",
+              flush=True)
     return 0
 
 
