@@ -3,6 +3,7 @@ import os
 from dataclasses import dataclass
 from typing import List
 
+import mindspore as ms
 import pytest
 
 from src.config import Config, load_config
@@ -20,6 +21,19 @@ class TinyMindRecord:
     train_files: List[str]
     val_files: List[str]
     cfg: Config
+
+
+@pytest.fixture(scope="session", autouse=True)
+def graph_mode():
+    """Every test compiles cells as static graphs on the CPU, as training and inference do."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device("CPU")
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Config:
+    """The tiny preset, shared by the tests of one module."""
+    return load_config("tiny")
 
 
 @pytest.fixture

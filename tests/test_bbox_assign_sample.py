@@ -13,14 +13,10 @@ from src.maskrcnn.bbox_assign_sample_stage2 import BboxAssignSampleForRcnn
 SEED = 1234
 
 
-@pytest.fixture(scope="module", autouse=True)
-def graph_mode():
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-
-
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config("tiny")
+    """The tiny preset with the recipe's anchor scale (8), which the hand-built GT layouts below are sized for."""
+    return load_config("tiny", {"anchor.anchor_scales": [8.0]})
 
 
 def t(x, dtype=None):

@@ -10,11 +10,6 @@ from src.config import load_config
 from src.maskrcnn import box_ops
 
 
-@pytest.fixture(scope="module", autouse=True)
-def graph_mode():
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-
-
 class BoxOpsNet(nn.Cell):
     """Every box_ops function in one graph, so the module compiles once."""
 

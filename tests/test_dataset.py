@@ -213,7 +213,7 @@ def broken_coco(synthetic_coco, tmp_path_factory):
         next_id += 1
 
     square = [[2, 2, 12, 2, 12, 12, 2, 12]]
-    width4, height4 = images[4]["width"], images[4]["height"]
+    width4 = images[4]["width"]
     add(4, [10, 10, 0, 5], square)                                       # zero area
     add(4, [width4 + 5, 5, 10, 10], square)                              # wholly outside
     add(4, [-5, -5, 20, 20], square)                                     # partly outside: clipped

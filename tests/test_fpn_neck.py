@@ -1,5 +1,4 @@
 """FPN neck: static output shapes, the top-down wiring against NumPy, init and parameter count."""
-import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import Tensor
@@ -23,16 +22,6 @@ def numpy_neck(feats, lateral_w, lateral_b):
     for lateral in reversed(laterals[:-1]):
         merged.insert(0, lateral + merged[0].repeat(2, axis=2).repeat(2, axis=3))
     return merged + [merged[-1][:, :, ::2, ::2]]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def graph_mode():
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_config("tiny")
 
 
 @pytest.fixture(scope="module")

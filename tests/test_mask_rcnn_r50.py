@@ -20,13 +20,6 @@ LEARNING_RATE = 0.01
 R50_FPN_81_CLASS_PARAMETERS = 44_347_573
 
 
-@pytest.fixture(scope="module", autouse=True)
-def graph_mode():
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
-    yield
-
-
 @pytest.fixture(scope="module")
 def batches(tiny_mindrecord):
     """Four fixed training batches of 2 synthetic images (augmentation off, so they repeat exactly)."""

@@ -84,11 +84,6 @@ def snapshot(params):
     return {p.name: p.asnumpy().copy() for p in params}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def graph_mode():
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-
-
 def reference_gradients(net, batch):
     """d total_loss / d trainable weights, computed without the training cells."""
     def total(*inputs):

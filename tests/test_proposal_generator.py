@@ -14,11 +14,6 @@ IMAGE_SHAPES = np.array([[100.0, 150.0, 1.2, 1.1],     # valid region 120 x 165 
                          [128.0, 192.0, 1.0, 1.0]], np.float32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def graph_mode():
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-
-
 def np_greedy_nms(boxes, thr):
     """Boxes sorted by decreasing score -> keep mask; a kept box suppresses later ones with IoU > thr."""
     keep = np.zeros(len(boxes), bool)

@@ -94,16 +94,6 @@ class MaskLossGrad(nn.Cell):
         return self.grad_fn(logits, labels, targets, weights)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def graph_mode():
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_config("tiny")
-
-
 @pytest.fixture(scope="module")
 def box_head(tiny):
     return RcnnCls(tiny)

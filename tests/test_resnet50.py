@@ -69,11 +69,6 @@ class BackboneGrad(nn.Cell):
         return loss, feats, image_grad, weight_grads
 
 
-@pytest.fixture(scope="module", autouse=True)
-def graph_mode():
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-
-
 @pytest.fixture(scope="module")
 def tiny():
     """The tiny preset at a quarter of its input area: the full ResNet50, but cheap on this CPU."""

@@ -13,14 +13,10 @@ CHANNELS = 3
 BATCH = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def graph_mode():
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-
-
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config("tiny")
+    """The tiny preset at the recipe's finest scale (56), which the fixed per-level RoIs below are sized for."""
+    return load_config("tiny", {"roi.roi_align_finest_scale": 56})
 
 
 # ---------------------------------------------------------------- NumPy reference

@@ -1,5 +1,4 @@
 """RPN head: per-level output shapes, the documented flatten order, init, parameter count, and its loss."""
-import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import Tensor, nn
@@ -43,16 +42,6 @@ class RpnLoss(nn.Cell):
 
     def construct(self, *inputs):
         return self.rpn.loss(*inputs)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def graph_mode():
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_config("tiny")
 
 
 @pytest.fixture(scope="module")
