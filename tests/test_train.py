@@ -62,6 +62,11 @@ def resume_from(source_dir, checkpoint_name, target_dir):
     shutil.copy(os.path.join(source_dir, "checkpoint", checkpoint_name), os.path.join(target_dir, "checkpoint"))
 
 
+def run_script(name, *args, cwd=None):
+    return subprocess.run(["bash", os.path.join(ROOT, "scripts", name), *map(str, args)], capture_output=True,
+                          text=True, timeout=900, cwd=cwd)
+
+
 @pytest.fixture(scope="module")
 def full_run(tiny_mindrecord, tmp_path_factory):
     """Two epochs of the contract network, a checkpoint after every step."""
@@ -208,12 +213,18 @@ def test_two_msrun_workers_train_in_sync_on_different_shards(tiny_mindrecord, tm
     assert "saved " in logs[0] and "saved " not in logs[1]
 
 
+@pytest.mark.slow
+def test_standalone_script_trains_with_logs_under_train(tiny_mindrecord, tmp_path):
+    extra = config_cli_args(tiny_mindrecord.cfg) + ["--max_steps", "1"]
+    result = run_script("run_standalone_train.sh", "none", "CPU", "--", *extra, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    train_dir = tmp_path / "train"
+    assert "done: 1 steps" in (train_dir / "log").read_text()
+    assert RECIPE_LINE.match((train_dir / "loss_0.log").read_text().splitlines()[0])
+    assert checkpoint_names(train_dir) == ["maskrcnn-1_1.ckpt"]
+
+
 # ---------------------------------------------------------------- launch scripts (argument checks)
-
-def run_script(name, *args, cwd=None):
-    return subprocess.run(["bash", os.path.join(ROOT, "scripts", name), *map(str, args)], capture_output=True,
-                          text=True, timeout=120, cwd=cwd)
-
 
 @pytest.mark.parametrize("args, code, message", [
     (["a", "CPU", "extra"], 2, "usage:"),
