@@ -118,6 +118,7 @@ def _run_eval_cli(*args):
     return run_python(os.path.join(ROOT, "eval.py"), *args)
 
 
+@pytest.mark.slow
 def test_eval_of_a_tiny_model_runs_end_to_end(narrow_eval, narrow_model):
     cfg = narrow_model.cfg
     _, ann_file = val_paths(cfg)

@@ -49,6 +49,7 @@ def test_export_inputs_have_the_configured_batch_one_shape(narrow_model):
     np.testing.assert_array_equal(image_shape, [[cfg.data.img_height, cfg.data.img_width, 1.0, 1.0]])
 
 
+@pytest.mark.slow
 def test_mindir_round_trip_matches_the_cell(narrow_model, narrow_mindir, sample_input, cell_outputs):
     import mindspore as ms
     from mindspore import nn
@@ -64,6 +65,7 @@ def test_mindir_round_trip_matches_the_cell(narrow_model, narrow_mindir, sample_
     _assert_same_detections(outputs, cell_outputs)
 
 
+@pytest.mark.slow
 def test_onnx_export_works_or_names_the_unsupported_operator(narrow_model, sample_input, cell_outputs, tmp_path):
     """Either behaviour is acceptable; today the exporter stops at the stem's padded max-pool."""
     try:

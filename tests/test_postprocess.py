@@ -119,6 +119,7 @@ def test_postprocess_of_perfect_outputs_scores_one(tiny_mindrecord, preprocessed
         postprocess(cfg, result_dir, preprocessed, ann_file, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_exported_model_offline_gives_the_eval_metrics(narrow_model, narrow_mindir, narrow_eval, preprocessed,
                                                      tmp_path):
     """preprocess.py -> MINDIR runner (CPU stand-in, runner file format) -> postprocess.py == eval.py."""

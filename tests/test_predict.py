@@ -62,6 +62,7 @@ def image_dir(narrow_model, tmp_path_factory):
     return str(folder)
 
 
+@pytest.mark.slow
 def test_predict_writes_pictures_and_detections(narrow_model, image_dir, tmp_path):
     cfg = narrow_model.cfg
     records = predict(cfg, narrow_model.checkpoint, image_dir, str(tmp_path), score_thr=0.0)
