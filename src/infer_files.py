@@ -25,7 +25,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 
 from src.config import Config, config_from_args
-from src.util import write_bytes_atomic
+from src.util import setup_context, write_bytes_atomic
 
 IMAGE_DIR = "image"
 IMAGE_SHAPE_DIR = "image_shape"
@@ -154,7 +154,6 @@ def main(argv=None) -> None:
     parser.add_argument("--input_dir", required=True, help="preprocess.py output")
     parser.add_argument("--result_dir", required=True)
     args, cfg = config_from_args(parser, argv)
-    from src.util import setup_context
     setup_context("CPU")
     count, seconds = run_mindir(args.mindir_path, args.input_dir, args.result_dir, cfg)
     print(f"inferred {count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):.2f} images/s)")
