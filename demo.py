@@ -1,0 +1,331 @@
+"""The whole product in one command, on the embedded synthetic shapes dataset, within a wall-clock budget.
+
+    python demo.py [--minutes 30] [--images 400] [--size 128x192] [--out demo_output] [--key value ...]
+
+Stages: synthetic COCO set (src.synthetic) -> MindRecord -> training with configs/demo.yaml -> loss curve
+-> COCO bbox/segm mAP (eval.py) -> MINDIR (export.py) -> pictures of predictions on a few val images
+(predict.py). Training, eval, export and predict run as their own command lines in child processes, so
+the demo exercises exactly what a user runs, and each stage starts with a clean MindSpore context.
+
+The schedule is sized to the budget: a short calibration run (in the warmup, whose rates do not depend
+on the schedule length) measures the compile time and the steady step time; the run then resumes from
+its checkpoint with a warmup + cosine schedule that ends at the last step that still leaves time for
+eval, export and predict. `--steps N` trains exactly N steps instead (tests, reproductions).
+Any `--key value` pair is a config override passed to every stage (see src/config.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+from src.config import ConfigError, load_config, parse_overrides
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PRESET = "demo"
+DEFAULT_SIZE = "128x192"
+VAL_IMAGES = 50
+PREDICT_IMAGES = 4
+CALIBRATION_STEPS = 6              # first step compiles; the median of the rest is the step time
+MIN_WARMUP_FRACTION = 4            # the warmup takes at most 1/4 of a short schedule
+# Time kept for what follows training, in units measured by the calibration run:
+INFERENCE_COMPILE_RATIO = 0.6      # compile of one inference graph / compile of the training graph
+INFERENCE_COMPILES = 3             # eval (batch test_batch_size), export and predict (batch 1)
+EVAL_IMAGE_STEP_RATIO = 0.5        # inference time of one image / one training step (batch 2, fwd+bwd)
+PROCESS_OVERHEAD_S = 15.0          # one child's start (imports, network build) and checkpoint I/O
+CHILD_PROCESSES = 4                # resumed training, eval, export, predict
+SYNTHETIC_STAMP = "synthetic.json"
+SUMMARY_FILE = "demo_summary.json"
+COCO_SUMMARY_TEXT = "coco_summary.txt"
+SUMMARY_LINE = re.compile(r"^\s*Average (Precision|Recall)")
+TRAINING_OUTPUTS = ("checkpoint", "loss_0.log", "metrics.jsonl", "train_summary_0.json", "eval",
+                    "predictions", "predict_inputs", "maskrcnn.mindir", "loss_curve.png", SUMMARY_FILE)
+
+
+class DemoError(RuntimeError):
+    """A stage failed; the message names it."""
+
+
+# ---------------------------------------------------------------- options
+
+def parse_size(text: str) -> tuple:
+    """'128x192' -> (128, 192): height x width, positive multiples of 32."""
+    match = re.fullmatch(r"(\d+)[xX](\d+)", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"--size must be HEIGHTxWIDTH, e.g. {DEFAULT_SIZE}, got '{text}'")
+    height, width = int(match.group(1)), int(match.group(2))
+    if height <= 0 or width <= 0 or height % 32 or width % 32:
+        raise argparse.ArgumentTypeError(f"--size sides must be positive multiples of 32, got '{text}'")
+    return height, width
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got '{text}'") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=_positive(float), default=30.0,
+                        help="wall-clock budget of the whole run, data generation to predictions")
+    parser.add_argument("--images", type=_positive(int), default=400, help="synthetic training images")
+    parser.add_argument("--val_images", type=_positive(int), default=VAL_IMAGES, help="synthetic val images")
+    parser.add_argument("--size", type=parse_size, default=DEFAULT_SIZE, help="network input HEIGHTxWIDTH")
+    parser.add_argument("--out", default="demo_output", help="output folder")
+    parser.add_argument("--steps", type=_positive(int), default=None,
+                        help="train exactly this many steps instead of sizing the schedule to --minutes")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic data seed")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    """(args, config override dict, Config); every value is checked before any work starts."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    out = os.path.abspath(args.out)
+    try:
+        overrides = parse_overrides(rest)
+        overrides.update({"data.img_height": args.size[0], "data.img_width": args.size[1],
+                          "data.coco_root": os.path.join(out, "synthetic_coco"),
+                          "data.mindrecord_dir": os.path.join(out, "mindrecord")})
+        cfg = load_config(PRESET, overrides)
+    except ConfigError as err:
+        parser.error(str(err))
+    if args.images < cfg.train.batch_size:
+        parser.error(f"--images must be at least one batch ({cfg.train.batch_size}), got {args.images}")
+    args.out = out
+    return args, overrides, cfg
+
+
+def config_args(overrides: Dict[str, object]) -> List[str]:
+    """--config demo plus every override as a `--key value` pair for a child's command line."""
+    args = ["--config", PRESET]
+    for key, value in overrides.items():
+        args += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
+    return args
+
+
+# ---------------------------------------------------------------- schedule
+
+def schedule_overrides(total_steps: int, steps_per_epoch: int, warmup_step: int) -> Dict[str, object]:
+    """Config keys making src.lr_schedule's warmup + cosine span exactly `total_steps` steps."""
+    return {"train.base_step": total_steps - 1, "train.total_epoch": 1,     # schedule length = base_step + 1
+            "train.warmup_step": min(warmup_step, total_steps // MIN_WARMUP_FRACTION),
+            "train.epoch_size": -(-total_steps // steps_per_epoch)}
+
+
+def calibration_timing(metrics_path: str) -> tuple:
+    """(compile seconds, steady seconds per step) from a calibration run's metrics.jsonl."""
+    with open(metrics_path, "r", encoding="utf-8") as handle:
+        times = [json.loads(line)["step_time_ms"] / 1000.0 for line in handle if line.strip()]
+    if len(times) < 2:
+        raise DemoError(f"{metrics_path}: the calibration run logged {len(times)} step(s), need 2")
+    step_seconds = statistics.median(times[1:])
+    return max(times[0] - step_seconds, 0.0), step_seconds
+
+
+def steps_for_budget(seconds_left: float, compile_seconds: float, step_seconds: float, val_images: int) -> int:
+    """Training steps that fit in `seconds_left` after the resumed run's compile and everything after it."""
+    reserve = (compile_seconds * (1.0 + INFERENCE_COMPILES * INFERENCE_COMPILE_RATIO)
+               + val_images * step_seconds * EVAL_IMAGE_STEP_RATIO + CHILD_PROCESSES * PROCESS_OVERHEAD_S)
+    return int((seconds_left - reserve) // step_seconds)
+
+
+# ---------------------------------------------------------------- stages
+
+def run_child(stage: str, argv: List[str], capture: Optional[List[str]] = None) -> None:
+    """Run `python argv...` at the repository root, echoing its output; DemoError if it fails."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("GLOG_v", "3")
+    print(f"== {stage}: {' '.join(argv)}", flush=True)
+    with subprocess.Popen([sys.executable] + argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True) as child:
+        for line in child.stdout:
+            sys.stdout.write(line)
+            if capture is not None:
+                capture.append(line)
+        sys.stdout.flush()
+    if child.returncode != 0:
+        raise DemoError(f"{stage} failed with exit status {child.returncode} (its output is above)")
+
+
+def make_dataset(args, cfg) -> None:
+    """Synthetic COCO set (reused when made with the same options) and its train/eval MindRecords."""
+    from src.dataset import data_to_mindrecord
+    from src.synthetic import make_synthetic_coco
+
+    stamp_path = os.path.join(cfg.data.coco_root, SYNTHETIC_STAMP)
+    wanted = {"train": args.images, "val": args.val_images, "seed": args.seed}
+    try:
+        with open(stamp_path, "r", encoding="utf-8") as handle:
+            reusable = json.load(handle) == wanted
+    except (OSError, ValueError):
+        reusable = False
+    if not reusable:
+        make_synthetic_coco(cfg.data.coco_root, args.images, args.val_images, args.seed)
+        with open(stamp_path + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump(wanted, handle)
+        os.replace(stamp_path + ".tmp", stamp_path)
+    print(f"synthetic set: {args.images} train + {args.val_images} val images in {cfg.data.coco_root}", flush=True)
+    for is_training in (True, False):
+        data_to_mindrecord(cfg, is_training)
+
+
+def clear_previous_run(out: str) -> None:
+    """Remove a previous demo's training and result files (the data is kept and reused)."""
+    for name in TRAINING_OUTPUTS:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def train(args, overrides, cfg, started: float, facts: dict) -> str:
+    """Train (calibrate, size, resume, or exactly --steps); returns the final checkpoint path."""
+    from src.checkpoint import find_checkpoints
+    from src.dataset import load_manifest
+
+    steps_per_epoch = load_manifest(cfg, True)["records"] // cfg.train.batch_size
+    base = ["train.py", "--output_dir", args.out]
+    checkpoints = os.path.join(args.out, "checkpoint")
+    if args.steps:
+        total_steps = args.steps
+    else:
+        calibration = {**overrides, **schedule_overrides(CALIBRATION_STEPS, steps_per_epoch,
+                                                         cfg.train.warmup_step)}
+        calibration["train.warmup_step"] = cfg.train.warmup_step     # the same rates as the sized run's start
+        run_child("train (calibration)", base + config_args(calibration) + ["--max_steps", str(CALIBRATION_STEPS)])
+        compile_seconds, step_seconds = calibration_timing(os.path.join(args.out, "metrics.jsonl"))
+        seconds_left = args.minutes * 60.0 - (time.time() - started)
+        total_steps = steps_for_budget(seconds_left, compile_seconds, step_seconds, args.val_images)
+        facts.update(compile_seconds=compile_seconds, calibration_step_seconds=step_seconds)
+        print(f"calibration: compile {compile_seconds:.0f} s, {step_seconds:.2f} s/step; "
+              f"{seconds_left / 60:.1f} min left -> {max(total_steps, CALIBRATION_STEPS)} steps in all", flush=True)
+        if total_steps <= CALIBRATION_STEPS:
+            print(f"warning: --minutes {args.minutes:g} leaves no time to train past the calibration "
+                  f"({CALIBRATION_STEPS} steps); the model will be poor", flush=True)
+    if args.steps or total_steps > CALIBRATION_STEPS:
+        resume = ["--resume", find_checkpoints(checkpoints)[-1]] if not args.steps else []
+        schedule = schedule_overrides(total_steps, steps_per_epoch, cfg.train.warmup_step)
+        run_child("train", base + config_args({**overrides, **schedule}) + resume
+                  + ["--max_steps", str(total_steps)])
+    found = find_checkpoints(checkpoints)
+    if not found:
+        raise DemoError(f"training wrote no checkpoint under {checkpoints}")
+    with open(os.path.join(args.out, "train_summary_0.json"), "r", encoding="utf-8") as handle:
+        summary = json.load(handle)
+    facts.update(steps=summary["global_step"], steps_per_epoch=steps_per_epoch,
+                 final_losses=summary["final_losses"])
+    return found[-1]
+
+
+def plot_losses(out: str) -> str:
+    from src.loss_curve import plot_loss_curve
+    from src.maskrcnn.mask_rcnn_r50 import LOSS_NAMES
+
+    return plot_loss_curve(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss_curve.png"), LOSS_NAMES,
+                           title="Mask R-CNN R50-FPN on synthetic shapes")
+
+
+def evaluate(out: str, checkpoint: str, cfg, overrides) -> dict:
+    """eval.py; the 12-line COCO summaries also go to eval/coco_summary.txt. Returns eval_metrics.json."""
+    eval_dir = os.path.join(out, "eval")
+    ann_file = os.path.join(cfg.data.coco_root, "annotations", f"instances_{cfg.data.val_data_type}.json")
+    lines: List[str] = []
+    run_child("eval", ["eval.py", "--checkpoint_path", checkpoint, "--ann_file", ann_file, "--output_dir", eval_dir]
+              + config_args(overrides), capture=lines)
+    summary, iou_type = [], iter(("bbox", "segm"))
+    for line in lines:
+        if SUMMARY_LINE.match(line):
+            if len(summary) % 13 == 0:
+                summary.append(f"{next(iou_type)}:\n")
+            summary.append(line)
+    from src.util import write_bytes_atomic
+    write_bytes_atomic(os.path.join(eval_dir, COCO_SUMMARY_TEXT), "".join(summary).encode("utf-8"))
+    with open(os.path.join(eval_dir, "eval_metrics.json"), "r", encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def export(out: str, checkpoint: str, overrides) -> str:
+    path = os.path.join(out, "maskrcnn.mindir")
+    run_child("export", ["export.py", "--ckpt_file", checkpoint, "--file_format", "MINDIR", "--file_name",
+                         path[:-len(".mindir")]] + config_args(overrides))
+    return path
+
+
+def predict(out: str, checkpoint: str, cfg, overrides) -> str:
+    """predict.py on the first PREDICT_IMAGES val images (copied to predict_inputs/)."""
+    source = os.path.join(cfg.data.coco_root, cfg.data.val_data_type)
+    inputs = os.path.join(out, "predict_inputs")
+    os.makedirs(inputs, exist_ok=True)
+    for name in sorted(os.listdir(source))[:PREDICT_IMAGES]:
+        shutil.copyfile(os.path.join(source, name), os.path.join(inputs, name))
+    pictures = os.path.join(out, "predictions")
+    run_child("predict", ["predict.py", inputs, "--checkpoint_path", checkpoint, "--out", pictures]
+              + config_args(overrides))
+    return pictures
+
+
+def run(args, overrides, cfg) -> dict:
+    started = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    clear_previous_run(args.out)
+    stage_seconds: Dict[str, float] = {}
+    facts: dict = {}
+
+    def timed(name, function, *a):
+        begin = time.time()
+        result = function(*a)
+        stage_seconds[name] = round(time.time() - begin, 1)
+        return result
+
+    timed("data", make_dataset, args, cfg)
+    checkpoint = timed("train", train, args, overrides, cfg, started, facts)
+    curve = timed("loss_curve", plot_losses, args.out)
+    metrics = timed("eval", evaluate, args.out, checkpoint, cfg, overrides)
+    mindir = timed("export", export, args.out, checkpoint, overrides)
+    pictures = timed("predict", predict, args.out, checkpoint, cfg, overrides)
+    summary = {"options": {"minutes": args.minutes, "images": args.images, "val_images": args.val_images,
+                           "size": list(args.size), "steps": args.steps, "seed": args.seed,
+                           "overrides": {k: v for k, v in overrides.items() if not k.startswith("data.")}},
+               "wall_seconds": round(time.time() - started, 1), "stage_seconds": stage_seconds, **facts,
+               "bbox_AP": metrics["bbox"]["AP"], "segm_AP": metrics["segm"]["AP"],
+               "load_average": list(os.getloadavg()), "checkpoint": checkpoint, "mindir": mindir,
+               "loss_curve": curve, "predictions": pictures}
+    from src.util import write_json_atomic
+    write_json_atomic(os.path.join(args.out, SUMMARY_FILE), summary)
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args, overrides, cfg = parse_args(argv)
+    try:
+        summary = run(args, overrides, cfg)
+    except DemoError as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 1
+    print(f"\ndemo finished in {summary['wall_seconds'] / 60:.1f} min ({summary['steps']} training steps); "
+          f"outputs in {args.out}")
+    print(f"checkpoint {summary['checkpoint']}, MINDIR {summary['mindir']}, loss curve {summary['loss_curve']}, "
+          f"predictions {summary['predictions']}")
+    print(f"bbox AP {summary['bbox_AP']:.3f}  segm AP {summary['segm_AP']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
