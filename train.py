@@ -119,7 +119,7 @@ def prepare_mindrecord(cfg: Config, rank: int, group_size: int):
 
 def checkpoint_dir(cfg: Config, output_dir: str) -> str:
     path = cfg.train.save_checkpoint_path
-    return path if os.path.isabs(path) else os.path.join(output_dir, path)
+    return os.path.normpath(path if os.path.isabs(path) else os.path.join(output_dir, path))
 
 
 def resolve_resume(resume: str, directory: str) -> Optional[str]:

@@ -1,6 +1,6 @@
 """Training speed on this machine: ms per SGD step of the real model, after compilation.
 
-    python bench/bench_train.py [--sizes tiny recipe] [--steps 3] [--device_target CPU]
+    python bench/bench_train.py [--sizes tiny recipe] [--steps 3] [--batch_size B] [--device_target CPU]
 
 "tiny" is configs/tiny.yaml (128x192), "recipe" the ModelZoo size (768x1280, 81 classes, 128 instances).
 Each size gets one fixed synthetic batch (random image, a few boxes with filled masks) so that only the
@@ -50,8 +50,8 @@ def synthetic_batch(cfg, seed=0):
     return [Tensor(a) for a in (image, image_shape, box, label, valid, mask)]
 
 
-def bench(name, steps):
-    cfg = load_config(SIZES[name])
+def bench(name, steps, batch_size=None):
+    cfg = load_config(SIZES[name], {"train.batch_size": batch_size} if batch_size else None)
     ms.set_seed(cfg.train.seed)
     net = MaskRcnnResnet50(cfg)
     net.set_train(True)
@@ -77,13 +77,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["tiny", "recipe"])
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
+    parser.add_argument("--batch_size", type=int, help="images per step (default: the config's, 2)")
     parser.add_argument("--device_target", default="CPU", choices=("CPU", "GPU", "Ascend"))
     args = parser.parse_args()
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device(args.device_target)
     print(f"MindSpore {ms.__version__}, {os.cpu_count()} CPU cores, GRAPH_MODE on {args.device_target}", flush=True)
     for name in args.sizes:
-        bench(name, args.steps)
+        bench(name, args.steps, args.batch_size)
 
 
 if __name__ == "__main__":
