@@ -35,7 +35,7 @@ DEFAULT_SIZE = "128x192"
 VAL_IMAGES = 50
 PREDICT_IMAGES = 4
 CALIBRATION_STEPS = 6              # first step compiles; the median of the rest is the step time
-MIN_WARMUP_FRACTION = 4            # the warmup takes at most 1/4 of a short schedule
+MIN_WARMUP_FRACTION = 10           # warmup <= 1/10 of the schedule: the cosine then ends below 3 % of base_lr
 # Time kept for what follows training, in units measured by the calibration run:
 INFERENCE_COMPILE_RATIO = 0.6      # compile of one inference graph / compile of the training graph
 INFERENCE_COMPILES = 3             # eval (batch test_batch_size), export and predict (batch 1)
@@ -60,10 +60,10 @@ def parse_size(text: str) -> tuple:
     """'128x192' -> (128, 192): height x width, positive multiples of 32."""
     match = re.fullmatch(r"(\d+)[xX](\d+)", text.strip())
     if not match:
-        raise argparse.ArgumentTypeError(f"--size must be HEIGHTxWIDTH, e.g. {DEFAULT_SIZE}, got '{text}'")
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH, e.g. {DEFAULT_SIZE}, got '{text}'")
     height, width = int(match.group(1)), int(match.group(2))
     if height <= 0 or width <= 0 or height % 32 or width % 32:
-        raise argparse.ArgumentTypeError(f"--size sides must be positive multiples of 32, got '{text}'")
+        raise argparse.ArgumentTypeError(f"height and width must be positive multiples of 32, got '{text}'")
     return height, width
 
 
