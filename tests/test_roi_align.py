@@ -145,3 +145,33 @@ def test_gradient_reaches_only_the_assigned_level(cfg):
     np.testing.assert_allclose(per_level[1], 1 * out * out, rtol=1e-4)
     assert not np.any(grads[2].asnumpy()) and not np.any(grads[3].asnumpy())
     assert not np.any(grads[0].asnumpy()[1, :, 12:, :])       # image 1's level-0 box ends at feature row 10.75
+
+
+class WeightedPool(nn.Cell):
+    def __init__(self, out, stride, samples):
+        super().__init__()
+        self.pool = SingleLevelRoIAlign(out, stride, samples)
+
+    def construct(self, feature, rois, cotangent):
+        return (self.pool(feature, rois) * cotangent).sum()
+
+
+def test_gradient_is_the_adjoint_of_the_forward_pass():
+    """d(sum(pool * g))/d(feature) equals the NumPy pooling of unit impulses, weighted by g: the backward
+    spreads each bin over exactly the taps the forward read (narrow RoIs widened to one cell, no "+1" end,
+    RoIs partly outside the map)."""
+    rng = np.random.default_rng(3)
+    out, stride, samples, height, width = 3, 4, 2, 6, 8
+    feature = rng.normal(size=(1, 1, height, width)).astype(np.float32)
+    rois = np.array([[0, 5, 7, 21, 19], [0, 9, 3, 11, 4], [0, -6, -3, 20, 30]], np.float32)
+    cotangent = rng.normal(size=(len(rois), 1, out, out)).astype(np.float32)
+    got = ms.grad(WeightedPool(out, stride, samples))(ms.Tensor(feature), ms.Tensor(rois),
+                                                      ms.Tensor(cotangent)).asnumpy()
+    want = np.zeros_like(feature)
+    for y in range(height):
+        for x in range(width):
+            impulse = np.zeros((1, height, width))
+            impulse[0, y, x] = 1.0
+            want[0, 0, y, x] = sum((np_roi_align(impulse, roi[1:], stride, out, samples) * g).sum()
+                                   for roi, g in zip(rois, cotangent))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

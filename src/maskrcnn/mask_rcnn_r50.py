@@ -18,7 +18,7 @@ from src.maskrcnn.proposal_generator import Proposal
 from src.maskrcnn.rcnn_cls import RcnnCls, select_class
 from src.maskrcnn.rcnn_mask import RcnnMask
 from src.maskrcnn.resnet50 import ResNet50
-from src.maskrcnn.roi_align import MultiLevelRoIAlign
+from src.maskrcnn.roi_align import MultiLevelRoIAlign, flatten_levels
 from src.maskrcnn.rpn import RPN
 
 LOSS_NAMES = ("rpn_loss", "rcnn_loss", "rpn_cls_loss", "rpn_reg_loss", "rcnn_cls_loss", "rcnn_reg_loss",
@@ -161,14 +161,15 @@ class MaskRcnnResnet50(nn.Cell):
         rois, labels, label_weights, bbox_targets, bbox_weights, pos_gt_index, pos_valid = _stack_fields(
             samples)                                                                  # (B, Pn + S, ...)
         batch = rois.shape[0]
-        roi_feats = self.box_roi_align(_with_batch_index(rois), feats[:self.num_roi_levels])
+        roi_table = flatten_levels(feats[:self.num_roi_levels])                       # shared by both pools
+        roi_feats = self.box_roi_align.pool(_with_batch_index(rois), roi_table, feats)
         cls_logits, deltas = self.rcnn_cls(roi_feats)                                 # (B * rows, C), (.., C, 4)
         rcnn_cls_loss, rcnn_reg_loss = self.rcnn_cls.loss(
             cls_logits, deltas, labels.reshape(-1), label_weights.reshape(-1), bbox_targets.reshape(-1, 4),
             bbox_weights.reshape(-1))
 
         pos_rois = rois[:, :self.num_pos_stage2]                                      # (B, Pn, 4)
-        mask_feats = self.mask_roi_align(_with_batch_index(pos_rois), feats[:self.num_roi_levels])
+        mask_feats = self.mask_roi_align.pool(_with_batch_index(pos_rois), roi_table, feats)
         mask_logits = self.rcnn_mask(mask_feats)                                      # (B * Pn, C, 28, 28)
         image_offsets = ops.arange(batch, dtype=ms.int32)[:, None] * self.num_gts
         mask_targets = self.rcnn_mask.mask_targets(mask, pos_rois.reshape(-1, 4),
@@ -184,7 +185,8 @@ class MaskRcnnResnet50(nn.Cell):
     def _detect(self, feats, cls_scores, bbox_deltas, image_shape):
         proposals, proposal_valid = self.test_proposals(cls_scores, bbox_deltas, self.level_anchors, image_shape)
         batch, num_proposals = proposals.shape[0], proposals.shape[1]
-        roi_feats = self.box_roi_align(_with_batch_index(proposals), feats[:self.num_roi_levels])
+        roi_table = flatten_levels(feats[:self.num_roi_levels])                       # shared by both pools
+        roi_feats = self.box_roi_align.pool(_with_batch_index(proposals), roi_table, feats)
         cls_logits, deltas = self.rcnn_cls(roi_feats)                                 # (B * P, C), (B * P, C, 4)
         num_classes = cls_logits.shape[1]
         scores = ops.softmax(cls_logits, axis=-1).reshape(batch, num_proposals, num_classes)
@@ -199,7 +201,7 @@ class MaskRcnnResnet50(nn.Cell):
             detections += (self.detections(scores[image], boxes[image], proposal_valid[image]),)
         det_boxes, det_scores, det_labels, det_valid = _stack_fields(detections)     # (B, K, ...)
 
-        mask_feats = self.mask_roi_align(_with_batch_index(det_boxes), feats[:self.num_roi_levels])
+        mask_feats = self.mask_roi_align.pool(_with_batch_index(det_boxes), roi_table, feats)
         mask_logits = self.rcnn_mask(mask_feats)                                      # (B * K, C, 28, 28)
         masks = ops.sigmoid(select_class(mask_logits, det_labels.reshape(-1)))
         masks = masks.reshape(det_boxes.shape[0], det_boxes.shape[1], masks.shape[1], masks.shape[2])

@@ -6,19 +6,19 @@ normal (fan_out) for the convs and the deconv, N(0, 0.001) for the logits so eve
 
 Mask targets use the coordinate convention of box_ops (continuous input pixels, pixel (i, j) covers
 [j, j+1) x [i, i+1), no "+1" on widths), the one util.paste_masks inverts at evaluation: target cell
-(u, v) of a RoI (x1, y1, x2, y2) averages 2x2 bilinear samples of its (w/28 x h/28) bin. With
-ops.ROIAlign that is roi_end_mode=0 on the RoI shifted by half a pixel, because the op places pixel i
-at coordinate i rather than at its centre i + 0.5 (torchvision's aligned=True).
+(u, v) of a RoI (x1, y1, x2, y2) averages 2x2 bilinear samples of its (w/28 x h/28) bin, i.e. the
+aligned RoIAlign of the GT mask at stride 1 (roi_align.SingleLevelRoIAlign).
 """
 import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal, Normal
 
 from src.maskrcnn.rcnn_cls import select_class
+from src.maskrcnn.roi_align import SingleLevelRoIAlign
 
 LOGITS_INIT_STD = 0.001
 TARGET_THRESHOLD = 0.5
-PIXEL_CENTRE = 0.5          # continuous coordinate of pixel 0's centre
+MASK_STRIDE = 1             # GT masks are at input resolution
 
 
 def _kaiming_conv(in_channels, out_channels, kernel_size):
@@ -46,8 +46,7 @@ class RcnnMask(nn.Cell):
                                          weight_init=Normal(LOGITS_INIT_STD), bias_init="zeros")
         self.relu = nn.ReLU()
         self.mask_weight = c.rcnn_loss_mask_weight
-        self.target_align = ops.ROIAlign(c.mask_shape, c.mask_shape, spatial_scale=1.0,
-                                         sample_num=cfg.roi.roi_sample_ratio, roi_end_mode=0)
+        self.target_align = SingleLevelRoIAlign(c.mask_shape, MASK_STRIDE, cfg.roi.roi_sample_ratio)
         self.sigmoid_ce = ops.SigmoidCrossEntropyWithLogits()
 
     def construct(self, mask_feats):
@@ -66,8 +65,8 @@ class RcnnMask(nn.Cell):
         the RoIAlign of the GT mask over the RoI, thresholded at 0.5. No gradient flows.
         """
         batch, num_gts, height, width = gt_masks.shape
-        masks = ops.cast(gt_masks, ms.float32).reshape(batch * num_gts, 1, height, width)
-        boxes = ops.concat((ops.cast(gt_index, ms.float32)[:, None], rois - PIXEL_CENTRE), axis=1)   # (R, 5)
+        masks = gt_masks.reshape(batch * num_gts, 1, height, width)                  # uint8: only taps become float
+        boxes = ops.concat((ops.cast(gt_index, ms.float32)[:, None], rois), axis=1)  # (R, 5)
         soft = self.target_align(masks, boxes)[:, 0]                                 # (R, 28, 28)
         return ops.stop_gradient(ops.cast(soft >= TARGET_THRESHOLD, ms.float32))
 
