@@ -8,9 +8,11 @@ Stages: synthetic COCO set (src.synthetic) -> MindRecord -> training with config
 the demo exercises exactly what a user runs, and each stage starts with a clean MindSpore context.
 
 The schedule is sized to the budget: a short calibration run (in the warmup, whose rates do not depend
-on the schedule length) measures the compile time and the steady step time; the run then resumes from
+on the schedule length) measures the compile time and the steady step time; training then resumes from
 its checkpoint with a warmup + cosine schedule that ends at the last step that still leaves time for
-eval, export and predict. `--steps N` trains exactly N steps instead (tests, reproductions).
+eval, export and predict. Other jobs on the machine change the step time, so halfway the run stops,
+re-times and re-sizes the rest of the schedule (one more compile). `--steps N` trains exactly N steps
+instead (tests, reproductions).
 Any `--key value` pair is a config override passed to every stage (see src/config.py).
 """
 from __future__ import annotations
@@ -37,11 +39,11 @@ PREDICT_IMAGES = 4
 CALIBRATION_STEPS = 6              # first step compiles; the median of the rest is the step time
 MIN_WARMUP_FRACTION = 10           # warmup <= 1/10 of the schedule: the cosine then ends below 3 % of base_lr
 # Time kept for what follows training, in units measured by the calibration run:
-INFERENCE_COMPILE_RATIO = 0.6      # compile of one inference graph / compile of the training graph
+INFERENCE_COMPILE_RATIO = 0.4      # compile of one inference graph / compile of the training graph
 INFERENCE_COMPILES = 3             # eval (batch test_batch_size), export and predict (batch 1)
-EVAL_IMAGE_STEP_RATIO = 0.5        # inference time of one image / one training step (batch 2, fwd+bwd)
+EVAL_IMAGE_STEP_RATIO = 0.2        # inference time of one image / one training step (batch 2, fwd+bwd)
 PROCESS_OVERHEAD_S = 15.0          # one child's start (imports, network build) and checkpoint I/O
-CHILD_PROCESSES = 4                # resumed training, eval, export, predict
+TRAIN_SEGMENTS = 2                 # after calibration: re-time and re-size once, halfway (the load changes)
 SYNTHETIC_STAMP = "synthetic.json"
 SUMMARY_FILE = "demo_summary.json"
 COCO_SUMMARY_TEXT = "coco_summary.txt"
@@ -129,21 +131,28 @@ def schedule_overrides(total_steps: int, steps_per_epoch: int, warmup_step: int)
             "train.epoch_size": -(-total_steps // steps_per_epoch)}
 
 
-def calibration_timing(metrics_path: str) -> tuple:
-    """(compile seconds, steady seconds per step) from a calibration run's metrics.jsonl."""
+def segment_timing(metrics_path: str, after_step: int) -> tuple:
+    """(compile seconds, steady seconds per step) of the training process that started after `after_step`.
+
+    Its first logged step includes the graph compile; the median of the others is the step time.
+    """
     with open(metrics_path, "r", encoding="utf-8") as handle:
-        times = [json.loads(line)["step_time_ms"] / 1000.0 for line in handle if line.strip()]
+        rows = [json.loads(line) for line in handle if line.strip()]
+    times = [row["step_time_ms"] / 1000.0 for row in rows if row["global_step"] > after_step]
     if len(times) < 2:
-        raise DemoError(f"{metrics_path}: the calibration run logged {len(times)} step(s), need 2")
+        raise DemoError(f"{metrics_path}: {len(times)} step(s) logged after step {after_step}, need 2 to time them")
     step_seconds = statistics.median(times[1:])
     return max(times[0] - step_seconds, 0.0), step_seconds
 
 
-def steps_for_budget(seconds_left: float, compile_seconds: float, step_seconds: float, val_images: int) -> int:
-    """Training steps that fit in `seconds_left` after the resumed run's compile and everything after it."""
-    reserve = (compile_seconds * (1.0 + INFERENCE_COMPILES * INFERENCE_COMPILE_RATIO)
-               + val_images * step_seconds * EVAL_IMAGE_STEP_RATIO + CHILD_PROCESSES * PROCESS_OVERHEAD_S)
-    return int((seconds_left - reserve) // step_seconds)
+def steps_for_budget(seconds_left: float, compile_seconds: float, step_seconds: float, val_images: int,
+                     training_compiles: int) -> int:
+    """Training steps that fit in `seconds_left` after `training_compiles` more training-process starts and
+    everything after training (eval, export, predict)."""
+    reserve = (compile_seconds * (training_compiles + INFERENCE_COMPILES * INFERENCE_COMPILE_RATIO)
+               + val_images * step_seconds * EVAL_IMAGE_STEP_RATIO
+               + (training_compiles + INFERENCE_COMPILES) * PROCESS_OVERHEAD_S)
+    return max(int((seconds_left - reserve) // step_seconds), 0)
 
 
 # ---------------------------------------------------------------- stages
@@ -196,34 +205,52 @@ def clear_previous_run(out: str) -> None:
 
 
 def train(args, overrides, cfg, started: float, facts: dict) -> str:
-    """Train (calibrate, size, resume, or exactly --steps); returns the final checkpoint path."""
+    """Train (calibrate, then budget-sized segments; or exactly --steps); returns the final checkpoint path."""
     from src.checkpoint import find_checkpoints
     from src.dataset import load_manifest
 
     steps_per_epoch = load_manifest(cfg, True)["records"] // cfg.train.batch_size
-    base = ["train.py", "--output_dir", args.out]
+    metrics = os.path.join(args.out, "metrics.jsonl")
     checkpoints = os.path.join(args.out, "checkpoint")
+
+    def run_segment(stage: str, total_steps: int, stop: int, warmup_step: int, resume: bool) -> None:
+        schedule = {**schedule_overrides(total_steps, steps_per_epoch, cfg.train.warmup_step),
+                    "train.warmup_step": warmup_step}
+        resume_args = ["--resume", find_checkpoints(checkpoints)[-1]] if resume else []
+        run_child(stage, ["train.py", "--output_dir", args.out] + config_args({**overrides, **schedule})
+                  + resume_args + ["--max_steps", str(stop)])
+
     if args.steps:
-        total_steps = args.steps
+        run_segment("train", args.steps, args.steps, schedule_overrides(args.steps, steps_per_epoch,
+                                                                          cfg.train.warmup_step)["train.warmup_step"],
+                    resume=False)
     else:
-        calibration = {**overrides, **schedule_overrides(CALIBRATION_STEPS, steps_per_epoch,
-                                                         cfg.train.warmup_step)}
-        calibration["train.warmup_step"] = cfg.train.warmup_step     # the same rates as the sized run's start
-        run_child("train (calibration)", base + config_args(calibration) + ["--max_steps", str(CALIBRATION_STEPS)])
-        compile_seconds, step_seconds = calibration_timing(os.path.join(args.out, "metrics.jsonl"))
-        seconds_left = args.minutes * 60.0 - (time.time() - started)
-        total_steps = steps_for_budget(seconds_left, compile_seconds, step_seconds, args.val_images)
-        facts.update(compile_seconds=compile_seconds, calibration_step_seconds=step_seconds)
-        print(f"calibration: compile {compile_seconds:.0f} s, {step_seconds:.2f} s/step; "
-              f"{seconds_left / 60:.1f} min left -> {max(total_steps, CALIBRATION_STEPS)} steps in all", flush=True)
-        if total_steps <= CALIBRATION_STEPS:
-            print(f"warning: --minutes {args.minutes:g} leaves no time to train past the calibration "
-                  f"({CALIBRATION_STEPS} steps); the model will be poor", flush=True)
-    if args.steps or total_steps > CALIBRATION_STEPS:
-        resume = ["--resume", find_checkpoints(checkpoints)[-1]] if not args.steps else []
-        schedule = schedule_overrides(total_steps, steps_per_epoch, cfg.train.warmup_step)
-        run_child("train", base + config_args({**overrides, **schedule}) + resume
-                  + ["--max_steps", str(total_steps)])
+        # the calibration steps lie in the warmup, whose rates do not depend on the schedule length
+        run_segment("train (calibration)", CALIBRATION_STEPS, CALIBRATION_STEPS, cfg.train.warmup_step, resume=False)
+        compile_seconds, step_seconds = segment_timing(metrics, 0)
+        done, plans = CALIBRATION_STEPS, []
+        for segment in range(TRAIN_SEGMENTS):
+            segments_left = TRAIN_SEGMENTS - segment
+            seconds_left = args.minutes * 60.0 - (time.time() - started)
+            total = done + steps_for_budget(seconds_left, compile_seconds, step_seconds, args.val_images,
+                                            segments_left)
+            plans.append({"at_step": done, "compile_seconds": round(compile_seconds, 1),
+                          "step_seconds": round(step_seconds, 3), "total_steps": total})
+            print(f"plan at step {done}: compile {compile_seconds:.0f} s, {step_seconds:.2f} s/step, "
+                  f"{seconds_left / 60:.1f} min left -> {total} steps in all", flush=True)
+            if total <= done:
+                print(f"warning: --minutes {args.minutes:g} leaves no time for more training steps; "
+                      f"stopping at step {done}", flush=True)
+                break
+            stop = total if segments_left == 1 else max(done + (total - done) // segments_left, done + 1)
+            warmup = schedule_overrides(total, steps_per_epoch, cfg.train.warmup_step)["train.warmup_step"]
+            run_segment(f"train (segment {segment + 1}/{TRAIN_SEGMENTS})", total, stop, warmup, resume=True)
+            if stop - done >= 2:
+                compile_seconds, step_seconds = segment_timing(metrics, done)
+            done = stop
+            if done >= total:
+                break
+        facts["schedule_plans"] = plans
     found = find_checkpoints(checkpoints)
     if not found:
         raise DemoError(f"training wrote no checkpoint under {checkpoints}")

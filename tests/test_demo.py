@@ -154,22 +154,29 @@ def test_schedule_spans_exactly_the_sized_run(total_steps, warmup):
 
 def test_steps_for_budget_keeps_the_reserve():
     step, compile_s, val = 2.0, 40.0, 50
-    reserve = demo.steps_for_budget(0.0, compile_s, step, val) * -step
-    assert demo.steps_for_budget(reserve + 100 * step, compile_s, step, val) == 100
-    assert demo.steps_for_budget(reserve + 100 * step, compile_s, 2 * step, val) < 100
-    assert demo.steps_for_budget(reserve, compile_s, step, val) == 0
+    one_start = 100 * step + compile_s * (1 + demo.INFERENCE_COMPILES * demo.INFERENCE_COMPILE_RATIO) \
+        + val * step * demo.EVAL_IMAGE_STEP_RATIO + (1 + demo.INFERENCE_COMPILES) * demo.PROCESS_OVERHEAD_S
+    assert demo.steps_for_budget(one_start, compile_s, step, val, 1) == 100
+    assert demo.steps_for_budget(one_start, compile_s, step, val, 2) < 100           # one more compile
+    assert demo.steps_for_budget(one_start, compile_s, 2 * step, val, 1) < 50
+    assert demo.steps_for_budget(10.0, compile_s, step, val, 1) == 0
 
 
-def test_calibration_timing_excludes_compile(tmp_path):
+def test_segment_timing_excludes_compile(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    times = [60000.0, 2000.0, 2500.0, 1500.0, 9000.0]                  # ms: compile step, then one outlier
-    path.write_text("".join(json.dumps({"global_step": i + 1, "step_time_ms": t}) + "\n"
-                            for i, t in enumerate(times)))
-    compile_s, step_s = demo.calibration_timing(str(path))
+
+    def log(first_step, times_ms):
+        with open(path, "a") as out:
+            out.writelines(json.dumps({"global_step": first_step + i, "step_time_ms": t}) + "\n"
+                           for i, t in enumerate(times_ms))
+
+    log(1, [60000.0, 2000.0, 2500.0, 1500.0, 9000.0])      # calibration: compile step, then one outlier
+    compile_s, step_s = demo.segment_timing(str(path), 0)
     assert step_s == pytest.approx(2.25) and compile_s == pytest.approx(60.0 - 2.25)
-    path.write_text(json.dumps({"global_step": 1, "step_time_ms": 1.0}) + "\n")
+    log(6, [30000.0, 4000.0, 4000.0])                        # the resumed process
+    assert demo.segment_timing(str(path), 5) == (pytest.approx(26.0), pytest.approx(4.0))
     with pytest.raises(demo.DemoError, match="need 2"):
-        demo.calibration_timing(str(path))
+        demo.segment_timing(str(path), 7)
 
 
 def _metrics_file(path, rows):
