@@ -1,0 +1,347 @@
+"""Our MaskRcnnResnet50 against torchvision's maskrcnn_resnet50_fpn on this CPU: train step, inference, memory.
+
+    .venv/bin/python bench/compare_torchvision.py [--sizes 384x640 768x1280] [--steps 5] [--modes train infer]
+
+Each (framework, size, mode) runs in its own process, one after the other, so that peak resident memory
+(ru_maxrss) belongs to that job alone and one framework's thread pools never compete with the other's.
+Our model runs under this interpreter (needs MindSpore: .venv); torchvision under --torch_python
+(.venv-bench, see bench/requirements.txt). Both get the same synthetic batch of 2 images with a few
+elliptical objects (boxes, labels, masks), the same input size (torchvision's resize is disabled by
+min_size/max_size = the input size), 2 CPU threads, and the recipe's SGD settings.
+
+torchvision is built with weights=None, weights_backbone=None, num_classes=81. Without weights it would
+train every backbone layer with batch-statistics BatchNorm; by default (--torch_backbone recipe) it is
+then matched to our recipe: frozen BatchNorm everywhere and stem + layer1 frozen. `stock` keeps it as built.
+
+Timings: training = forward + backward + SGD step, inference = the whole detector on a batch of 2, reported
+per image. The first call (our graph compilation; torchvision's allocator warm-up) is reported apart, then
+the median over --steps calls. The table is printed and written between markers into --results.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_TORCH_PYTHON = os.path.join(ROOT, ".venv-bench", "bin", "python")
+DEFAULT_RESULTS = os.path.join(ROOT, "bench", "results.md")
+BEGIN_MARK = "<!-- compare_torchvision: begin (generated, do not edit) -->"
+END_MARK = "<!-- compare_torchvision: end -->"
+
+BATCH = 2
+THREADS = 2
+NUM_CLASSES = 81                      # COCO: 80 classes + background, the recipe's head
+OBJECTS_PER_IMAGE = 5
+MIN_SIDE_FRACTION, MAX_SIDE_FRACTION = 0.1, 0.5
+SEED = 0
+PIXEL_MAX = 255.0
+TORCH_FROZEN_STAGES = ("conv1", "layer1")     # our recipe: frozen_stages = 1 (stem + first stage)
+
+
+# ---------------------------------------------------------------- shared synthetic batch
+
+def synthetic_scene(height, width, max_instances, seed=SEED):
+    """Images and annotations both models see, as NumPy arrays.
+
+    Returns dict: pixels uint8 (B, H, W, 3); boxes float32 (B, n, 4) x1, y1, x2, y2; labels int64 (B, n) in
+    1..80; masks uint8 (B, n, H, W), filled ellipses inside the boxes, also painted into the pixels.
+    """
+    rng = np.random.default_rng(seed)
+    count = min(OBJECTS_PER_IMAGE, max_instances)
+    pixels = rng.integers(0, 256, size=(BATCH, height, width, 3)).astype(np.uint8)
+    boxes = np.zeros((BATCH, count, 4), np.float32)
+    labels = rng.integers(1, NUM_CLASSES, size=(BATCH, count)).astype(np.int64)
+    masks = np.zeros((BATCH, count, height, width), np.uint8)
+    rows, cols = np.mgrid[0:height, 0:width]
+    for b in range(BATCH):
+        for i in range(count):
+            h, w = (rng.uniform(MIN_SIDE_FRACTION, MAX_SIDE_FRACTION, 2) * (height, width)).astype(int)
+            y, x = int(rng.integers(0, height - h)), int(rng.integers(0, width - w))
+            boxes[b, i] = (x, y, x + w, y + h)
+            inside = ((rows - (y + h / 2)) / (h / 2)) ** 2 + ((cols - (x + w / 2)) / (w / 2)) ** 2 <= 1.0
+            masks[b, i] = inside
+            pixels[b][inside] = rng.integers(0, 256, size=3)
+    return {"pixels": pixels, "boxes": boxes, "labels": labels, "masks": masks}
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0          # Linux: KiB
+
+
+def time_calls(run, steps):
+    """First call timed alone, then `steps` calls; returns (first s, median ms, min ms)."""
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return first, 1000.0 * float(np.median(times)), 1000.0 * float(np.min(times))
+
+
+# ---------------------------------------------------------------- workers (one per process)
+
+def run_ours(job):
+    sys.path.insert(0, ROOT)
+    from src.config import load_config              # importing src caps oneDNN at AVX2, before any kernel exists
+    from src.maskrcnn.mask_rcnn_r50 import LOSS_NAMES, MaskRcnnResnet50
+    from src.network_define import build_train_step
+
+    import mindspore as ms
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device("CPU")
+    ms.device_context.cpu.op_tuning.threads_num(THREADS)
+    height, width = job["height"], job["width"]
+    cfg = load_config(None, {"data.img_height": height, "data.img_width": width,
+                             "train.batch_size": BATCH, "test.test_batch_size": BATCH})
+    ms.set_seed(cfg.train.seed)
+    scene = synthetic_scene(height, width, cfg.data.max_instance_count)
+    mean = np.asarray(cfg.data.img_mean, np.float32)
+    std = np.asarray(cfg.data.img_std, np.float32)
+    image = ((scene["pixels"].astype(np.float32) - mean) / std).transpose(0, 3, 1, 2)      # (B, 3, H, W)
+    image_shape = np.tile(np.array([[height, width, 1.0, 1.0]], np.float32), (BATCH, 1))
+    net = MaskRcnnResnet50(cfg)
+    if job["mode"] == "train":
+        slots = cfg.data.max_instance_count
+        count = scene["boxes"].shape[1]
+        box = np.zeros((BATCH, slots, 4), np.float32)
+        label = np.zeros((BATCH, slots), np.int32)
+        valid = np.zeros((BATCH, slots), np.bool_)
+        mask = np.zeros((BATCH, slots, height, width), np.uint8)
+        box[:, :count], label[:, :count], valid[:, :count] = scene["boxes"], scene["labels"], True
+        mask[:, :count] = scene["masks"]
+        inputs = [ms.Tensor(a) for a in (image, image_shape, box, label, valid, mask)]
+        net.set_train(True)
+        _, step = build_train_step(net, LOSS_NAMES, cfg.train, cfg.train.base_lr)
+
+        def run():
+            losses, _ = step(*inputs)
+            losses[-1].asnumpy()
+    else:
+        inputs = [ms.Tensor(image), ms.Tensor(image_shape)]
+        net.set_train(False)
+
+        def run():
+            for out in net(*inputs):
+                out.asnumpy()
+    first, median, fastest = time_calls(run, job["steps"])
+    return {"first_s": first, "median_ms": median, "min_ms": fastest, "peak_rss_mb": peak_rss_mb(),
+            "version": f"MindSpore {ms.__version__}"}
+
+
+def _freeze_like_recipe(model):
+    """Frozen BatchNorm (identity statistics, as our untrained model) and stem + layer1 without gradients."""
+    import torch
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    def swap(module):
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.BatchNorm2d):
+                setattr(module, name, FrozenBatchNorm2d(child.num_features))
+            else:
+                swap(child)
+
+    swap(model.backbone.body)
+    for name, param in model.backbone.body.named_parameters():
+        if name.split(".")[0] in TORCH_FROZEN_STAGES:
+            param.requires_grad_(False)
+
+
+def run_torchvision(job):
+    import torch
+    import torchvision
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(SEED)
+    height, width = job["height"], job["width"]
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=NUM_CLASSES,
+                                  min_size=min(height, width), max_size=max(height, width))
+    if job["torch_backbone"] == "recipe":
+        _freeze_like_recipe(model)
+    scene = synthetic_scene(height, width, OBJECTS_PER_IMAGE)
+    images = [torch.from_numpy(p.transpose(2, 0, 1).astype(np.float32) / PIXEL_MAX) for p in scene["pixels"]]
+    if job["mode"] == "train":
+        targets = [{"boxes": torch.from_numpy(scene["boxes"][b]), "labels": torch.from_numpy(scene["labels"][b]),
+                    "masks": torch.from_numpy(scene["masks"][b])} for b in range(BATCH)]
+        sgd = job["sgd"]
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=sgd["lr"],
+                                    momentum=sgd["momentum"], weight_decay=sgd["weight_decay"])
+        model.train()
+
+        def run():
+            losses = model(images, targets)
+            total = sum(losses.values())
+            optimizer.zero_grad()
+            total.backward()
+            optimizer.step()
+    else:
+        model.eval()
+
+        def run():
+            with torch.inference_mode():
+                model(images)
+    first, median, fastest = time_calls(run, job["steps"])
+    return {"first_s": first, "median_ms": median, "min_ms": fastest, "peak_rss_mb": peak_rss_mb(),
+            "version": f"torch {torch.__version__}, torchvision {torchvision.__version__}"}
+
+
+WORKERS = {"ours": run_ours, "torchvision": run_torchvision}
+
+
+# ---------------------------------------------------------------- driver
+
+def parse_size(text):
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 384x640 (height x width), got '{text}'") from None
+    if height <= 0 or width <= 0 or height % 32 or width % 32:
+        raise argparse.ArgumentTypeError(f"size {text}: height and width must be positive multiples of 32")
+    return height, width
+
+
+def run_job(job, python, timeout):
+    """Run one worker process; returns its result dict, or {'error': ...}."""
+    command = [python, os.path.abspath(__file__), "--worker", json.dumps(job)]
+    env = dict(os.environ, GLOG_v=os.environ.get("GLOG_v", "3"))
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    except OSError as err:
+        return {"error": f"cannot start {python}: {err}"}
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"exit code {done.returncode}: {tail}"}
+
+
+def machine_description():
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as info:
+            memory = f"{int(info.readline().split()[1]) / 2 ** 20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        memory = "unknown RAM"
+    return f"{model}, {os.cpu_count()} cores, {memory}, Python {platform.python_version()}"
+
+
+def format_ms(result, per_image):
+    if "error" in result:
+        return "failed"
+    value = result["median_ms"] / (BATCH if per_image else 1)
+    return f"{value:,.0f}"
+
+
+def format_table(results, sizes, modes):
+    lines = ["| size (HxW) | measure | ours ms | torchvision ms | ours / torchvision | ours first call s "
+             "(compile + run) | torchvision first call s | ours peak RSS MiB | torchvision peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    labels = {"train": "train step (batch 2)", "infer": "inference per image (batch 2)"}
+    for height, width in sizes:
+        for mode in modes:
+            ours = results.get(("ours", height, width, mode), {"error": "not run"})
+            torch_result = results.get(("torchvision", height, width, mode), {"error": "not run"})
+            per_image = mode == "infer"
+            ratio = (f"{ours['median_ms'] / torch_result['median_ms']:.2f}"
+                     if "error" not in ours and "error" not in torch_result else "-")
+            first = [f"{r['first_s']:.1f}" if "error" not in r else "-" for r in (ours, torch_result)]
+            rss = [f"{r['peak_rss_mb']:,.0f}" if "error" not in r else "-" for r in (ours, torch_result)]
+            lines.append(f"| {height}x{width} | {labels[mode]} | {format_ms(ours, per_image)} | "
+                         f"{format_ms(torch_result, per_image)} | {ratio} | {first[0]} | {first[1]} | {rss[0]} | {rss[1]} |")
+    return lines
+
+
+def write_block(path, block):
+    """Replace the generated block of `path` (or append it), atomically."""
+    text = ""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    generated = BEGIN_MARK + "\n" + block.rstrip("\n") + "\n" + END_MARK
+    if BEGIN_MARK in text and END_MARK in text:
+        before, rest = text.split(BEGIN_MARK, 1)
+        text = before + generated + rest.split(END_MARK, 1)[1]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + generated + "\n"
+    directory = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, encoding="utf-8", suffix=".tmp") as out:
+        out.write(text)
+    os.replace(out.name, path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", type=parse_size, default=[(384, 640), (768, 1280)],
+                        help="input sizes HxW (multiples of 32); default 384x640 768x1280")
+    parser.add_argument("--modes", nargs="+", choices=("train", "infer"), default=["train", "infer"])
+    parser.add_argument("--frameworks", nargs="+", choices=sorted(WORKERS), default=["ours", "torchvision"])
+    parser.add_argument("--steps", type=int, default=5, help="timed calls after the first one (median)")
+    parser.add_argument("--torch_python", default=DEFAULT_TORCH_PYTHON,
+                        help="interpreter with torch and torchvision (bench/requirements.txt)")
+    parser.add_argument("--torch_backbone", choices=("recipe", "stock"), default="recipe",
+                        help="recipe: frozen BN, stem + layer1 frozen like ours; stock: as built without weights")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per worker process")
+    parser.add_argument("--results", default=DEFAULT_RESULTS, help="markdown file to update ('' = do not write)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        job = json.loads(args.worker)
+        print(json.dumps(WORKERS[job["framework"]](job)), flush=True)
+        return
+    if args.steps < 1:
+        parser.error("--steps must be >= 1")
+
+    sys.path.insert(0, ROOT)
+    from src.config import load_config
+
+    train_cfg = load_config().train
+    sgd = {"lr": train_cfg.base_lr, "momentum": train_cfg.momentum, "weight_decay": train_cfg.weight_decay}
+    pythons = {"ours": sys.executable, "torchvision": args.torch_python}
+    load_before = os.getloadavg()
+    results, versions = {}, {}
+    for height, width in args.sizes:
+        for mode in args.modes:
+            for framework in args.frameworks:
+                job = {"framework": framework, "mode": mode, "height": height, "width": width, "steps": args.steps,
+                       "sgd": sgd, "torch_backbone": args.torch_backbone}
+                result = run_job(job, pythons[framework], args.timeout)
+                results[(framework, height, width, mode)] = result
+                versions.setdefault(framework, result.get("version"))
+                shown = (f"median {result['median_ms']:.0f} ms, first {result['first_s']:.1f} s, "
+                         f"peak RSS {result['peak_rss_mb']:.0f} MiB" if "error" not in result else result["error"])
+                print(f"{framework:11s} {height}x{width} {mode:5s}: {shown}  (load {os.getloadavg()[0]:.1f})",
+                      flush=True)
+    load_after = os.getloadavg()
+    header = [f"Machine: {machine_description()}.",
+              f"Software: {'; '.join(v for v in versions.values() if v)}.",
+              f"Run: {time.strftime('%Y-%m-%d %H:%M')}, {args.steps} timed calls after the first, median; "
+              f"batch {BATCH}, {THREADS} threads each; torchvision backbone '{args.torch_backbone}'; "
+              f"1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
+              f"(other jobs shared the {os.cpu_count()} cores).", ""]
+    table = format_table(results, args.sizes, args.modes)
+    print("\n".join(header + table))
+    if args.results:
+        write_block(args.results, "\n".join(header + table) + "\n")
+        print(f"table written to {args.results}")
+
+
+if __name__ == "__main__":
+    main()
