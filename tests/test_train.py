@@ -177,20 +177,36 @@ def _free_port():
         return sock.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def script_run(tiny_mindrecord, tmp_path_factory):
+    """The real (narrow) model trained 3 steps by run_standalone_train.sh, a checkpoint after every step."""
+    cwd = tmp_path_factory.mktemp("standalone")
+    extra = config_cli_args(tiny_mindrecord.cfg) + ["--max_steps", "3", "--save_checkpoint_steps", "1"]
+    result = run_script("run_standalone_train.sh", "none", "CPU", "--", *extra, cwd=cwd)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return cwd / "train"
+
+
 @pytest.mark.slow
-def test_real_model_resume_matches_the_uninterrupted_run(tiny_mindrecord, tmp_path, capsys):
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
+def test_standalone_script_trains_with_logs_under_train(script_run):
+    log = (script_run / "log").read_text()
+    assert re.search(r"MaskRcnnResnet50: [\d.]+M parameters, [\d.]+M trainable, input 128x192", log)
+    assert "done: 3 steps" in log
+    assert [RECIPE_LINE.match(line).group(2) for line in (script_run / "loss_0.log").read_text().splitlines()] \
+        == ["1", "2", "3"]
+    assert checkpoint_names(script_run) == ["maskrcnn-1_2.ckpt", "maskrcnn-1_3.ckpt"]    # keep_checkpoint_max 2
+
+
+@pytest.mark.slow
+def test_real_model_resume_matches_the_uninterrupted_run(script_run, tiny_mindrecord, tmp_path):
+    resume_from(str(script_run), "maskrcnn-1_2.ckpt", str(tmp_path))
     narrow = config_cli_args(tiny_mindrecord.cfg)
-    assert train.main(narrow + ["--output_dir", str(full), "--max_steps", "3", "--save_checkpoint_steps", "1"]) == 0
-    out = capsys.readouterr().out
-    assert re.search(r"MaskRcnnResnet50: [\d.]+M parameters, [\d.]+M trainable, input 128x192", out)
-    resume_from(str(full), "maskrcnn-1_2.ckpt", str(resumed))
-    assert train.main(narrow + ["--output_dir", str(resumed), "--max_steps", "3", "--resume", "auto"]) == 0
-    uninterrupted, after_resume = metrics(full), metrics(resumed)
+    assert train.main(narrow + ["--output_dir", str(tmp_path), "--max_steps", "3", "--resume", "auto"]) == 0
+    uninterrupted, after_resume = metrics(script_run), metrics(tmp_path)
     assert sorted(after_resume) == [3]
     for key in LOSS_NAMES:
         assert after_resume[3][key] == pytest.approx(uninterrupted[3][key], rel=RESUME_RTOL), key
-    assert summary(resumed)["parameter_sha256"] == summary(full)["parameter_sha256"]
+    assert summary(tmp_path)["parameter_sha256"] == summary(script_run)["parameter_sha256"]
 
 
 @pytest.mark.slow
@@ -210,17 +226,6 @@ def test_two_msrun_workers_train_in_sync_on_different_shards(tiny_mindrecord, tm
     assert first[0] != first[1]
     assert checkpoint_names(out) == ["maskrcnn-1_1.ckpt", "maskrcnn-1_2.ckpt"]
     assert "saved " in logs[0] and "saved " not in logs[1]
-
-
-@pytest.mark.slow
-def test_standalone_script_trains_with_logs_under_train(tiny_mindrecord, tmp_path):
-    extra = config_cli_args(tiny_mindrecord.cfg) + ["--max_steps", "1"]
-    result = run_script("run_standalone_train.sh", "none", "CPU", "--", *extra, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    train_dir = tmp_path / "train"
-    assert "done: 1 steps" in (train_dir / "log").read_text()
-    assert RECIPE_LINE.match((train_dir / "loss_0.log").read_text().splitlines()[0])
-    assert checkpoint_names(train_dir) == ["maskrcnn-1_1.ckpt"]
 
 
 # ---------------------------------------------------------------- launch scripts (argument checks)
