@@ -10,8 +10,8 @@ the demo exercises exactly what a user runs, and each stage starts with a clean 
 The schedule is sized to the budget: a short calibration run (in the warmup, whose rates do not depend
 on the schedule length) measures the compile time and the steady step time; training then resumes from
 its checkpoint with a warmup + cosine schedule that ends at the last step that still leaves time for
-eval, export and predict. Other jobs on the machine change the step time, so halfway the run stops,
-re-times and re-sizes the rest of the schedule (one more compile). `--steps N` trains exactly N steps
+eval, export and predict. Other jobs on the machine change the step time, so the run stops at 1/3 and
+2/3 of the planned steps, re-times and re-sizes the rest of the schedule (one compile each). `--steps N` trains exactly N steps
 instead (tests, reproductions).
 Any `--key value` pair is a config override passed to every stage (see src/config.py).
 """
@@ -43,7 +43,8 @@ INFERENCE_COMPILE_RATIO = 0.4      # compile of one inference graph / compile of
 INFERENCE_COMPILES = 3             # eval (batch test_batch_size), export and predict (batch 1)
 EVAL_IMAGE_STEP_RATIO = 0.2        # inference time of one image / one training step (batch 2, fwd+bwd)
 PROCESS_OVERHEAD_S = 15.0          # one child's start (imports, network build) and checkpoint I/O
-TRAIN_SEGMENTS = 2                 # after calibration: re-time and re-size once, halfway (the load changes)
+TRAIN_SEGMENTS = 3                 # after calibration: re-time and re-size twice (the machine load changes)
+STEP_TIME_MARGIN = 1.1             # plan with a 10 % slower step than measured: the load tends to grow
 SYNTHETIC_STAMP = "synthetic.json"
 SUMMARY_FILE = "demo_summary.json"
 COCO_SUMMARY_TEXT = "coco_summary.txt"
@@ -232,8 +233,8 @@ def train(args, overrides, cfg, started: float, facts: dict) -> str:
         for segment in range(TRAIN_SEGMENTS):
             segments_left = TRAIN_SEGMENTS - segment
             seconds_left = args.minutes * 60.0 - (time.time() - started)
-            total = done + steps_for_budget(seconds_left, compile_seconds, step_seconds, args.val_images,
-                                            segments_left)
+            total = done + steps_for_budget(seconds_left, compile_seconds, step_seconds * STEP_TIME_MARGIN,
+                                            args.val_images, segments_left)
             plans.append({"at_step": done, "compile_seconds": round(compile_seconds, 1),
                           "step_seconds": round(step_seconds, 3), "total_steps": total})
             print(f"plan at step {done}: compile {compile_seconds:.0f} s, {step_seconds:.2f} s/step, "
