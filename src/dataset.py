@@ -304,8 +304,13 @@ def encode_record(task: ImageTask, is_training: bool, max_instances: int):
 # ---------------------------------------------------------------- conversion driver
 
 def mindrecord_files(cfg: Config, is_training: bool) -> List[str]:
-    """The shard paths a conversion writes (whether or not they exist yet)."""
+    """The shard paths a conversion writes (whether or not they exist yet).
+
+    Named as MindSpore's FileWriter names them: a single shard has no index suffix.
+    """
     base = os.path.join(cfg.data.mindrecord_dir, FILE_PREFIX[is_training])
+    if cfg.data.mindrecord_shards == 1:
+        return [base]
     return [f"{base}{i}" for i in range(cfg.data.mindrecord_shards)]
 
 

@@ -136,6 +136,14 @@ def test_parallel_conversion_writes_the_same_records(tmp_path, tiny_mindrecord):
         assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_single_shard_conversion_holds_every_record(tmp_path, tiny_mindrecord):
+    """FileWriter names a lone shard without an index; the conversion must find and move it."""
+    cfg = _with(tiny_mindrecord.cfg, **{"data.mindrecord_dir": str(tmp_path), "data.mindrecord_shards": 1})
+    files = data_to_mindrecord(cfg, True)
+    assert len(files) == 1 and os.path.isfile(files[0])
+    assert len(_raw_records(files)) == len(_raw_records(tiny_mindrecord.train_files))
+
+
 def test_complete_conversion_is_reused(tiny_mindrecord, caplog):
     cfg = tiny_mindrecord.cfg
     stamps = [os.stat(f).st_mtime_ns for f in tiny_mindrecord.train_files]
