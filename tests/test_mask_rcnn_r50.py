@@ -8,8 +8,10 @@ import pytest
 import mindspore as ms
 from mindspore import nn
 
-from src.config import Config
+from inference_helpers import NARROW_OVERRIDES
+from src.config import Config, load_config
 from src.dataset import create_maskrcnn_dataset
+from src.maskrcnn import mask_rcnn_r50
 from src.maskrcnn.mask_rcnn_r50 import LOSS_NAMES, MaskRcnnResnet50, model_summary
 from src.network_define import MaskRcnnObjective, TrainOneStepCell
 
@@ -83,6 +85,30 @@ def test_gradients_reach_trainable_and_spare_frozen_parameters(trained):
     assert any(name.startswith("backbone.layer1.") for name in initial)
     assert not any(name.startswith(("backbone.conv1.", "backbone.bn1.", "backbone.layer1.")) for name in trainable)
     assert int(net.sample_seed.asnumpy()) == LEARNING_STEPS
+
+
+def test_skipping_unused_mask_chunks_changes_no_loss_or_gradient(batches, monkeypatch):
+    """Unused positive slots weigh 0, so skipping the mask branch for chunks without a used slot must give
+    the losses and gradients of running every slot: 1-slot chunks (most skipped) against one chunk."""
+    cfg = load_config("tiny", NARROW_OVERRIDES)
+    nets = []
+    for slots in (cfg.num_pos_stage2, 1):
+        monkeypatch.setattr(mask_rcnn_r50, "MASK_CHUNK_SLOTS", slots)
+        nets.append(MaskRcnnResnet50(cfg))
+    ms.load_param_into_net(nets[1], {p.name: ms.Parameter(p.asnumpy(), name=p.name)      # same weights (copies)
+                                     for p in nets[0].get_parameters()})
+    outputs = []
+    for net in nets:
+        net.set_train(True)
+        grad_fn = ms.value_and_grad(MaskRcnnObjective(net, LOSS_NAMES, 1.0), None, net.trainable_params(),
+                                    has_aux=True)
+        values, grads = grad_fn(*batches[0])                                     # (total, *losses), grads
+        outputs.append(([float(v.asnumpy()) for v in values[1:]], [g.asnumpy() for g in grads]))
+    (one_chunk_losses, one_chunk_grads), (chunked_losses, chunked_grads) = outputs
+    assert one_chunk_losses[LOSS_NAMES.index("rcnn_mask_loss")] > 0
+    np.testing.assert_allclose(chunked_losses, one_chunk_losses, rtol=1e-5)
+    for chunked, whole in zip(chunked_grads, one_chunk_grads):
+        np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-7)
 
 
 @pytest.fixture(scope="module")

@@ -70,6 +70,20 @@ class RcnnMask(nn.Cell):
         soft = self.target_align(masks, boxes)[:, 0]                                 # (R, 28, 28)
         return ops.stop_gradient(ops.cast(soft >= TARGET_THRESHOLD, ms.float32))
 
+    def loss_sum(self, mask_logits, labels, mask_targets, weights):
+        """Sum over rows of weight * (mean pixel binary cross-entropy on the row's own class map).
+
+        Additive over rows, so the rows may come in chunks; `normalise` turns the total into the loss.
+        """
+        own_logits = select_class(mask_logits, labels)                               # (R, S, S)
+        per_row = self.sigmoid_ce(own_logits, mask_targets).mean(axis=(1, 2))        # (R,)
+        return (per_row * weights).sum()
+
+    def normalise(self, loss_sum, weights):
+        """Total `loss_sum` of all rows, weights (..) of all rows -> rcnn_mask_loss: divided by the weight sum
+        (at least 1), times rcnn_loss_mask_weight."""
+        return loss_sum / ops.maximum(weights.sum(), 1.0) * self.mask_weight
+
     def loss(self, mask_logits, labels, mask_targets, weights):
         """Per-pixel binary cross-entropy on the logit map of each row's GT class.
 
@@ -77,7 +91,4 @@ class RcnnMask(nn.Cell):
         that are real positives) -> rcnn_mask_loss float32 scalar: the mean over pixels of each row,
         summed with the row weights, divided by their sum (at least 1), times rcnn_loss_mask_weight.
         """
-        own_logits = select_class(mask_logits, labels)                               # (R, S, S)
-        per_row = self.sigmoid_ce(own_logits, mask_targets).mean(axis=(1, 2))        # (R,)
-        num_rows = ops.maximum(weights.sum(), 1.0)
-        return (per_row * weights).sum() / num_rows * self.mask_weight
+        return self.normalise(self.loss_sum(mask_logits, labels, mask_targets, weights), weights)
