@@ -112,6 +112,7 @@ def run_ours(job):
     image = ((scene["pixels"].astype(np.float32) - mean) / std).transpose(0, 3, 1, 2)      # (B, 3, H, W)
     image_shape = np.tile(np.array([[height, width, 1.0, 1.0]], np.float32), (BATCH, 1))
     net = MaskRcnnResnet50(cfg)
+    detections = []                                   # per inference call: valid detections per image
     if job["mode"] == "train":
         slots = cfg.data.max_instance_count
         count = scene["boxes"].shape[1]
@@ -131,7 +132,6 @@ def run_ours(job):
     else:
         inputs = [ms.Tensor(image), ms.Tensor(image_shape)]
         net.set_train(False)
-        detections = []
 
         def run():
             outputs = [out.asnumpy() for out in net(*inputs)]
@@ -173,6 +173,7 @@ def run_torchvision(job):
         _freeze_like_recipe(model)
     scene = synthetic_scene(height, width, OBJECTS_PER_IMAGE)
     images = [torch.from_numpy(p.transpose(2, 0, 1).astype(np.float32) / PIXEL_MAX) for p in scene["pixels"]]
+    detections = []                                   # per inference call: detections per image
     if job["mode"] == "train":
         targets = [{"boxes": torch.from_numpy(scene["boxes"][b]), "labels": torch.from_numpy(scene["labels"][b]),
                     "masks": torch.from_numpy(scene["masks"][b])} for b in range(BATCH)]
@@ -189,7 +190,6 @@ def run_torchvision(job):
             optimizer.step()
     else:
         model.eval()
-        detections = []
 
         def run():
             with torch.inference_mode():
