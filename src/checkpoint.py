@@ -2,7 +2,8 @@
 
 A training checkpoint is one MindSpore .ckpt holding
   - every model parameter (trainable, frozen, BatchNorm statistics and the sampling step counter),
-  - the optimizer state: the momentum accumulators ``moments.<parameter name>``,
+  - the optimizer state: SGD's momentum accumulators ``moments.<parameter name>``, or AdamW's first and
+    second moments ``adam_m.<parameter name>`` and ``adam_v.<parameter name>``,
   - the position in training: ``training_state.{epoch, step_in_epoch, global_step, steps_per_epoch}``,
 and ends with MindSpore's CRC trailer, so a truncated or damaged file is detected before use. Files are
 written to a temporary name in the same directory and moved into place with os.replace, so a reader (or
@@ -24,7 +25,7 @@ from mindspore import Tensor
 CHECKPOINT_PREFIX = "maskrcnn"
 STATE_PREFIX = "training_state."
 STATE_FIELDS = ("epoch", "step_in_epoch", "global_step", "steps_per_epoch")
-MOMENTS_PREFIX = "moments."
+OPTIMIZER_STATE_PREFIXES = ("moments.", "adam_m.", "adam_v.")
 # Optimizer bookkeeping found in checkpoints written by MindSpore's own callbacks (e.g. the ModelZoo).
 OPTIMIZER_BOOKKEEPING = ("learning_rate", "global_step", "momentum")
 CRC_TRAILER = b"crc_num"
@@ -116,7 +117,9 @@ def _state_entries(state: TrainingState) -> List[dict]:
 
 
 def optimizer_state(optimizer) -> List[ms.Parameter]:
-    """The optimizer tensors a resumed run needs: SGD momentum accumulators."""
+    """The optimizer tensors a resumed run needs: SGD's momenta, or AdamW's first and second moments."""
+    if hasattr(optimizer, "moments1"):
+        return list(optimizer.moments1) + list(optimizer.moments2)
     return list(optimizer.moments)
 
 
@@ -218,7 +221,7 @@ class CheckpointManager:
 # ---------------------------------------------------------------- pre-trained weights
 
 def _is_training_bookkeeping(name: str) -> bool:
-    return name.startswith((MOMENTS_PREFIX, STATE_PREFIX)) or name in OPTIMIZER_BOOKKEEPING
+    return name.startswith(OPTIMIZER_STATE_PREFIXES + (STATE_PREFIX,)) or name in OPTIMIZER_BOOKKEEPING
 
 
 @dataclass

@@ -3,7 +3,8 @@
 The model's training construct returns the eight recipe losses (``LOSS_NAMES``). ``MaskRcnnObjective``
 turns them into (scaled total loss, all losses) so that gradients flow from the total only while all
 eight are returned for logging. ``TrainOneStepCell`` runs forward + backward, averages gradients over
-devices when data parallel, checks them for NaN/Inf and applies SGD momentum only to finite gradients.
+devices when data parallel, divides the loss scale out, optionally clips them to a global norm, checks
+them for NaN/Inf and applies the optimizer (the recipe's SGD momentum, or AdamW) only to finite gradients.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ BAR_WIDTH = 24                      # characters of the console progress bar
 class MaskRcnnObjective(nn.Cell):
     """(image, image_shape, box, label, valid_num, mask) -> (total_loss * loss_scale, *losses).
 
-    The total is scaled by the fixed loss scale so small gradients survive low precision; the optimizer
-    divides the scale out again (``Momentum(loss_scale=...)``).
+    The total is scaled by the fixed loss scale so small gradients survive low precision;
+    ``TrainOneStepCell`` divides the scale out of the gradients again.
     """
 
     def __init__(self, network: nn.Cell, loss_names: Sequence[str], loss_scale: float):
@@ -57,15 +58,21 @@ def is_data_parallel() -> bool:
 
 
 class TrainOneStepCell(nn.Cell):
-    """One SGD step; returns (losses tuple, finite flag). Non-finite gradients leave all weights untouched."""
+    """One optimizer step; returns (losses tuple, finite flag). Non-finite gradients leave all weights untouched.
 
-    def __init__(self, objective: MaskRcnnObjective, optimizer: nn.Optimizer):
+    `grad_clip_norm` > 0 rescales the (unscaled) gradients to at most that global L2 norm: from scratch,
+    the first steps' gradients are large, and clipping lets a higher learning rate train without diverging.
+    """
+
+    def __init__(self, objective: MaskRcnnObjective, optimizer: nn.Optimizer, grad_clip_norm: float = 0.0):
         super().__init__(auto_prefix=False)
         self.objective = objective
         self.optimizer = optimizer
         self.weights = optimizer.parameters
         self.grad_fn = ops.value_and_grad(objective, None, self.weights, has_aux=True)
         self.hyper_map = ops.HyperMap()
+        self.inverse_loss_scale = 1.0 / objective.loss_scale
+        self.grad_clip_norm = float(grad_clip_norm)
         self.grad_reducer = ops.identity
         if is_data_parallel():
             self.grad_reducer = nn.DistributedGradReducer(
@@ -75,20 +82,31 @@ class TrainOneStepCell(nn.Cell):
         outputs, grads = self.grad_fn(image, image_shape, box, label, valid_num, mask)
         losses = outputs[1:]
         grads = self.grad_reducer(grads)
+        if self.inverse_loss_scale != 1.0:
+            grads = self.hyper_map(ops.partial(ops.mul, self.inverse_loss_scale), grads)
         finite = ops.stack(self.hyper_map(_grad_is_finite, grads)).all() & ops.isfinite(outputs[0])
+        if self.grad_clip_norm > 0.0:
+            grads = ops.clip_by_global_norm(grads, self.grad_clip_norm)
         if finite:
             losses = ops.depend(losses, self.optimizer(grads))
         return losses, finite
 
 
+def build_optimizer(params, learning_rate, train_cfg) -> nn.Optimizer:
+    """The configured optimizer: SGD momentum (the recipe) or AdamW (decoupled weight decay)."""
+    if train_cfg.optimizer == "adamw":
+        return nn.AdamWeightDecay(params, learning_rate, weight_decay=train_cfg.weight_decay)
+    return nn.Momentum(params, learning_rate, train_cfg.momentum, weight_decay=train_cfg.weight_decay)
+
+
 def build_train_step(network: nn.Cell, loss_names: Sequence[str], train_cfg, learning_rate):
-    """SGD momentum over the trainable parameters (recipe settings) and the one-step cell around it.
+    """The configured optimizer over the trainable parameters and the one-step cell around it.
 
     Returns (optimizer, train_cell); `learning_rate` is a float or a per-step table (Tensor).
     """
-    optimizer = nn.Momentum(network.trainable_params(), learning_rate, train_cfg.momentum,
-                            weight_decay=train_cfg.weight_decay, loss_scale=train_cfg.loss_scale)
-    cell = TrainOneStepCell(MaskRcnnObjective(network, loss_names, train_cfg.loss_scale), optimizer)
+    optimizer = build_optimizer(network.trainable_params(), learning_rate, train_cfg)
+    cell = TrainOneStepCell(MaskRcnnObjective(network, loss_names, train_cfg.loss_scale), optimizer,
+                            train_cfg.grad_clip_norm)
     cell.set_train(True)
     return optimizer, cell
 

@@ -8,7 +8,9 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn
 
 from src.checkpoint import (CheckpointError, CheckpointManager, TrainingState, format_load_report,
-                            load_pretrained, load_resume_point, write_checkpoint_atomic)
+                            load_pretrained, load_resume_point, optimizer_state, write_checkpoint_atomic)
+from src.config import TrainConfig
+from src.network_define import build_optimizer
 
 STEPS_PER_EPOCH = 5
 
@@ -27,11 +29,11 @@ class SmallDetector(nn.Cell):
                                       requires_grad=False)
 
 
-def make_run(num_classes=4, seed=0):
+def make_run(num_classes=4, seed=0, optimizer="momentum"):
     net = SmallDetector(num_classes, seed)
-    opt = nn.Momentum(net.trainable_params(), 0.1, 0.9)
+    opt = build_optimizer(net.trainable_params(), 0.1, TrainConfig(optimizer=optimizer))
     rng = np.random.default_rng(seed + 100)
-    for moment in opt.moments:
+    for moment in optimizer_state(opt):
         moment.set_data(Tensor(rng.normal(size=moment.shape).astype(np.float32)))
     return net, opt
 
@@ -45,12 +47,13 @@ def state_at(global_step):
     return TrainingState(epoch, step + 1, global_step, STEPS_PER_EPOCH)
 
 
-def test_round_trip_restores_weights_momentum_counter_and_position(tmp_path):
-    net, opt = make_run(seed=0)
+@pytest.mark.parametrize("optimizer", ["momentum", "adamw"])
+def test_round_trip_restores_weights_optimizer_state_counter_and_position(tmp_path, optimizer):
+    net, opt = make_run(seed=0, optimizer=optimizer)
     path = CheckpointManager(str(tmp_path), keep_max=3).save(net, opt, state_at(7))
     assert os.path.basename(path) == "maskrcnn-2_2.ckpt"
 
-    fresh_net, fresh_opt = make_run(seed=1)
+    fresh_net, fresh_opt = make_run(seed=1, optimizer=optimizer)
     point = load_resume_point(path, STEPS_PER_EPOCH)
     point.restore_network(fresh_net)
     point.restore_optimizer(fresh_opt)
@@ -58,8 +61,9 @@ def test_round_trip_restores_weights_momentum_counter_and_position(tmp_path):
     assert point.state.next_position() == (1, 2)
     for name, value in values(net.get_parameters()).items():
         np.testing.assert_array_equal(values(fresh_net.get_parameters())[name], value)
-    for name, value in values(opt.moments).items():
-        np.testing.assert_array_equal(values(fresh_opt.moments)[name], value)
+    assert len(optimizer_state(opt)) == len(net.trainable_params()) * (2 if optimizer == "adamw" else 1)
+    for name, value in values(optimizer_state(opt)).items():
+        np.testing.assert_array_equal(values(optimizer_state(fresh_opt))[name], value)
     assert fresh_net.step_counter.dtype == ms.int32
 
 

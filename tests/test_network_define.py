@@ -1,4 +1,4 @@
-"""Train-one-step cell (SGD momentum maths, loss scale, NaN guard) and the step loggers.
+"""Train-one-step cell (SGD momentum and AdamW maths, loss scale, gradient clipping, NaN guard) and loggers.
 
 The cell is tested on a small network that honours the model's training contract: the same construct
 signature, the eight-loss tuple, a frozen parameter and an int32 step counter used as a "sampling seed".
@@ -71,11 +71,12 @@ def make_batch(seed):
     return [Tensor(a) for a in (image, image_shape, box, label, valid, mask)]
 
 
-def build_train_cell(loss_scale=1.0, nan_at_step=-1):
+def build_train_cell(loss_scale=1.0, nan_at_step=-1, **train_options):
     ms.set_seed(3)
     net = ContractNet(nan_at_step)
     net.set_train(True)
-    train_cfg = TrainConfig(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, loss_scale=loss_scale)
+    train_options = {"momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY, **train_options}
+    train_cfg = TrainConfig(loss_scale=loss_scale, **train_options)
     opt, cell = build_train_step(net, LOSS_NAMES, train_cfg, Tensor(np.full((8,), LR, np.float32)))
     return net, opt, cell
 
@@ -107,6 +108,36 @@ def test_one_step_is_sgd_momentum_with_weight_decay_and_leaves_frozen_alone():
     total = float(losses[-1].asnumpy())
     parts = [float(losses[LOSS_NAMES.index(n)].asnumpy()) for n in ("rpn_loss", "rcnn_loss")]
     assert total == pytest.approx(sum(parts), rel=1e-6)
+
+
+def test_adamw_step_is_decoupled_weight_decay_adam():
+    net, opt, cell = build_train_cell(loss_scale=64.0, optimizer="adamw")
+    batch = make_batch(4)
+    before = snapshot(net.trainable_params())
+    grads = [g.asnumpy() for g in reference_gradients(net, batch)]
+    net.step_counter.set_data(Tensor(0, ms.int32))
+    _, finite = cell(*batch)
+    assert bool(finite)
+    beta1, beta2, eps = 0.9, 0.999, 1e-6                                # nn.AdamWeightDecay defaults
+    for param, grad in zip(net.trainable_params(), grads):
+        first, second = (1 - beta1) * grad, (1 - beta2) * grad ** 2     # no bias correction in this optimizer
+        update = first / (np.sqrt(second) + eps) + WEIGHT_DECAY * before[param.name]
+        np.testing.assert_allclose(param.asnumpy(), before[param.name] - LR * update, rtol=1e-4, atol=1e-6)
+
+
+def test_gradients_are_clipped_to_the_global_norm():
+    clip = 1e-3
+    net, _, cell = build_train_cell(grad_clip_norm=clip, weight_decay=0.0)
+    batch = make_batch(5)
+    before = snapshot(net.trainable_params())
+    grads = [g.asnumpy() for g in reference_gradients(net, batch)]
+    net.step_counter.set_data(Tensor(0, ms.int32))
+    cell(*batch)
+    norm = np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads))
+    assert norm > 10 * clip                                            # the clip is active in this test
+    for param, grad in zip(net.trainable_params(), grads):
+        np.testing.assert_allclose(param.asnumpy(), before[param.name] - LR * grad * clip / norm,
+                                   rtol=1e-4, atol=1e-8)
 
 
 def test_loss_scale_is_divided_out():
