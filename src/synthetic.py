@@ -7,7 +7,11 @@ A shape that would punch a hole into an earlier one is re-drawn elsewhere, becau
 cannot describe a hole. Some images also hold an ``iscrowd: 1`` cluster of small blobs stored as
 uncompressed RLE, as in COCO. Output is byte-for-byte deterministic for a given seed.
 
-    python -m src.synthetic --out data/synthetic_coco --train 64 --val 16 --seed 0
+That is the "cluttered" style (tests, benchmarks). The "simple" style (the demo's, see docs/demo_results.md)
+keeps the shapes and image sizes but draws 1..4 shapes that do not touch, in colours that stand out from a
+flat, lightly noisy background, without crowd regions: a task a ResNet50 learns from scratch in minutes.
+
+    python -m src.synthetic --out data/synthetic_coco --train 64 --val 16 --seed 0 [--style simple]
 """
 from __future__ import annotations
 
@@ -35,6 +39,25 @@ CONTOUR_UPSAMPLE = 2               # see mask_to_polygons
 VAL_ID_OFFSET = 100000             # val image ids start here, so ids are unique across splits
 
 
+@dataclass(frozen=True)
+class SceneStyle:
+    """How hard the scenes are."""
+    max_instances: int
+    textured_background: bool      # gradient + blotches (else one flat colour), both with pixel noise
+    occlusion: bool                # shapes may overlap (else they keep SHAPE_GAP pixels apart)
+    crowd_regions: bool            # every CROWD_EVERY-th image gets an iscrowd cluster
+    min_contrast: float            # least RGB distance of a shape's colour from the background's mean
+
+
+STYLES = {
+    "cluttered": SceneStyle(MAX_INSTANCES, textured_background=True, occlusion=True, crowd_regions=True,
+                            min_contrast=0.0),
+    "simple": SceneStyle(4, textured_background=False, occlusion=False, crowd_regions=False, min_contrast=120.0),
+}
+SHAPE_GAP = 3                      # pixels between shapes of a style without occlusion
+COLOUR_ATTEMPTS = 32               # draws of a shape colour that must stand out from the background
+
+
 @dataclass
 class Instance:
     category_id: int
@@ -44,8 +67,12 @@ class Instance:
 
 # ---------------------------------------------------------------- drawing
 
-def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Gradient between two colours + blotchy low-frequency noise + pixel noise; (h, w, 3) float32."""
+def _background(rng: np.random.Generator, height: int, width: int, textured: bool) -> np.ndarray:
+    """Gradient between two colours + blotchy low-frequency noise + pixel noise (textured), or one flat
+    colour + pixel noise; (h, w, 3) float32."""
+    if not textured:
+        colour = rng.uniform(30, 225, size=3).astype(np.float32)
+        return colour + rng.normal(0.0, 8.0, size=(height, width, 3)).astype(np.float32)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     angle = rng.uniform(0.0, 2.0 * np.pi)
     ramp = (np.cos(angle) * xx + np.sin(angle) * yy)
@@ -92,10 +119,22 @@ def _fill(polygon: np.ndarray, height: int, width: int) -> np.ndarray:
     return mask.astype(bool)
 
 
-def _paint(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray) -> None:
-    """Paint a mask with a random colour, a soft shading ramp and some texture, in place."""
+def _shape_colour(rng: np.random.Generator, background_mean: np.ndarray, min_contrast: float) -> np.ndarray:
+    """A random RGB colour at least `min_contrast` away from the background's mean (best of the draws)."""
+    best, best_distance = None, -1.0
+    for _ in range(COLOUR_ATTEMPTS):
+        colour = rng.uniform(0, 255, size=3).astype(np.float32)
+        distance = float(np.linalg.norm(colour - background_mean))
+        if distance > best_distance:
+            best, best_distance = colour, distance
+        if distance >= min_contrast:
+            break
+    return best
+
+
+def _paint(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, colour: np.ndarray) -> None:
+    """Paint a mask with `colour`, a soft shading ramp and some texture, in place."""
     height, width = mask.shape
-    colour = rng.uniform(0, 255, size=3).astype(np.float32)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     direction = rng.normal(size=2)
     shade = (direction[0] * xx + direction[1] * yy) / max(height, width)
@@ -120,29 +159,40 @@ def _crowd_mask(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     return mask.astype(bool)
 
 
-def render_image(rng: np.random.Generator, height: int, width: int,
-                 with_crowd: bool) -> Tuple[np.ndarray, List[Instance]]:
+def _fits(shape: np.ndarray, owner: np.ndarray, instances: List[Instance], occlusion: bool) -> bool:
+    """Whether a new shape may be drawn: it is not empty, cuts no hole into an earlier shape and, without
+    occlusion, stays SHAPE_GAP pixels away from every earlier one."""
+    if not shape.any():
+        return False
+    if not occlusion:
+        gap = cv2.dilate(shape.astype(np.uint8), np.ones((2 * SHAPE_GAP + 1,) * 2, np.uint8)).astype(bool)
+        return not (owner[gap] >= 0).any()
+    candidate = np.where(shape, len(instances), owner)
+    return not any(_has_hole(candidate == i) for i, inst in enumerate(instances) if not inst.iscrowd)
+
+
+def render_image(rng: np.random.Generator, height: int, width: int, with_crowd: bool,
+                 style: SceneStyle = STYLES["cluttered"]) -> Tuple[np.ndarray, List[Instance]]:
     """One image (h, w, 3) uint8 RGB and its instances with visible masks, in drawing order."""
-    image = _background(rng, height, width)
+    image = _background(rng, height, width, style.textured_background)
+    background_mean = image.reshape(-1, 3).mean(axis=0)
     owner = np.full((height, width), -1, np.int32)     # index of the instance that shows at each pixel
     instances: List[Instance] = []
-    if with_crowd:
+    if with_crowd and style.crowd_regions:
         crowd = _crowd_mask(rng, height, width)
-        _paint(rng, image, crowd)
+        _paint(rng, image, crowd, _shape_colour(rng, background_mean, style.min_contrast))
         owner[crowd] = 0
         instances.append(Instance(int(rng.integers(1, len(CATEGORY_NAMES) + 1)), crowd, iscrowd=1))
-    for _ in range(rng.integers(1, MAX_INSTANCES + 1)):
+    for _ in range(rng.integers(1, style.max_instances + 1)):
         category_id = int(rng.integers(1, len(CATEGORY_NAMES) + 1))
         for _attempt in range(PLACEMENT_ATTEMPTS):
             radius = rng.uniform(*SHAPE_SIZE_RANGE) * min(height, width)
             centre = rng.uniform([0.0, 0.0], [width, height])
             shape = _fill(_shape_polygon(rng, CATEGORY_NAMES[category_id - 1], centre, radius), height, width)
-            candidate = np.where(shape, len(instances), owner)
-            if not shape.any() or any(_has_hole(candidate == i) for i, inst in enumerate(instances)
-                                      if not inst.iscrowd):
+            if not _fits(shape, owner, instances, style.occlusion):
                 continue
-            _paint(rng, image, shape)
-            owner = candidate
+            _paint(rng, image, shape, _shape_colour(rng, background_mean, style.min_contrast))
+            owner = np.where(shape, len(instances), owner)
             instances.append(Instance(category_id, shape, iscrowd=0))
             break
     for index, inst in enumerate(instances):
@@ -196,14 +246,14 @@ def _annotation(inst: Instance, ann_id: int, image_id: int, height: int, width: 
 
 
 def _write_split(out_dir: str, split: str, num_images: int, seed: int, split_index: int,
-                 min_size: int, max_size: int) -> None:
+                 min_size: int, max_size: int, style: SceneStyle) -> None:
     image_dir = os.path.join(out_dir, split)
     os.makedirs(image_dir, exist_ok=True)
     images, annotations = [], []
     for index in range(num_images):
         rng = np.random.default_rng([seed, split_index, index])
         height, width = (int(v) for v in rng.integers(min_size, max_size, size=2, endpoint=True))
-        image, instances = render_image(rng, height, width, with_crowd=index % CROWD_EVERY == 1)
+        image, instances = render_image(rng, height, width, index % CROWD_EVERY == 1, style)
         image_id = split_index * VAL_ID_OFFSET + index + 1
         file_name = f"{image_id:012d}.jpg"
         ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
@@ -233,14 +283,16 @@ def _atomic_write(path: str, payload: bytes) -> None:
 
 
 def make_synthetic_coco(out_dir: str, num_train: int = 8, num_val: int = 4, seed: int = 0,
-                        min_size: int = 100, max_size: int = 260) -> str:
+                        min_size: int = 100, max_size: int = 260, style: str = "cluttered") -> str:
     """Write train2017/, val2017/ and annotations/instances_{train,val}2017.json under out_dir."""
+    if style not in STYLES:
+        raise ValueError(f"unknown style '{style}', expected one of {sorted(STYLES)}")
     if not 0 < min_size <= max_size:
         raise ValueError(f"need 0 < min_size <= max_size, got {min_size}, {max_size}")
     if num_train < 0 or num_val < 0:
         raise ValueError(f"image counts must be >= 0, got train={num_train}, val={num_val}")
     for split_index, (split, count) in enumerate((("train2017", num_train), ("val2017", num_val))):
-        _write_split(out_dir, split, count, seed, split_index, min_size, max_size)
+        _write_split(out_dir, split, count, seed, split_index, min_size, max_size, STYLES[style])
     return out_dir
 
 
@@ -252,8 +304,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-size", type=int, default=100, help="smallest image side in pixels")
     parser.add_argument("--max-size", type=int, default=260, help="largest image side in pixels")
+    parser.add_argument("--style", choices=sorted(STYLES), default="cluttered", help="scene difficulty")
     args = parser.parse_args(argv)
-    make_synthetic_coco(args.out, args.train, args.val, args.seed, args.min_size, args.max_size)
+    make_synthetic_coco(args.out, args.train, args.val, args.seed, args.min_size, args.max_size, args.style)
     print(f"wrote {args.train} train + {args.val} val images to {args.out}")
 
 

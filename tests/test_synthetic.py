@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from src.synthetic import (CATEGORY_NAMES, MIN_VISIBLE_PIXELS, main, make_synthetic_coco, mask_to_polygons,
-                           render_image)
+from src.synthetic import (CATEGORY_NAMES, MIN_VISIBLE_PIXELS, SHAPE_GAP, STYLES, main, make_synthetic_coco,
+                           mask_to_polygons, render_image)
 
 SPLITS = ("train2017", "val2017")
 
@@ -122,6 +122,33 @@ def test_command_line_writes_coco_layout(tmp_path):
         val = json.load(handle)
     assert len(os.listdir(out / "train2017")) == 2 and len(val["images"]) == 1
     assert all(64 <= image[key] <= 80 for image in val["images"] for key in ("height", "width"))
+
+
+def test_simple_style_separates_plain_contrasting_shapes(tmp_path):
+    root = make_synthetic_coco(str(tmp_path / "simple"), 12, 2, 0, 100, 260, style="simple")
+    coco = COCO(os.path.join(root, "annotations", "instances_train2017.json"))
+    assert not any(a["iscrowd"] for a in coco.anns.values())
+    counts = [len(coco.getAnnIds(imgIds=i)) for i in coco.getImgIds()]
+    assert min(counts) >= 1 and max(counts) <= STYLES["simple"].max_instances and max(counts) >= 2
+    gap = np.ones((2 * SHAPE_GAP + 1,) * 2, np.uint8)
+    for info in coco.imgs.values():
+        image = cv2.imread(os.path.join(root, "train2017", info["file_name"])).astype(np.float32)
+        masks = [coco.annToMask(a) for a in coco.loadAnns(coco.getAnnIds(imgIds=info["id"]))]
+        for a, b in itertools.combinations(masks, 2):
+            assert not (cv2.dilate(a, gap) & b).any()              # shapes keep apart: no occlusion
+        covered = np.any(masks, axis=0)
+        background = image[~covered]
+        assert background.std(axis=0).max() < 12.0                 # flat colour + pixel noise
+        for mask in masks:
+            inside = image[cv2.erode(mask, gap).astype(bool)]       # away from JPEG-blurred edges
+            if len(inside):
+                contrast = np.linalg.norm(inside.mean(axis=0) - background.mean(axis=0))
+                assert contrast > 60.0
+
+
+def test_rejects_unknown_style(tmp_path):
+    with pytest.raises(ValueError, match="unknown style 'noisy'"):
+        make_synthetic_coco(str(tmp_path), 1, 1, style="noisy")
 
 
 def test_rejects_bad_sizes(tmp_path):
