@@ -30,10 +30,12 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from src.config import ConfigError, load_config, parse_overrides
+from src.synthetic import STYLES
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PRESET = "demo"
 DEFAULT_SIZE = "128x192"
+DEFAULT_STYLE = "simple"           # scenes a from-scratch ResNet50 learns within the budget (docs/demo_results.md)
 VAL_IMAGES = 50
 PREDICT_IMAGES = 4
 CALIBRATION_STEPS = 6              # first step compiles; the median of the rest is the step time
@@ -93,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=_positive(int), default=None,
                         help="train exactly this many steps instead of sizing the schedule to --minutes")
     parser.add_argument("--seed", type=int, default=0, help="synthetic data seed")
+    parser.add_argument("--style", choices=sorted(STYLES), default=DEFAULT_STYLE,
+                        help="synthetic scene style (src/synthetic.py)")
     return parser
 
 
@@ -179,18 +183,19 @@ def make_dataset(args, cfg) -> None:
     from src.synthetic import make_synthetic_coco
 
     stamp_path = os.path.join(cfg.data.coco_root, SYNTHETIC_STAMP)
-    wanted = {"train": args.images, "val": args.val_images, "seed": args.seed}
+    wanted = {"train": args.images, "val": args.val_images, "seed": args.seed, "style": args.style}
     try:
         with open(stamp_path, "r", encoding="utf-8") as handle:
             reusable = json.load(handle) == wanted
     except (OSError, ValueError):
         reusable = False
     if not reusable:
-        make_synthetic_coco(cfg.data.coco_root, args.images, args.val_images, args.seed)
+        make_synthetic_coco(cfg.data.coco_root, args.images, args.val_images, args.seed, style=args.style)
         with open(stamp_path + ".tmp", "w", encoding="utf-8") as handle:
             json.dump(wanted, handle)
         os.replace(stamp_path + ".tmp", stamp_path)
-    print(f"synthetic set: {args.images} train + {args.val_images} val images in {cfg.data.coco_root}", flush=True)
+    print(f"synthetic set ({args.style}): {args.images} train + {args.val_images} val images in {cfg.data.coco_root}",
+          flush=True)
     for is_training in (True, False):
         data_to_mindrecord(cfg, is_training)
 
