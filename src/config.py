@@ -70,6 +70,7 @@ class BackboneConfig:
     resnet_out_channels: List[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
     frozen_stages: int = 1                      # stem + stage 1 frozen, as in the recipe
     freeze_bn: bool = True                      # BatchNorm statistics and affine frozen
+    norm: str = "batch"                         # batch (recipe) | group (GroupNorm: from scratch, small batch)
 
 
 @dataclass
@@ -260,6 +261,7 @@ def validate(cfg: Config) -> Config:
     b = cfg.backbone
     _check(len(b.resnet_block) == 4, "backbone.resnet_block", "needs 4 stage depths")
     _check(0 <= b.frozen_stages <= 4, "backbone.frozen_stages", f"must be in [0, 4], got {b.frozen_stages}")
+    _check(b.norm in ("batch", "group"), "backbone.norm", f"must be 'batch' or 'group', got '{b.norm}'")
     _check(list(cfg.fpn.fpn_in_channels) == list(b.resnet_out_channels), "fpn.fpn_in_channels",
            "must equal backbone.resnet_out_channels")
     _check(cfg.fpn.fpn_num_outs == len(cfg.anchor.anchor_strides), "fpn.fpn_num_outs",

@@ -7,7 +7,7 @@ import pytest
 from mindspore import Tensor, nn
 
 from src.config import load_config
-from src.maskrcnn.resnet50 import ResNet50, _batch_norm
+from src.maskrcnn.resnet50 import ResNet50, _norm
 
 RESNET50_PARAMS_WITHOUT_FC = 25_557_032 - (2048 * 1000 + 1000)     # torchvision resnet50 minus its fc
 BN_LEAVES = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
@@ -186,7 +186,7 @@ def test_activations_stay_bounded_through_50_layers(first_step):
 
 @pytest.mark.parametrize("freeze_bn", [True, False])
 def test_frozen_batch_norm_uses_moving_statistics_in_training(freeze_bn):
-    bn = _batch_norm(4, freeze_bn)
+    bn = _norm(4, "batch", freeze_bn)
     bn.set_train(True)
     x = np.random.RandomState(1).normal(5.0, 3.0, (2, 4, 6, 6)).astype(np.float32)
     out = bn(Tensor(x)).asnumpy()
@@ -196,3 +196,33 @@ def test_frozen_batch_norm_uses_moving_statistics_in_training(freeze_bn):
         assert not np.any(moving_mean)
     else:
         assert abs(out.mean()) < 1e-3 and np.any(moving_mean)
+
+
+def test_group_norm_backbone_normalises_each_image_alike_in_training_and_test():
+    cfg = load_config("tiny", {"backbone.norm": "group", "backbone.freeze_bn": False, "backbone.frozen_stages": 0})
+    net = ResNet50(cfg)
+    params = list(net.get_parameters())
+    assert not any(p.name.endswith(MOVING_STATS) for p in params)
+    assert learnable_count(params) == analytic_resnet_count(cfg)          # same names and sizes as BatchNorm
+    assert all(not np.any(p.asnumpy()) for p in params if p.name.endswith("bn3.gamma"))
+    rng = np.random.RandomState(2)
+    image = rng.normal(size=(1, 3, 64, 64)).astype(np.float32)
+    other = rng.normal(3.0, 5.0, size=(1, 3, 64, 64)).astype(np.float32)
+    for param in params:                           # a trained-looking net: no zero branches
+        if param.name.endswith("bn3.gamma"):
+            param.set_data(Tensor(np.ones(param.shape, np.float32)))
+    net.set_train(True)
+    alone = net(Tensor(image))[3].asnumpy()
+    paired = net(Tensor(np.concatenate([image, other])))[3].asnumpy()[:1]
+    net.set_train(False)
+    tested = net(Tensor(image))[3].asnumpy()
+    np.testing.assert_allclose(paired, alone, rtol=1e-4, atol=1e-5)     # the batch does not matter
+    np.testing.assert_allclose(tested, alone, rtol=1e-4, atol=1e-5)     # nor does train vs test mode
+    assert np.abs(alone).max() > 0
+
+
+def test_frozen_group_norm_keeps_its_affine_fixed():
+    norm = _norm(64, "group", frozen=True)
+    assert isinstance(norm, nn.GroupNorm) and norm.num_groups == 32
+    assert not norm.gamma.requires_grad and not norm.beta.requires_grad
+    assert _norm(8, "group", frozen=False).num_groups == 8                # narrow test widths: gcd(32, c)

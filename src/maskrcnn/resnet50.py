@@ -17,7 +17,9 @@ Freezing (the recipe fine-tunes from ImageNet weights): ``frozen_stages = k >= 1
 stages 1..k (``requires_grad=False``, BatchNorm included) and stops the gradient at their output, so no
 backward pass is spent on them; 0 freezes nothing. A frozen BatchNorm always normalises with its moving
 statistics, in training too, never updates them and has gamma/beta frozen; ``freeze_bn`` freezes every
-BatchNorm of the backbone that way.
+BatchNorm of the backbone that way. ``norm: group`` puts GroupNorm in every BatchNorm's place (same names,
+gamma/beta only; ``freeze_bn`` then freezes its gamma/beta): for training from scratch at small batches,
+where batch statistics of 2 images are noisy and differ from the moving ones used at test time.
 
 Initialisation for training from scratch (no pretrained weights here): convolutions are Kaiming normal
 (fan_out), BatchNorm gamma 1 / beta 0, moving statistics 0 / 1. With frozen BatchNorm those statistics
@@ -34,6 +36,8 @@ Goyal et al. 2017; Fixup, Zhang et al. 2019):
 Frozen stages keep their Kaiming branches: they never learn, and a random branch is a richer fixed
 feature than an identity.
 """
+import math
+
 import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal, initializer
@@ -43,6 +47,7 @@ BOTTLENECK_EXPANSION = 4            # a bottleneck's 3x3 conv has out_channels /
 STEM_KERNEL, STEM_STRIDE = 7, 2
 STEM_POOL_KERNEL, STEM_POOL_STRIDE = 3, 2
 STAGE_STRIDE = 2                    # stages 2..4 halve the resolution in their first block
+GROUP_NORM_GROUPS = 32              # Wu and He 2018
 
 
 def _conv(in_channels, out_channels, kernel_size, stride=1, zero_init=False):
@@ -53,14 +58,22 @@ def _conv(in_channels, out_channels, kernel_size, stride=1, zero_init=False):
                      padding=kernel_size // 2, has_bias=False, weight_init=weight)
 
 
-def _batch_norm(channels, freeze_bn, zero_gamma=False):
-    """BatchNorm; when frozen it always normalises with its moving statistics and never updates them."""
-    bn = nn.BatchNorm2d(channels, gamma_init="zeros" if zero_gamma else "ones",
-                        use_batch_statistics=False if freeze_bn else None)
-    if freeze_bn:
-        bn.gamma.requires_grad = False
-        bn.beta.requires_grad = False
-    return bn
+def _norm(channels, kind, frozen, zero_gamma=False):
+    """BatchNorm, or GroupNorm (``kind == "group"``, up to GROUP_NORM_GROUPS groups).
+
+    A frozen BatchNorm always normalises with its moving statistics and never updates them; a frozen norm
+    of either kind keeps gamma and beta fixed. GroupNorm normalises each image on its own, so it trains and
+    tests alike however small the batch: the choice for training from scratch at batch 2.
+    """
+    gamma_init = "zeros" if zero_gamma else "ones"
+    if kind == "group":
+        norm = nn.GroupNorm(math.gcd(GROUP_NORM_GROUPS, channels), channels, gamma_init=gamma_init)
+    else:
+        norm = nn.BatchNorm2d(channels, gamma_init=gamma_init, use_batch_statistics=False if frozen else None)
+    if frozen:
+        norm.gamma.requires_grad = False
+        norm.beta.requires_grad = False
+    return norm
 
 
 class Bottleneck(nn.Cell):
@@ -69,20 +82,20 @@ class Bottleneck(nn.Cell):
     zero_branch: start the residual branch at zero (see the module docstring for why and how).
     """
 
-    def __init__(self, in_channels, out_channels, stride, freeze_bn, zero_branch):
+    def __init__(self, in_channels, out_channels, stride, norm, freeze_norm, zero_branch):
         super().__init__()
         mid_channels = out_channels // BOTTLENECK_EXPANSION
         self.conv1 = _conv(in_channels, mid_channels, 1)
-        self.bn1 = _batch_norm(mid_channels, freeze_bn)
+        self.bn1 = _norm(mid_channels, norm, freeze_norm)
         self.conv2 = _conv(mid_channels, mid_channels, 3, stride)
-        self.bn2 = _batch_norm(mid_channels, freeze_bn)
-        self.conv3 = _conv(mid_channels, out_channels, 1, zero_init=zero_branch and freeze_bn)
-        self.bn3 = _batch_norm(out_channels, freeze_bn, zero_gamma=zero_branch and not freeze_bn)
+        self.bn2 = _norm(mid_channels, norm, freeze_norm)
+        self.conv3 = _conv(mid_channels, out_channels, 1, zero_init=zero_branch and freeze_norm)
+        self.bn3 = _norm(out_channels, norm, freeze_norm, zero_gamma=zero_branch and not freeze_norm)
         self.relu = nn.ReLU()
         self.has_downsample = stride != 1 or in_channels != out_channels
         if self.has_downsample:
             self.downsample = nn.SequentialCell([_conv(in_channels, out_channels, 1, stride),
-                                                 _batch_norm(out_channels, freeze_bn)])
+                                                 _norm(out_channels, norm, freeze_norm)])
 
     def construct(self, x):
         identity = self.downsample(x) if self.has_downsample else x
@@ -101,7 +114,7 @@ class ResNet50(nn.Cell):
         stem_channels = bb.resnet_in_channels[0]
         self.frozen_stages = bb.frozen_stages
         self.conv1 = _conv(IMAGE_CHANNELS, stem_channels, STEM_KERNEL, STEM_STRIDE)
-        self.bn1 = _batch_norm(stem_channels, bb.freeze_bn or self.frozen_stages >= 1)
+        self.bn1 = _norm(stem_channels, bb.norm, bb.freeze_bn or self.frozen_stages >= 1)
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(kernel_size=STEM_POOL_KERNEL, stride=STEM_POOL_STRIDE, pad_mode="pad",
                                     padding=STEM_POOL_KERNEL // 2)
@@ -111,7 +124,8 @@ class ResNet50(nn.Cell):
             stride = 1 if index == 0 else STAGE_STRIDE  # stage 1 follows the stem max-pool
             trainable = index >= self.frozen_stages
             blocks = [Bottleneck(in_channels if i == 0 else out_channels, out_channels, stride if i == 0 else 1,
-                                 bb.freeze_bn or not trainable, zero_branch=trainable) for i in range(depth)]
+                                 bb.norm, bb.freeze_bn or not trainable, zero_branch=trainable)
+                      for i in range(depth)]
             stages.append(nn.SequentialCell(blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
 
