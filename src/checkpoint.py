@@ -2,8 +2,9 @@
 
 A training checkpoint is one MindSpore .ckpt holding
   - every model parameter (trainable, frozen, BatchNorm statistics and the sampling step counter),
-  - the optimizer state: SGD's momentum accumulators ``moments.<parameter name>``, or AdamW's first and
-    second moments ``adam_m.<parameter name>`` and ``adam_v.<parameter name>``,
+  - the optimizer state: SGD's momentum accumulators ``moments.<parameter name>``, Adam's
+    ``moment1.<name>``, ``moment2.<name>``, ``beta1_power`` and ``beta2_power``, or AdamW's
+    ``adam_m.<name>`` and ``adam_v.<name>``,
   - the position in training: ``training_state.{epoch, step_in_epoch, global_step, steps_per_epoch}``,
 and ends with MindSpore's CRC trailer, so a truncated or damaged file is detected before use. Files are
 written to a temporary name in the same directory and moved into place with os.replace, so a reader (or
@@ -25,9 +26,9 @@ from mindspore import Tensor
 CHECKPOINT_PREFIX = "maskrcnn"
 STATE_PREFIX = "training_state."
 STATE_FIELDS = ("epoch", "step_in_epoch", "global_step", "steps_per_epoch")
-OPTIMIZER_STATE_PREFIXES = ("moments.", "adam_m.", "adam_v.")
+OPTIMIZER_STATE_PREFIXES = ("moments.", "moment1.", "moment2.", "adam_m.", "adam_v.")
 # Optimizer bookkeeping found in checkpoints written by MindSpore's own callbacks (e.g. the ModelZoo).
-OPTIMIZER_BOOKKEEPING = ("learning_rate", "global_step", "momentum")
+OPTIMIZER_BOOKKEEPING = ("learning_rate", "global_step", "momentum", "beta1_power", "beta2_power")
 CRC_TRAILER = b"crc_num"
 CRC_TRAILER_BYTES = len(CRC_TRAILER) + 10           # the tag plus a 10-byte big-endian CRC32
 PARTIAL_SUFFIX = ".partial"
@@ -117,7 +118,10 @@ def _state_entries(state: TrainingState) -> List[dict]:
 
 
 def optimizer_state(optimizer) -> List[ms.Parameter]:
-    """The optimizer tensors a resumed run needs: SGD's momenta, or AdamW's first and second moments."""
+    """The optimizer tensors a resumed run needs: SGD's momenta, Adam's moments and bias-correction powers,
+    or AdamW's first and second moments."""
+    if hasattr(optimizer, "beta1_power"):
+        return list(optimizer.moment1) + list(optimizer.moment2) + [optimizer.beta1_power, optimizer.beta2_power]
     if hasattr(optimizer, "moments1"):
         return list(optimizer.moments1) + list(optimizer.moments2)
     return list(optimizer.moments)

@@ -163,7 +163,7 @@ class TrainConfig:
     loss_scale: float = 1.0
     momentum: float = 0.91
     weight_decay: float = 1e-4
-    optimizer: str = "momentum"                 # momentum (the recipe's SGD) | adamw (demo: from scratch)
+    optimizer: str = "momentum"                 # momentum (the recipe's SGD) | adam | adamw (from scratch)
     grad_clip_norm: float = 0.0                 # clip gradients to this global L2 norm; 0 = off (recipe)
     pretrain_epoch_size: int = 0
     epoch_size: int = 12
@@ -327,8 +327,8 @@ def validate(cfg: Config) -> Config:
     _positive(tr.loss_scale, "train.loss_scale")
     _check(0.0 <= tr.momentum < 1.0, "train.momentum", f"must be in [0, 1), got {tr.momentum}")
     _check(tr.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {tr.weight_decay}")
-    _check(tr.optimizer in ("momentum", "adamw"), "train.optimizer",
-           f"must be 'momentum' or 'adamw', got '{tr.optimizer}'")
+    _check(tr.optimizer in ("momentum", "adam", "adamw"), "train.optimizer",
+           f"must be 'momentum', 'adam' or 'adamw', got '{tr.optimizer}'")
     _check(tr.grad_clip_norm >= 0, "train.grad_clip_norm", f"must be >= 0 (0 = off), got {tr.grad_clip_norm}")
     _positive(tr.epoch_size, "train.epoch_size")
     _check(tr.pretrain_epoch_size >= 0, "train.pretrain_epoch_size", "must be >= 0")

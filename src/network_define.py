@@ -93,7 +93,11 @@ class TrainOneStepCell(nn.Cell):
 
 
 def build_optimizer(params, learning_rate, train_cfg) -> nn.Optimizer:
-    """The configured optimizer: SGD momentum (the recipe) or AdamW (decoupled weight decay)."""
+    """The configured optimizer: SGD momentum (the recipe), Adam (bias-corrected, L2 weight decay) or AdamW
+    (MindSpore's AdamWeightDecay: decoupled weight decay, no bias correction, so its first few hundred
+    steps are several times larger than Adam's)."""
+    if train_cfg.optimizer == "adam":
+        return nn.Adam(params, learning_rate, weight_decay=train_cfg.weight_decay)
     if train_cfg.optimizer == "adamw":
         return nn.AdamWeightDecay(params, learning_rate, weight_decay=train_cfg.weight_decay)
     return nn.Momentum(params, learning_rate, train_cfg.momentum, weight_decay=train_cfg.weight_decay)

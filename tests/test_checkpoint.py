@@ -47,7 +47,7 @@ def state_at(global_step):
     return TrainingState(epoch, step + 1, global_step, STEPS_PER_EPOCH)
 
 
-@pytest.mark.parametrize("optimizer", ["momentum", "adamw"])
+@pytest.mark.parametrize("optimizer", ["momentum", "adam", "adamw"])
 def test_round_trip_restores_weights_optimizer_state_counter_and_position(tmp_path, optimizer):
     net, opt = make_run(seed=0, optimizer=optimizer)
     path = CheckpointManager(str(tmp_path), keep_max=3).save(net, opt, state_at(7))
@@ -61,7 +61,9 @@ def test_round_trip_restores_weights_optimizer_state_counter_and_position(tmp_pa
     assert point.state.next_position() == (1, 2)
     for name, value in values(net.get_parameters()).items():
         np.testing.assert_array_equal(values(fresh_net.get_parameters())[name], value)
-    assert len(optimizer_state(opt)) == len(net.trainable_params()) * (2 if optimizer == "adamw" else 1)
+    per_parameter = {"momentum": 1, "adam": 2, "adamw": 2}[optimizer]
+    bias_powers = 2 if optimizer == "adam" else 0
+    assert len(optimizer_state(opt)) == len(net.trainable_params()) * per_parameter + bias_powers
     for name, value in values(optimizer_state(opt)).items():
         np.testing.assert_array_equal(values(optimizer_state(fresh_opt))[name], value)
     assert fresh_net.step_counter.dtype == ms.int32

@@ -125,6 +125,23 @@ def test_adamw_step_is_decoupled_weight_decay_adam():
         np.testing.assert_allclose(param.asnumpy(), before[param.name] - LR * update, rtol=1e-4, atol=1e-6)
 
 
+def test_adam_step_is_bias_corrected_with_l2_weight_decay():
+    net, opt, cell = build_train_cell(optimizer="adam")
+    batch = make_batch(6)
+    before = snapshot(net.trainable_params())
+    grads = [g.asnumpy() for g in reference_gradients(net, batch)]
+    net.step_counter.set_data(Tensor(0, ms.int32))
+    _, finite = cell(*batch)
+    assert bool(finite)
+    beta1, beta2, eps = 0.9, 0.999, 1e-8                                # nn.Adam defaults
+    for param, grad in zip(net.trainable_params(), grads):
+        grad = grad + WEIGHT_DECAY * before[param.name]
+        first, second = (1 - beta1) * grad, (1 - beta2) * grad ** 2
+        step = LR * np.sqrt(1 - beta2) / (1 - beta1) * first / (np.sqrt(second) + eps)   # ~ LR * sign(grad)
+        np.testing.assert_allclose(param.asnumpy(), before[param.name] - step, rtol=1e-4, atol=1e-6)
+    assert float(opt.beta1_power.asnumpy()) == pytest.approx(beta1)
+
+
 def test_gradients_are_clipped_to_the_global_norm():
     clip = 1e-3
     net, _, cell = build_train_cell(grad_clip_norm=clip, weight_decay=0.0)
