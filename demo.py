@@ -38,6 +38,7 @@ DEFAULT_SIZE = "128x192"
 DEFAULT_STYLE = "simple"           # scenes a from-scratch ResNet50 learns within the budget (docs/demo_results.md)
 VAL_IMAGES = 50
 PREDICT_IMAGES = 4
+PREDICT_SCORE_THR = 0.25           # a 30-minute model's best scores are 0.3-0.5 (docs/demo_results.md)
 CALIBRATION_STEPS = 6              # first step compiles; the median of the rest is the step time
 MIN_WARMUP_FRACTION = 10           # warmup <= 1/10 of the schedule: the cosine then ends below 3 % of base_lr
 # Time kept for what follows training, in units measured by the calibration run:
@@ -309,8 +310,8 @@ def predict(out: str, checkpoint: str, cfg, overrides) -> str:
     for name in sorted(os.listdir(source))[:PREDICT_IMAGES]:
         shutil.copyfile(os.path.join(source, name), os.path.join(inputs, name))
     pictures = os.path.join(out, "predictions")
-    run_child("predict", ["predict.py", inputs, "--checkpoint_path", checkpoint, "--out", pictures]
-              + config_args(overrides))
+    run_child("predict", ["predict.py", inputs, "--checkpoint_path", checkpoint, "--out", pictures,
+                          "--score_thr", str(PREDICT_SCORE_THR)] + config_args(overrides))
     return pictures
 
 
