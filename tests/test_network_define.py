@@ -110,14 +110,20 @@ def test_one_step_is_sgd_momentum_with_weight_decay_and_leaves_frozen_alone():
     assert total == pytest.approx(sum(parts), rel=1e-6)
 
 
-def test_adamw_step_is_decoupled_weight_decay_adam():
-    net, opt, cell = build_train_cell(loss_scale=64.0, optimizer="adamw")
-    batch = make_batch(4)
+def one_step(seed, **train_options):
+    """(net, optimizer, weights before, reference gradients) after one step of a fresh train cell."""
+    net, opt, cell = build_train_cell(**train_options)
+    batch = make_batch(seed)
     before = snapshot(net.trainable_params())
     grads = [g.asnumpy() for g in reference_gradients(net, batch)]
     net.step_counter.set_data(Tensor(0, ms.int32))
     _, finite = cell(*batch)
     assert bool(finite)
+    return net, opt, before, grads
+
+
+def test_adamw_step_is_decoupled_weight_decay_adam():
+    net, _, before, grads = one_step(4, loss_scale=64.0, optimizer="adamw")
     beta1, beta2, eps = 0.9, 0.999, 1e-6                                # nn.AdamWeightDecay defaults
     for param, grad in zip(net.trainable_params(), grads):
         first, second = (1 - beta1) * grad, (1 - beta2) * grad ** 2     # no bias correction in this optimizer
@@ -126,13 +132,7 @@ def test_adamw_step_is_decoupled_weight_decay_adam():
 
 
 def test_adam_step_is_bias_corrected_with_l2_weight_decay():
-    net, opt, cell = build_train_cell(optimizer="adam")
-    batch = make_batch(6)
-    before = snapshot(net.trainable_params())
-    grads = [g.asnumpy() for g in reference_gradients(net, batch)]
-    net.step_counter.set_data(Tensor(0, ms.int32))
-    _, finite = cell(*batch)
-    assert bool(finite)
+    net, opt, before, grads = one_step(6, optimizer="adam")
     beta1, beta2, eps = 0.9, 0.999, 1e-8                                # nn.Adam defaults
     for param, grad in zip(net.trainable_params(), grads):
         grad = grad + WEIGHT_DECAY * before[param.name]
@@ -144,12 +144,7 @@ def test_adam_step_is_bias_corrected_with_l2_weight_decay():
 
 def test_gradients_are_clipped_to_the_global_norm():
     clip = 1e-3
-    net, _, cell = build_train_cell(grad_clip_norm=clip, weight_decay=0.0)
-    batch = make_batch(5)
-    before = snapshot(net.trainable_params())
-    grads = [g.asnumpy() for g in reference_gradients(net, batch)]
-    net.step_counter.set_data(Tensor(0, ms.int32))
-    cell(*batch)
+    net, _, before, grads = one_step(5, grad_clip_norm=clip, weight_decay=0.0)
     norm = np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads))
     assert norm > 10 * clip                                            # the clip is active in this test
     for param, grad in zip(net.trainable_params(), grads):
