@@ -11,8 +11,8 @@ The schedule is sized to the budget: a short calibration run (in the warmup, who
 on the schedule length) measures the compile time and the steady step time; training then resumes from
 its checkpoint with a warmup + cosine schedule that ends at the last step that still leaves time for
 eval, export and predict. Other jobs on the machine change the step time, so the run stops at 1/3 and
-2/3 of the planned steps, re-times and re-sizes the rest of the schedule (one compile each). `--steps N` trains exactly N steps
-instead (tests, reproductions).
+2/3 of the planned steps, re-times and re-sizes the rest of the schedule (one compile each).
+`--steps N` trains exactly N steps instead (tests, reproductions).
 Any `--key value` pair is a config override passed to every stage (see src/config.py).
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ The model's training construct returns the eight recipe losses (``LOSS_NAMES``).
 turns them into (scaled total loss, all losses) so that gradients flow from the total only while all
 eight are returned for logging. ``TrainOneStepCell`` runs forward + backward, averages gradients over
 devices when data parallel, divides the loss scale out, optionally clips them to a global norm, checks
-them for NaN/Inf and applies the optimizer (the recipe's SGD momentum, or AdamW) only to finite gradients.
+them for NaN/Inf and applies the configured optimizer (``build_optimizer``) only to finite gradients.
 """
 from __future__ import annotations
 
