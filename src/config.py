@@ -131,7 +131,6 @@ class RcnnConfig:
     pos_fraction_stage2: float = 0.25
     rcnn_in_channels: int = 256
     rcnn_fc_out_channels: int = 1024
-    box_head_convs: int = 0                     # 3x3 conv + GroupNorm layers before fc6 (0 = recipe's 2fc head)
     rcnn_mask_out_channels: int = 256
     rcnn_loss_cls_weight: float = 1.0
     rcnn_loss_reg_weight: float = 1.0
@@ -300,7 +299,6 @@ def validate(cfg: Config) -> Config:
     for key in ("neg_iou_thr_stage2", "pos_iou_thr_stage2", "min_pos_iou_stage2", "pos_fraction_stage2"):
         _in_unit(getattr(c, key), f"rcnn.{key}")
     _positive(c.num_expected_total_stage2, "rcnn.num_expected_total_stage2")
-    _check(c.box_head_convs >= 0, "rcnn.box_head_convs", f"must be >= 0 (0 = two fc layers only), got {c.box_head_convs}")
     _check(c.num_expected_total_stage2 > cfg.data.max_instance_count, "rcnn.num_expected_total_stage2",
            "must exceed data.max_instance_count (GT boxes are added to the stage-2 proposals)")
     _check(len(c.rcnn_target_stds) == 4 and all(s > 0 for s in c.rcnn_target_stds), "rcnn.rcnn_target_stds",

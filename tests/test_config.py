@@ -57,7 +57,6 @@ def test_nested_and_flat_overrides():
     ({"train.epoch_size": "1.5"}, "expected int"),
     ({"keep_ratio": "maybe"}, "expected true/false"),
     ({"rcnn.mask_shape": "20"}, "rcnn.mask_shape"),
-    ({"rcnn.box_head_convs": "-1"}, "rcnn.box_head_convs"),
 ])
 def test_bad_values_name_the_key(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.").replace("(", r"\(")):

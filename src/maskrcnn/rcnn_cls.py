@@ -4,22 +4,15 @@ Two shared fully connected layers (fc6, fc7, torchvision's names) feed a classif
 (background = 0) and a regressor with 4 deltas per class. Init: Xavier-uniform for the shared layers,
 N(0, 0.01) for the classifier and N(0, 0.001) for the regressor, zero biases, so the first predictions
 are near uniform and near the proposal boxes.
-
-`rcnn.box_head_convs` > 0 puts that many 3x3 conv + GroupNorm + ReLU layers (box_conv1..N) before fc6, the
-"4conv1fc"-style head of detectors trained from scratch (Wu & He, "Group Normalization", 2018): a conv sees
-the same shape cue wherever it sits in the RoI, where fc6 alone must learn it at each of the 7x7 places.
 """
-import math
-
 import mindspore as ms
 from mindspore import nn, ops
-from mindspore.common.initializer import HeNormal, Normal, XavierUniform
+from mindspore.common.initializer import Normal, XavierUniform
 
 CLS_INIT_STD = 0.01
 REG_INIT_STD = 0.001
 SMOOTH_L1_BETA = 1.0
 BOX_DIMS = 4
-GROUP_NORM_GROUPS = 32
 
 
 def select_class(per_class, labels):
@@ -28,12 +21,6 @@ def select_class(per_class, labels):
     flat = per_class.reshape((rows * num_classes,) + per_class.shape[2:])
     index = ops.arange(rows, dtype=ms.int32) * num_classes + labels
     return ops.gather(flat, index, 0)
-
-
-def _conv_norm_relu(channels):
-    conv = nn.Conv2d(channels, channels, 3, pad_mode="pad", padding=1, has_bias=False,
-                     weight_init=HeNormal(mode="fan_out", nonlinearity="relu"))
-    return nn.SequentialCell([conv, nn.GroupNorm(math.gcd(GROUP_NORM_GROUPS, channels), channels), nn.ReLU()])
 
 
 class RcnnCls(nn.Cell):
@@ -45,7 +32,6 @@ class RcnnCls(nn.Cell):
         c = cfg.rcnn
         self.num_classes = cfg.num_classes
         in_features = c.rcnn_in_channels * cfg.roi.roi_out_size * cfg.roi.roi_out_size
-        self.box_convs = nn.SequentialCell([_conv_norm_relu(c.rcnn_in_channels) for _ in range(c.box_head_convs)])
         self.fc6 = nn.Dense(in_features, c.rcnn_fc_out_channels, weight_init=XavierUniform(), bias_init="zeros")
         self.fc7 = nn.Dense(c.rcnn_fc_out_channels, c.rcnn_fc_out_channels, weight_init=XavierUniform(),
                             bias_init="zeros")
@@ -61,7 +47,7 @@ class RcnnCls(nn.Cell):
 
     def construct(self, roi_feats):
         rows = roi_feats.shape[0]
-        x = self.box_convs(roi_feats).reshape(rows, -1)                              # (R, 256 * 7 * 7)
+        x = roi_feats.reshape(rows, -1)                                              # (R, 256 * 7 * 7)
         x = self.relu(self.fc6(x))
         x = self.relu(self.fc7(x))                                                   # (R, 1024)
         deltas = self.bbox_pred(x).reshape(rows, self.num_classes, BOX_DIMS)
