@@ -136,7 +136,7 @@ def test_simple_style_separates_plain_contrasting_shapes(tmp_path):
         masks = [coco.annToMask(a) for a in coco.loadAnns(coco.getAnnIds(imgIds=info["id"]))]
         for a, b in itertools.combinations(masks, 2):
             assert not (cv2.dilate(a, gap) & b).any()              # shapes keep apart: no occlusion
-        covered = np.any(masks, axis=0)
+        covered = cv2.dilate(np.any(masks, axis=0).astype(np.uint8), gap).astype(bool)   # off the JPEG edges
         background = image[~covered]
         assert background.std(axis=0).max() < 12.0                 # flat colour + pixel noise
         for mask in masks:
@@ -144,6 +144,23 @@ def test_simple_style_separates_plain_contrasting_shapes(tmp_path):
             if len(inside):
                 contrast = np.linalg.norm(inside.mean(axis=0) - background.mean(axis=0))
                 assert contrast > 60.0
+
+
+def test_simple_style_draws_whole_upright_shapes(tmp_path):
+    root = make_synthetic_coco(str(tmp_path / "simple"), 16, 0, 1, 100, 260, style="simple")
+    coco = COCO(os.path.join(root, "annotations", "instances_train2017.json"))
+    for ann in coco.anns.values():
+        info = coco.imgs[ann["image_id"]]
+        ys, xs = np.nonzero(coco.annToMask(ann))
+        assert xs.min() > 0 and ys.min() > 0 and xs.max() < info["width"] - 1 and ys.max() < info["height"] - 1
+        x, y, w, h = ann["bbox"]
+        fill = ann["area"] / (w * h)
+        name = coco.cats[ann["category_id"]]["name"]
+        if name == "rectangle":                                      # axis-aligned: fills its box
+            assert fill > 0.9
+        elif name in ("triangle", "star"):                           # a vertex on top: the top row is narrow
+            top_row = xs[ys == ys.min()]
+            assert top_row.max() - top_row.min() < 0.3 * w
 
 
 def test_rejects_unknown_style(tmp_path):
