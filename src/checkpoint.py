@@ -29,6 +29,7 @@ STATE_FIELDS = ("epoch", "step_in_epoch", "global_step", "steps_per_epoch")
 OPTIMIZER_STATE_PREFIXES = ("moments.", "moment1.", "moment2.", "adam_m.", "adam_v.")
 # Optimizer bookkeeping found in checkpoints written by MindSpore's own callbacks (e.g. the ModelZoo).
 OPTIMIZER_BOOKKEEPING = ("learning_rate", "global_step", "momentum", "beta1_power", "beta2_power")
+OPTIMIZER_SETTINGS = ("learning_rate", "global_step", "momentum")     # from the config and TrainingState
 CRC_TRAILER = b"crc_num"
 CRC_TRAILER_BYTES = len(CRC_TRAILER) + 10           # the tag plus a 10-byte big-endian CRC32
 PARTIAL_SUFFIX = ".partial"
@@ -118,13 +119,11 @@ def _state_entries(state: TrainingState) -> List[dict]:
 
 
 def optimizer_state(optimizer) -> List[ms.Parameter]:
-    """The optimizer tensors a resumed run needs: SGD's momenta, Adam's moments and bias-correction powers,
-    or AdamW's first and second moments."""
-    if hasattr(optimizer, "beta1_power"):
-        return list(optimizer.moment1) + list(optimizer.moment2) + [optimizer.beta1_power, optimizer.beta2_power]
-    if hasattr(optimizer, "moments1"):
-        return list(optimizer.moments1) + list(optimizer.moments2)
-    return list(optimizer.moments)
+    """The optimizer tensors a resumed run needs, whatever the optimizer: all it keeps besides the weights it
+    updates and the values the run's config sets (OPTIMIZER_SETTINGS) - SGD's momenta, Adam's moments and
+    bias-correction powers, AdamW's moments."""
+    weights = {p.name for p in optimizer.parameters}
+    return [p for p in optimizer.get_parameters() if p.name not in weights and p.name not in OPTIMIZER_SETTINGS]
 
 
 def _assign_strict(targets: Iterable[ms.Parameter], params: Dict[str, ms.Parameter], path: str, what: str) -> None:
