@@ -179,12 +179,14 @@ def run_child(stage: str, argv: List[str], capture: Optional[List[str]] = None) 
 
 
 def make_dataset(args, cfg) -> None:
-    """Synthetic COCO set (reused when made with the same options) and its train/eval MindRecords."""
+    """Synthetic COCO set (reused when made with the same options and generator code) and its train/eval
+    MindRecords."""
     from src.dataset import data_to_mindrecord
-    from src.synthetic import make_synthetic_coco
+    from src.synthetic import generator_fingerprint, make_synthetic_coco
 
     stamp_path = os.path.join(cfg.data.coco_root, SYNTHETIC_STAMP)
-    wanted = {"train": args.images, "val": args.val_images, "seed": args.seed, "style": args.style}
+    wanted = {"train": args.images, "val": args.val_images, "seed": args.seed, "style": args.style,
+              "generator": generator_fingerprint()}
     try:
         with open(stamp_path, "r", encoding="utf-8") as handle:
             reusable = json.load(handle) == wanted

@@ -17,6 +17,7 @@ ResNet50 learns from scratch in minutes (cut-off and rotated shapes kept its cla
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -294,6 +295,12 @@ def _atomic_write(path: str, payload: bytes) -> None:
     with open(tmp, "wb") as handle:
         handle.write(payload)
     os.replace(tmp, path)
+
+
+def generator_fingerprint() -> str:
+    """Hash of this module's code: a set cached by an older generator (e.g. before a style changed) differs."""
+    with open(os.path.abspath(__file__), "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()[:16]
 
 
 def make_synthetic_coco(out_dir: str, num_train: int = 8, num_val: int = 4, seed: int = 0,

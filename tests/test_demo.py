@@ -139,6 +139,18 @@ def test_options_reach_every_stage_config(tmp_path):
     assert cli[:2] == ["--config", "demo"] and cli[cli.index("--data.img_width") + 1] == "160"
 
 
+def test_synthetic_set_is_reused_only_from_the_same_generator(tmp_path, monkeypatch):
+    args, _, cfg = demo.parse_args(["--images", "2", "--val_images", "1", "--size", "64x96", "--out", str(tmp_path)])
+    annotations = os.path.join(cfg.data.coco_root, "annotations", "instances_train2017.json")
+    demo.make_dataset(args, cfg)
+    first = os.stat(annotations).st_mtime_ns
+    demo.make_dataset(args, cfg)
+    assert os.stat(annotations).st_mtime_ns == first                      # same options and code: reused
+    monkeypatch.setattr("src.synthetic.generator_fingerprint", lambda: "edited generator")
+    demo.make_dataset(args, cfg)
+    assert os.stat(annotations).st_mtime_ns != first                      # older generator's set: made again
+
+
 @pytest.mark.parametrize("total_steps, warmup", [(20, 50), (300, 30), (1000, 50)])
 def test_schedule_spans_exactly_the_sized_run(total_steps, warmup):
     steps_per_epoch = 200
