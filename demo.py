@@ -151,13 +151,18 @@ def segment_timing(metrics_path: str, after_step: int) -> tuple:
     return max(times[0] - step_seconds, 0.0), step_seconds
 
 
+def after_training_seconds(compile_seconds: float, step_seconds: float, val_images: int) -> float:
+    """Expected time of everything after training: eval, export and predict, each a process that compiles."""
+    return (compile_seconds * INFERENCE_COMPILES * INFERENCE_COMPILE_RATIO
+            + val_images * step_seconds * EVAL_IMAGE_STEP_RATIO + INFERENCE_COMPILES * PROCESS_OVERHEAD_S)
+
+
 def steps_for_budget(seconds_left: float, compile_seconds: float, step_seconds: float, val_images: int,
                      training_compiles: int) -> int:
     """Training steps that fit in `seconds_left` after `training_compiles` more training-process starts and
     everything after training (eval, export, predict)."""
-    reserve = (compile_seconds * (training_compiles + INFERENCE_COMPILES * INFERENCE_COMPILE_RATIO)
-               + val_images * step_seconds * EVAL_IMAGE_STEP_RATIO
-               + (training_compiles + INFERENCE_COMPILES) * PROCESS_OVERHEAD_S)
+    reserve = (training_compiles * (compile_seconds + PROCESS_OVERHEAD_S)
+               + after_training_seconds(compile_seconds, step_seconds, val_images))
     return max(int((seconds_left - reserve) // step_seconds), 0)
 
 
@@ -213,6 +218,11 @@ def clear_previous_run(out: str) -> None:
             os.remove(path)
 
 
+def read_train_summary(out: str) -> dict:
+    with open(os.path.join(out, "train_summary_0.json"), "r", encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def train(args, overrides, cfg, started: float, facts: dict) -> str:
     """Train (calibrate, then budget-sized segments; or exactly --steps); returns the final checkpoint path."""
     from src.checkpoint import find_checkpoints
@@ -222,12 +232,13 @@ def train(args, overrides, cfg, started: float, facts: dict) -> str:
     metrics = os.path.join(args.out, "metrics.jsonl")
     checkpoints = os.path.join(args.out, "checkpoint")
 
-    def run_segment(stage: str, total_steps: int, stop: int, warmup_step: int, resume: bool) -> None:
+    def run_segment(stage: str, total_steps: int, stop: int, warmup_step: int, resume: bool,
+                    deadline: float = 0.0) -> None:
         schedule = {**schedule_overrides(total_steps, steps_per_epoch, cfg.train.warmup_step),
                     "train.warmup_step": warmup_step}
         resume_args = ["--resume", find_checkpoints(checkpoints)[-1]] if resume else []
         run_child(stage, ["train.py", "--output_dir", args.out] + config_args({**overrides, **schedule})
-                  + resume_args + ["--max_steps", str(stop)])
+                  + resume_args + ["--max_steps", str(stop), "--deadline", f"{deadline:.1f}"])
 
     if args.steps:
         run_segment("train", args.steps, args.steps, schedule_overrides(args.steps, steps_per_epoch,
@@ -253,9 +264,17 @@ def train(args, overrides, cfg, started: float, facts: dict) -> str:
                 break
             stop = total if segments_left == 1 else max(done + (total - done) // segments_left, done + 1)
             warmup = schedule_overrides(total, steps_per_epoch, cfg.train.warmup_step)["train.warmup_step"]
-            run_segment(f"train (segment {segment + 1}/{TRAIN_SEGMENTS})", total, stop, warmup, resume=True)
-            if stop - done >= 2:
+            # a machine that slows down after this plan must not push the run past its budget
+            deadline = started + args.minutes * 60.0 - after_training_seconds(
+                compile_seconds, step_seconds * STEP_TIME_MARGIN, args.val_images)
+            run_segment(f"train (segment {segment + 1}/{TRAIN_SEGMENTS})", total, stop, warmup, resume=True,
+                        deadline=deadline)
+            reached = read_train_summary(args.out)["global_step"]
+            if reached - done >= 2:
                 compile_seconds, step_seconds = segment_timing(metrics, done)
+            if reached < stop:
+                print(f"training stopped at its deadline, step {reached} of {total}", flush=True)
+                break
             done = stop
             if done >= total:
                 break
@@ -263,8 +282,7 @@ def train(args, overrides, cfg, started: float, facts: dict) -> str:
     found = find_checkpoints(checkpoints)
     if not found:
         raise DemoError(f"training wrote no checkpoint under {checkpoints}")
-    with open(os.path.join(args.out, "train_summary_0.json"), "r", encoding="utf-8") as handle:
-        summary = json.load(handle)
+    summary = read_train_summary(args.out)
     facts.update(steps=summary["global_step"], steps_per_epoch=steps_per_epoch,
                  final_losses=summary["final_losses"])
     return found[-1]

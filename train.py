@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training checkpoint to continue from, or 'auto' for the newest in the output dir")
     parser.add_argument("--max_steps", type=int, default=0,
                         help="stop (and save) once this many global steps are done; 0 = train all epochs")
+    parser.add_argument("--deadline", type=float, default=0.0,
+                        help="Unix time: stop (and save) before a step that would end after it; 0 = no deadline")
     return parser
 
 
@@ -74,6 +76,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
         parser.error(str(err))
     if args.max_steps < 0:
         parser.error(f"--max_steps must be >= 0, got {args.max_steps}")
+    if args.deadline < 0:
+        parser.error(f"--deadline must be a Unix time >= 0 (0 = none), got {args.deadline}")
     return args, cfg
 
 
@@ -166,7 +170,8 @@ class TrainingLoop:
             print(f"saved {self.manager.save(self.network, self.optimizer, state)}", flush=True)
             self._saved_at = state.global_step
 
-    def run(self, state: TrainingState, last_step: int) -> TrainingState:
+    def run(self, state: TrainingState, last_step: int, deadline: float = 0.0) -> TrainingState:
+        """Train until global step `last_step`, or until the next step would end after Unix time `deadline`."""
         from src.network_define import check_finite
 
         self._saved_at = state.global_step
@@ -192,6 +197,10 @@ class TrainingLoop:
                                       float(self.lr_table[state.global_step - first_step - 1]), step_time)
                     if self.tr.save_checkpoint_steps and state.global_step % self.tr.save_checkpoint_steps == 0:
                         self.save(state)
+                    if deadline and state.global_step < last_step and time.time() + step_time > deadline:
+                        print(f"deadline reached: stopping at global step {state.global_step} of {last_step}",
+                              flush=True)
+                        last_step = state.global_step
                     if state.global_step >= last_step:
                         break
                 self.monitor.flush()
@@ -200,7 +209,7 @@ class TrainingLoop:
                     self.save(state)
                 if state.global_step >= last_step:
                     break
-            self.save(state)                              # the final state, also when stopped by --max_steps
+            self.save(state)                              # the final state, also when stopped early
         finally:
             self.monitor.flush()
         return state
@@ -266,7 +275,7 @@ def train(args, cfg: Config, build_model: Optional[Callable[[Config], nn.Cell]] 
     loop = TrainingLoop(tr, epoch_dataset, train_cell, optimizer, net, lr_table, monitor, manager, LOSS_NAMES)
 
     run_start, first_step = time.perf_counter(), state.global_step
-    state = loop.run(state, last_step)
+    state = loop.run(state, last_step, args.deadline)
     elapsed = time.perf_counter() - run_start
     summary = {"rank": rank, "group_size": group_size, "global_step": state.global_step,
                "epoch": state.epoch + 1, "step_in_epoch": state.step_in_epoch,

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import cv2
 import numpy as np
@@ -137,6 +138,32 @@ def test_options_reach_every_stage_config(tmp_path):
     assert cfg.data.coco_root == os.path.join(str(tmp_path), "synthetic_coco")
     cli = demo.config_args(overrides)
     assert cli[:2] == ["--config", "demo"] and cli[cli.index("--data.img_width") + 1] == "160"
+
+
+def test_a_segment_stopped_at_its_deadline_ends_training_inside_the_budget(tmp_path, monkeypatch):
+    """Fake training processes: the first budget-sized segment stops early, as train.py does at --deadline."""
+    args, overrides, cfg = demo.parse_args(["--minutes", "30", "--out", str(tmp_path)])
+    os.makedirs(tmp_path / "checkpoint")
+    open(tmp_path / "checkpoint" / "maskrcnn-1_6.ckpt", "wb").close()
+    calls = []
+
+    def fake_child(stage, argv, capture=None):
+        stop, deadline = int(argv[argv.index("--max_steps") + 1]), float(argv[argv.index("--deadline") + 1])
+        calls.append((stop, deadline))
+        reached = stop if len(calls) == 1 else stop // 2                # calibration runs through
+        with open(tmp_path / "train_summary_0.json", "w", encoding="utf-8") as handle:
+            json.dump({"global_step": reached, "final_losses": {}}, handle)
+
+    monkeypatch.setattr(demo, "run_child", fake_child)
+    monkeypatch.setattr(demo, "segment_timing", lambda metrics, after: (30.0, 2.0))
+    monkeypatch.setattr("src.dataset.load_manifest", lambda cfg, is_training: {"records": 400})
+    started, facts = time.time(), {}
+    demo.train(args, overrides, cfg, started, facts)
+    assert len(calls) == 2 and len(facts["schedule_plans"]) == 1        # no segment after the early stop
+    (_, no_deadline), (stop, deadline) = calls
+    assert no_deadline == 0.0 and facts["steps"] == stop // 2
+    reserve = demo.after_training_seconds(30.0, 2.0 * demo.STEP_TIME_MARGIN, args.val_images)
+    assert deadline == pytest.approx(started + 30 * 60.0 - reserve, abs=0.1) and reserve > 0
 
 
 def test_synthetic_set_is_reused_only_from_the_same_generator(tmp_path, monkeypatch):

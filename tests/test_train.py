@@ -11,6 +11,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -116,6 +117,17 @@ def test_max_steps_stops_and_saves_and_a_finished_run_has_nothing_to_do(tiny_min
     assert "nothing to do: 3 steps done" in capsys.readouterr().out
 
 
+def test_deadline_stops_and_saves_before_a_step_that_would_end_after_it(tiny_mindrecord, tmp_path, capsys):
+    passed = time.time() - 1.0                           # every step would end after it: stop after the first
+    assert train.main(run_args(tiny_mindrecord, tmp_path, "--deadline", passed), build_model=contract_model) == 0
+    out = capsys.readouterr().out
+    assert checkpoint_names(tmp_path) == ["maskrcnn-1_1.ckpt"]
+    far = time.time() + 3600.0
+    assert train.main(run_args(tiny_mindrecord, tmp_path / "far", "--deadline", far), build_model=contract_model) == 0
+    all_steps = summary(tmp_path / "far")["global_step"]
+    assert all_steps > 1 and f"deadline reached: stopping at global step 1 of {all_steps}" in out
+
+
 def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_mindrecord, tmp_path, capsys):
     def poisoned(cfg):
         return ContractNet(nan_at_step=2)            # the counter is 2 during global step 3
@@ -133,7 +145,8 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(ti
 @pytest.mark.parametrize("override, key", [(["--train.base_lr", "-1"], "train.base_lr"),
                                            (["--keep_checkpoint_max", "0"], "train.keep_checkpoint_max"),
                                            (["--img_width", "100"], "data.img_width"),
-                                           (["--max_steps", "-2"], "--max_steps")])
+                                           (["--max_steps", "-2"], "--max_steps"),
+                                           (["--deadline", "-1"], "--deadline")])
 def test_bad_values_are_rejected_before_any_data_is_touched(tmp_path, capsys, override, key):
     mindrecord = tmp_path / "mindrecord"
     with pytest.raises(SystemExit) as info:
