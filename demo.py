@@ -270,11 +270,11 @@ def train(args, overrides, cfg, started: float, facts: dict) -> str:
             run_segment(f"train (segment {segment + 1}/{TRAIN_SEGMENTS})", total, stop, warmup, resume=True,
                         deadline=deadline)
             reached = read_train_summary(args.out)["global_step"]
-            if reached - done >= 2:
-                compile_seconds, step_seconds = segment_timing(metrics, done)
             if reached < stop:
                 print(f"training stopped at its deadline, step {reached} of {total}", flush=True)
                 break
+            if stop - done >= 2:
+                compile_seconds, step_seconds = segment_timing(metrics, done)
             done = stop
             if done >= total:
                 break

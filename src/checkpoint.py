@@ -27,9 +27,9 @@ CHECKPOINT_PREFIX = "maskrcnn"
 STATE_PREFIX = "training_state."
 STATE_FIELDS = ("epoch", "step_in_epoch", "global_step", "steps_per_epoch")
 OPTIMIZER_STATE_PREFIXES = ("moments.", "moment1.", "moment2.", "adam_m.", "adam_v.")
-# Optimizer bookkeeping found in checkpoints written by MindSpore's own callbacks (e.g. the ModelZoo).
-OPTIMIZER_BOOKKEEPING = ("learning_rate", "global_step", "momentum", "beta1_power", "beta2_power")
 OPTIMIZER_SETTINGS = ("learning_rate", "global_step", "momentum")     # from the config and TrainingState
+# Optimizer bookkeeping found in checkpoints written by MindSpore's own callbacks (e.g. the ModelZoo).
+OPTIMIZER_BOOKKEEPING = OPTIMIZER_SETTINGS + ("beta1_power", "beta2_power")
 CRC_TRAILER = b"crc_num"
 CRC_TRAILER_BYTES = len(CRC_TRAILER) + 10           # the tag plus a 10-byte big-endian CRC32
 PARTIAL_SUFFIX = ".partial"
