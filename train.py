@@ -78,6 +78,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
         parser.error(f"--max_steps must be >= 0, got {args.max_steps}")
     if args.deadline < 0:
         parser.error(f"--deadline must be a Unix time >= 0 (0 = none), got {args.deadline}")
+    if args.deadline and args.run_distribute:
+        # each rank would read its own clock, stop at its own step and leave the others waiting in AllReduce
+        parser.error("--deadline works for standalone training only, not with --run_distribute")
     return args, cfg
 
 

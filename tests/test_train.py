@@ -146,7 +146,8 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(ti
                                            (["--keep_checkpoint_max", "0"], "train.keep_checkpoint_max"),
                                            (["--img_width", "100"], "data.img_width"),
                                            (["--max_steps", "-2"], "--max_steps"),
-                                           (["--deadline", "-1"], "--deadline")])
+                                           (["--deadline", "-1"], "--deadline"),
+                                           (["--run_distribute", "--deadline", "1"], "--deadline")])
 def test_bad_values_are_rejected_before_any_data_is_touched(tmp_path, capsys, override, key):
     mindrecord = tmp_path / "mindrecord"
     with pytest.raises(SystemExit) as info:
