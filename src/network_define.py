@@ -44,12 +44,16 @@ class MaskRcnnObjective(nn.Cell):
         return (losses[self.total_index] * self.loss_scale,) + tuple(losses)
 
 
-_grad_is_finite = ops.MultitypeFuncGraph("grad_is_finite")
+_squared_sum = ops.MultitypeFuncGraph("squared_sum")
 
 
-@_grad_is_finite.register("Tensor")
-def _tensor_is_finite(grad):
-    return ops.isfinite(grad).all()
+@_squared_sum.register("Tensor")
+def _tensor_squared_sum(grad):
+    """Sum of squares, reduced along rows first: MindSpore's CPU ReduceSum over a whole tensor is about twice
+    as slow as a row reduction plus a short final sum (bench/results.md)."""
+    if grad.ndim > 1:
+        return ops.square(grad.reshape(grad.shape[0], -1)).sum(1).sum()
+    return ops.square(grad).sum()
 
 
 def is_data_parallel() -> bool:
@@ -62,6 +66,9 @@ class TrainOneStepCell(nn.Cell):
 
     `grad_clip_norm` > 0 rescales the (unscaled) gradients to at most that global L2 norm: from scratch,
     the first steps' gradients are large, and clipping lets a higher learning rate train without diverging.
+    One sum of squares over all gradients serves both the clip and the NaN/Inf check (a NaN or Inf anywhere
+    makes it non-finite); a per-tensor isfinite().all() plus ops.clip_by_global_norm took ~0.5 s per step
+    on a CPU for ResNet50-FPN's 44 M gradients, six times as long.
     """
 
     def __init__(self, objective: MaskRcnnObjective, optimizer: nn.Optimizer, grad_clip_norm: float = 0.0):
@@ -73,6 +80,7 @@ class TrainOneStepCell(nn.Cell):
         self.hyper_map = ops.HyperMap()
         self.inverse_loss_scale = 1.0 / objective.loss_scale
         self.grad_clip_norm = float(grad_clip_norm)
+        self.rescales_gradients = self.grad_clip_norm > 0.0 or self.inverse_loss_scale != 1.0
         self.grad_reducer = ops.identity
         if is_data_parallel():
             self.grad_reducer = nn.DistributedGradReducer(
@@ -82,11 +90,14 @@ class TrainOneStepCell(nn.Cell):
         outputs, grads = self.grad_fn(image, image_shape, box, label, valid_num, mask)
         losses = outputs[1:]
         grads = self.grad_reducer(grads)
-        if self.inverse_loss_scale != 1.0:
-            grads = self.hyper_map(ops.partial(ops.mul, self.inverse_loss_scale), grads)
-        finite = ops.stack(self.hyper_map(_grad_is_finite, grads)).all() & ops.isfinite(outputs[0])
+        scaled_norm_sq = ops.stack(self.hyper_map(_squared_sum, grads)).sum()
+        finite = ops.isfinite(scaled_norm_sq) & ops.isfinite(outputs[0])
+        factor = self.inverse_loss_scale
         if self.grad_clip_norm > 0.0:
-            grads = ops.clip_by_global_norm(grads, self.grad_clip_norm)
+            norm = ops.sqrt(scaled_norm_sq) * self.inverse_loss_scale
+            factor = factor * self.grad_clip_norm / ops.maximum(norm, self.grad_clip_norm)
+        if self.rescales_gradients:
+            grads = self.hyper_map(ops.partial(ops.mul, factor), grads)
         if finite:
             losses = ops.depend(losses, self.optimizer(grads))
         return losses, finite

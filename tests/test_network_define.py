@@ -27,9 +27,10 @@ class ContractNet(nn.Cell):
     """A few real parameters behind the MaskRcnnResnet50 training contract.
 
     nan_at_step: the step counter value at which the total loss becomes NaN (-1: never).
+    nan_grad_at_step: the step at which the loss stays finite but its gradients become NaN (-1: never).
     """
 
-    def __init__(self, nan_at_step=-1):
+    def __init__(self, nan_at_step=-1, nan_grad_at_step=-1):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, has_bias=True, weight_init="normal")
         self.cls = nn.Dense(4, CLASSES, weight_init="normal")
@@ -38,6 +39,7 @@ class ContractNet(nn.Cell):
                                       requires_grad=False)
         self.step_counter = Parameter(Tensor(0, ms.int32), name="step_counter", requires_grad=False)
         self.nan_at_step = nan_at_step
+        self.nan_grad_at_step = nan_grad_at_step
         self.ce = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
 
     def construct(self, image, image_shape, box, label, valid_num, mask):
@@ -56,6 +58,8 @@ class ContractNet(nn.Cell):
         poison = ops.select(self.step_counter == self.nan_at_step, Tensor(np.nan, ms.float32),
                             Tensor(1.0, ms.float32))
         total = total * poison
+        offset = (self.step_counter != self.nan_grad_at_step).astype(ms.float32)   # 0 at that step, else 1
+        total = total + 0.0 * ops.sqrt(feat.sum() - feat.sum() + offset)  # at sqrt(0): gradient 0 * inf = NaN
         ops.assign_add(self.step_counter, Tensor(1, ms.int32))
         return rpn_loss, rcnn_loss, rpn_cls, rpn_reg, rcnn_cls, rcnn_reg, rcnn_mask, total
 
@@ -71,9 +75,9 @@ def make_batch(seed):
     return [Tensor(a) for a in (image, image_shape, box, label, valid, mask)]
 
 
-def build_train_cell(loss_scale=1.0, nan_at_step=-1, **train_options):
+def build_train_cell(loss_scale=1.0, nan_at_step=-1, nan_grad_at_step=-1, **train_options):
     ms.set_seed(3)
-    net = ContractNet(nan_at_step)
+    net = ContractNet(nan_at_step, nan_grad_at_step)
     net.set_train(True)
     train_options = {"momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY, **train_options}
     train_cfg = TrainConfig(loss_scale=loss_scale, **train_options)
@@ -181,6 +185,21 @@ def test_nan_loss_skips_the_update_and_is_reported():
     named = {n: float(v.asnumpy()) for n, v in zip(LOSS_NAMES, losses)}
     with pytest.raises(NonFiniteLossError, match=r"epoch 1 step 2 \(global step 2\).*total_loss=nan"):
         check_finite(named, bool(finite), 1, 2, 2)
+
+
+@pytest.mark.parametrize("grad_clip_norm", [0.0, 1e-3])
+def test_nan_gradients_under_a_finite_loss_skip_the_update(grad_clip_norm):
+    net, opt, cell = build_train_cell(nan_grad_at_step=1, grad_clip_norm=grad_clip_norm)
+    batch = make_batch(2)
+    assert bool(cell(*batch)[1])
+    weights, moments = snapshot(net.trainable_params()), snapshot(opt.moments)
+    losses, finite = cell(*batch)
+    assert np.isfinite(float(losses[-1].asnumpy())) and not bool(finite)
+    for name, value in snapshot(net.trainable_params()).items():
+        np.testing.assert_array_equal(value, weights[name])
+    for name, value in snapshot(opt.moments).items():
+        np.testing.assert_array_equal(value, moments[name])
+    assert bool(cell(*batch)[1])                            # the next step is finite again and trains
 
 
 def test_check_finite_catches_gradient_only_overflow():
