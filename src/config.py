@@ -212,8 +212,9 @@ class Config:
 
     @property
     def roi_sample_num(self) -> int:
-        """RoI rows per image in stage 2: positive slots then negative slots (recipe: 128 + 512 = 640)."""
-        return self.num_pos_stage2 + self.rcnn.num_expected_total_stage2
+        """RoI rows per image in stage 2 (recipe: 512): positives from the front, then negatives. The ModelZoo
+        runs 128 positive + 512 negative rows (640), of which only 512 hold samples."""
+        return self.rcnn.num_expected_total_stage2
 
     @property
     def num_bboxes(self) -> int:

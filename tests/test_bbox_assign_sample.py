@@ -336,35 +336,28 @@ def test_stage2_matches_numpy_pipeline(cfg, stage2_net, num_near):
     out = stage2_net(t(gt), t(labels), t(gt_valid), t(proposals), t(proposal_valid), t(SEED, ms.int32),
                      t(1, ms.int32))
     rois, row_labels, label_weights, bbox_targets, bbox_weights, pos_gt_index, pos_valid = (x.asnumpy() for x in out)
-    c, num_pos_slots, num_neg_slots = cfg.rcnn, cfg.num_pos_stage2, cfg.rcnn.num_expected_total_stage2
-    assert rois.shape == (cfg.roi_sample_num, 4) and pos_gt_index.shape == (num_pos_slots,)
+    c, num_pos_slots, num_rows = cfg.rcnn, cfg.num_pos_stage2, cfg.rcnn.num_expected_total_stage2
+    assert rois.shape == (cfg.roi_sample_num, 4) == (num_rows, 4) and pos_gt_index.shape == (num_pos_slots,)
 
     candidates = np.concatenate([proposals, gt])
     candidate_valid = np.concatenate([proposal_valid, gt_valid])
     assignment = np_assign(gt, gt_valid, candidates, candidate_valid, c.pos_iou_thr_stage2,
                            c.neg_iou_thr_stage2, c.min_pos_iou_stage2)
     keys = np_keys(SEED, 1, RCNN_STREAM, len(candidates))
-    want_pos, want_neg = np_sample(assignment, keys, num_pos_slots, num_neg_slots)
+    want_pos, want_neg = np_sample(assignment, keys, num_pos_slots, num_rows)
     n_pos, n_neg = len(want_pos), len(want_neg)
     assert (n_pos == num_pos_slots) if num_near else (n_pos < num_pos_slots)
+    assert n_pos + n_neg == num_rows                        # enough negatives here: every row holds a sample
 
-    whole_input = [0, 0, cfg.data.img_width, cfg.data.img_height]
     np.testing.assert_array_equal(pos_valid, np.arange(num_pos_slots) < n_pos)
-    np.testing.assert_array_equal(rois[:n_pos], candidates[want_pos])
-    np.testing.assert_array_equal(rois[num_pos_slots:num_pos_slots + n_neg], candidates[want_neg])
-    unused = np.ones(len(rois), bool)
-    unused[:n_pos] = False
-    unused[num_pos_slots:num_pos_slots + n_neg] = False
-    np.testing.assert_array_equal(rois[unused], np.tile(whole_input, (unused.sum(), 1)))
+    np.testing.assert_array_equal(rois, candidates[np.concatenate([want_pos, want_neg])])
     assert np.all(rois[:, 2:] > rois[:, :2])
-
-    np.testing.assert_array_equal(label_weights, (~unused).astype(np.float32))
-    assert label_weights.sum() == num_neg_slots               # enough negatives here: exactly S samples
+    np.testing.assert_array_equal(label_weights, np.ones(num_rows, np.float32))
     np.testing.assert_array_equal(pos_gt_index[:n_pos], assignment[want_pos] - 1)
     assert not np.any(pos_gt_index[n_pos:])
     np.testing.assert_array_equal(row_labels[:n_pos], labels[assignment[want_pos] - 1])
     assert not np.any(row_labels[n_pos:])
-    np.testing.assert_array_equal(bbox_weights, np.arange(len(rois)) < n_pos)
+    np.testing.assert_array_equal(bbox_weights, np.arange(num_rows) < n_pos)
     want_targets = np.zeros_like(bbox_targets)
     want_targets[:n_pos] = np_encode(candidates[want_pos], gt[assignment[want_pos] - 1],
                                      c.rcnn_target_means, c.rcnn_target_stds)
@@ -375,6 +368,29 @@ def test_stage2_matches_numpy_pipeline(cfg, stage2_net, num_near):
             row = np.flatnonzero(np.all(rois[:n_pos] == gt[k], axis=1) & (pos_gt_index[:n_pos] == k))
             assert len(row) == 1 and row_labels[row[0]] == labels[k]
     assert set(pos_gt_index[pos_valid]) <= set(np.flatnonzero(gt_valid))
+
+
+def test_stage2_rows_left_empty_when_candidates_run_out_hold_the_whole_input(cfg, stage2_net):
+    rng = np.random.default_rng(5)
+    gt, labels, gt_valid, proposals, _ = stage2_inputs(cfg, rng, 2, 0)
+    proposal_valid = np.zeros(len(proposals), bool)
+    proposal_valid[:3] = True                               # 3 proposals + 2 GTs: fewer candidates than rows
+    out = stage2_net(t(gt), t(labels), t(gt_valid), t(proposals), t(proposal_valid), t(SEED, ms.int32),
+                     t(2, ms.int32))
+    rois, row_labels, label_weights, _, bbox_weights, _, pos_valid = (x.asnumpy() for x in out)
+    candidates = np.concatenate([proposals, gt])
+    assignment = np_assign(gt, gt_valid, candidates, np.concatenate([proposal_valid, gt_valid]),
+                           cfg.rcnn.pos_iou_thr_stage2, cfg.rcnn.neg_iou_thr_stage2, cfg.rcnn.min_pos_iou_stage2)
+    keys = np_keys(SEED, 2, RCNN_STREAM, len(candidates))
+    want_pos, want_neg = np_sample(assignment, keys, cfg.num_pos_stage2, cfg.rcnn.num_expected_total_stage2)
+    used = len(want_pos) + len(want_neg)
+    assert 2 <= len(want_pos) and used < len(rois)
+    np.testing.assert_array_equal(rois[:used], candidates[np.concatenate([want_pos, want_neg])])
+    whole_input = [0, 0, cfg.data.img_width, cfg.data.img_height]
+    np.testing.assert_array_equal(rois[used:], np.tile(whole_input, (len(rois) - used, 1)))
+    np.testing.assert_array_equal(label_weights, np.arange(len(rois)) < used)
+    np.testing.assert_array_equal(bbox_weights, np.arange(len(rois)) < len(want_pos))
+    assert pos_valid.sum() == len(want_pos) and not row_labels[len(want_pos):].any()
 
 
 def test_stage2_without_gts_samples_only_negatives(cfg, stage2_net):

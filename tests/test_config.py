@@ -14,7 +14,7 @@ def test_defaults_are_the_recipe():
     assert cfg.num_classes == 81 and cfg.data.max_instance_count == 128
     assert cfg.feature_shapes == [(192, 320), (96, 160), (48, 80), (24, 40), (12, 20)]
     assert cfg.num_bboxes == 245520                      # the recipe's num_bboxes
-    assert cfg.roi_sample_num == 640                     # 128 positive + 512 negative slots
+    assert cfg.roi_sample_num == 512                     # up to 128 positives first, then negatives
     assert cfg.proposal_train.max_num == 2000 and cfg.proposal_test.max_num == 1000
     assert cfg.train.base_lr == 0.02 and cfg.train.momentum == 0.91 and cfg.train.epoch_size == 12
     assert cfg.rcnn.rcnn_target_stds == [0.1, 0.1, 0.2, 0.2]

@@ -1,4 +1,6 @@
 """Stage-2 (R-CNN) RoI sampling: the shared assigner/sampler over proposals plus the image's GT boxes."""
+import numpy as np
+
 import mindspore as ms
 from mindspore import nn, ops
 
@@ -13,14 +15,16 @@ class BboxAssignSampleForRcnn(nn.Cell):
     added as proposals, so every valid GT is a positive candidate of itself).
     construct(gt_bboxes (M, 4), gt_labels (M,) int32, gt_valids (M,) bool, proposals (P, 4),
               proposal_valid (P,) bool, seed int32 scalar, image_index int or int32 scalar) ->
-      rois (Pn + S, 4): Pn = cfg.num_pos_stage2 positive slots, then S = num_expected_total_stage2
-          negative slots; empty slots hold the whole-input box (0, 0, W, H), never a degenerate box;
-      labels (Pn + S,) int32: GT class on used positive rows, else 0;
-      label_weights (Pn + S,) float32: 1 on real samples (positives used + negatives up to S - positives);
-      bbox_targets (Pn + S, 4) float32: rcnn means/stds deltas on used positive rows, else 0;
-      bbox_weights (Pn + S,) float32: 1 on used positive rows;
+      rois (S, 4): S = num_expected_total_stage2 sample rows; the first Pn = cfg.num_pos_stage2 rows are the
+          positive slots, used by positives from the front, and the negatives fill every row after the last
+          positive, so S rows hold all S samples without padding rows (when enough candidates exist);
+          an empty row holds the whole-input box (0, 0, W, H), never a degenerate box;
+      labels (S,) int32: GT class on positive rows, else 0;
+      label_weights (S,) float32: 1 on real samples (positives + negatives up to S - positives);
+      bbox_targets (S, 4) float32: rcnn means/stds deltas on positive rows, else 0;
+      bbox_weights (S,) float32: 1 on positive rows;
       pos_gt_index (Pn,) int32: index of the matched GT (for mask targets), 0 on unused slots;
-      pos_valid (Pn,) bool: the positive slot is used.
+      pos_valid (Pn,) bool: the positive slot holds a positive (slots are used from the front).
     """
 
     def __init__(self, cfg):
@@ -28,7 +32,9 @@ class BboxAssignSampleForRcnn(nn.Cell):
         c = cfg.rcnn
         num_gts = cfg.data.max_instance_count
         num_candidates = cfg.proposal_train.max_num + num_gts
-        self.num_neg_slots = c.num_expected_total_stage2
+        self.num_rows = c.num_expected_total_stage2
+        self.num_pos_slots = cfg.num_pos_stage2
+        self.row_ids = ms.Tensor(np.arange(self.num_rows, dtype=np.int32))
         self.assigner = MaxIoUAssigner(c.pos_iou_thr_stage2, c.neg_iou_thr_stage2, c.min_pos_iou_stage2, num_gts)
         self.sampler = FixedCountSampler(num_candidates, cfg.num_pos_stage2, c.num_expected_total_stage2,
                                          RCNN_STREAM)
@@ -50,16 +56,27 @@ class BboxAssignSampleForRcnn(nn.Cell):
         pos_gt_index = ops.gather(assigned_gt, pos_index, 0)                          # (Pn,)
         pos_gt_index = ops.where(pos_valid, pos_gt_index, ops.zeros_like(pos_gt_index))
         pos_rois = self._slot_boxes(candidates, pos_index, pos_valid)                 # (Pn, 4)
-        neg_rois = self._slot_boxes(candidates, neg_index, neg_used)                  # (S, 4)
         pos_deltas = box_ops.encode(pos_rois, ops.gather(gt_bboxes, pos_gt_index, 0), self.means, self.stds)
         pos_deltas = ops.where(pos_valid[:, None], pos_deltas, ops.zeros_like(pos_deltas))
         pos_labels = ops.gather(gt_labels, pos_gt_index, 0)
         pos_labels = ops.where(pos_valid, pos_labels, ops.zeros_like(pos_labels))
-        pos_weights = ops.cast(pos_valid, ms.float32)
 
-        rois = ops.concat((pos_rois, neg_rois), axis=0)                               # (Pn + S, 4)
-        labels = ops.concat((pos_labels, ops.zeros((self.num_neg_slots,), ms.int32)), axis=0)
-        label_weights = ops.concat((pos_weights, ops.cast(neg_used, ms.float32)), axis=0)
-        bbox_targets = ops.concat((pos_deltas, ops.zeros((self.num_neg_slots, 4), ms.float32)), axis=0)
-        bbox_weights = ops.concat((pos_weights, ops.zeros((self.num_neg_slots,), ms.float32)), axis=0)
-        return rois, labels, label_weights, bbox_targets, bbox_weights, pos_gt_index, pos_valid
+        # row r holds positive r while r < the positive count, else negative r - count (the sampler gives
+        # the positives as a prefix and exactly S - count usable negatives)
+        num_pos = ops.reduce_sum(ops.cast(pos_valid, ms.int32))
+        neg_slot = ops.clip(self.row_ids - num_pos, 0, self.num_rows - 1)
+        row_neg_index = ops.gather(neg_index, neg_slot, 0)
+        row_neg_used = ops.logical_and(ops.gather(neg_used, neg_slot, 0), self.row_ids >= num_pos)
+        row_pos = self._pad_rows(pos_valid)                                           # (S,) bool
+        row_index = ops.where(row_pos, self._pad_rows(pos_index), row_neg_index)
+        row_used = ops.logical_or(row_pos, row_neg_used)
+
+        rois = self._slot_boxes(candidates, row_index, row_used)                     # (S, 4)
+        bbox_weights = ops.cast(row_pos, ms.float32)
+        return (rois, self._pad_rows(pos_labels), ops.cast(row_used, ms.float32), self._pad_rows(pos_deltas),
+                bbox_weights, pos_gt_index, pos_valid)
+
+    def _pad_rows(self, slots):
+        """(Pn, ...) positive-slot values -> (S, ...), zeros after the positive slots."""
+        padding = ops.zeros((self.num_rows - self.num_pos_slots,) + slots.shape[1:], slots.dtype)
+        return ops.concat((slots, padding), axis=0)

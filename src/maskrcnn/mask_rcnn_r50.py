@@ -170,7 +170,7 @@ class MaskRcnnResnet50(nn.Cell):
             samples += (self.rcnn_targets(box[image], label[image], valid_num[image], proposals[image],
                                           proposal_valid[image], seed, image),)
         rois, labels, label_weights, bbox_targets, bbox_weights, pos_gt_index, pos_valid = _stack_fields(
-            samples)                                                                  # (B, Pn + S, ...)
+            samples)                                                                  # (B, S, ...)
         batch = rois.shape[0]
         roi_table = flatten_levels(feats[:self.num_roi_levels])                       # shared by both pools
         roi_feats = self.box_roi_align.pool(_with_batch_index(rois), roi_table, feats)
