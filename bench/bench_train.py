@@ -1,8 +1,9 @@
-"""Training speed on this machine: ms per SGD step of the real model, after compilation.
+"""Training speed on this machine: ms per training step (the config's optimizer), after compilation.
 
-    python bench/bench_train.py [--sizes tiny recipe] [--steps 3] [--batch_size B] [--device_target CPU]
+    python bench/bench_train.py [--sizes tiny demo recipe] [--steps 3] [--batch_size B] [--device_target CPU]
 
-"tiny" is configs/tiny.yaml (128x192), "recipe" the ModelZoo size (768x1280, 81 classes, 128 instances).
+"tiny" is configs/tiny.yaml (128x192), "demo" configs/demo.yaml (128x192, GroupNorm, Adam with gradient
+clipping: the step of scripts/run_demo.sh), "recipe" the ModelZoo size (768x1280, 81 classes, 128 instances).
 Each size gets one fixed synthetic batch (random image, a few boxes with filled masks) so that only the
 step is timed, not data loading: one warm-up step (graph compilation) then --steps timed steps.
 On CPU the recipe size needs about 11 GB of RAM per image in the batch (peak RSS 11.2 GB at batch 1).
@@ -23,7 +24,7 @@ from src.config import load_config  # noqa: E402
 from src.maskrcnn.mask_rcnn_r50 import LOSS_NAMES, MaskRcnnResnet50, model_summary  # noqa: E402
 from src.network_define import build_train_step  # noqa: E402
 
-SIZES = {"tiny": "tiny", "recipe": None}          # preset per size name (None = recipe defaults)
+SIZES = {"tiny": "tiny", "demo": "demo", "recipe": None}   # preset per size name (None = recipe defaults)
 INSTANCES_PER_IMAGE = 4                           # objects in the synthetic batch
 MIN_BOX_FRACTION, MAX_BOX_FRACTION = 0.1, 0.4     # box side as a fraction of the image side
 
@@ -70,7 +71,8 @@ def bench(name, steps, batch_size=None):
         times.append(time.perf_counter() - start)
     print(f"{name}: {model_summary(net, cfg)}, batch {cfg.train.batch_size}", flush=True)
     print(f"{name}: first step (compile + run) {compile_and_first:.1f} s; {steps} steps: "
-          f"mean {1000 * np.mean(times):.0f} ms/step, min {1000 * np.min(times):.0f} ms/step, "
+          f"mean {1000 * np.mean(times):.0f} ms/step, median {1000 * np.median(times):.0f}, "
+          f"min {1000 * np.min(times):.0f}, "
           f"total_loss {float(losses[-1].asnumpy()):.4f}", flush=True)
 
 
