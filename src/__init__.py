@@ -1,10 +1,15 @@
 """Mask R-CNN ModelZoo-style package.
 
-oneDNN (MindSpore's CPU kernels) picks a reference convolution for float32 NCHW tensors when it may use
-AVX-512: measured 0.5 GFLOP/s against 55 GFLOP/s with AVX2 JIT kernels, on this project's Xeon CPUs. The
-ISA is capped at AVX2 unless the user set ONEDNN_MAX_CPU_ISA. oneDNN reads it when it creates its first
-primitive, so setting it when `src` is imported (before any network runs) is early enough.
+oneDNN (MindSpore's CPU kernels) runs MindSpore's own Conv2D as a reference loop (~1 GFLOP/s) when it may use
+AVX-512, because MindSpore hands it plain OIHW weights; capped at AVX2 it uses im2col + AVX2 GEMM (~190 GFLOP/s).
+The model's convolutions run on `src.cpu_conv` instead, which lets oneDNN use AVX-512 (and MatMul gets faster
+too), so the cap is only set when those kernels are unavailable or switched off, unless the user set
+ONEDNN_MAX_CPU_ISA. oneDNN reads it when it creates its first primitive, so deciding when `src` is imported
+(before any network runs) is early enough.
 """
 import os
 
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+from src import cpu_conv
+
+if cpu_conv.library() is None:
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")

@@ -13,6 +13,7 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal, Normal
 
+from src.cpu_conv import Conv2d, Conv2dTranspose
 from src.maskrcnn.rcnn_cls import select_class
 from src.maskrcnn.roi_align import SingleLevelRoIAlign
 
@@ -22,7 +23,7 @@ MASK_STRIDE = 1             # GT masks are at input resolution
 
 
 def _kaiming_conv(in_channels, out_channels, kernel_size):
-    return nn.Conv2d(in_channels, out_channels, kernel_size, pad_mode="pad", padding=kernel_size // 2,
+    return Conv2d(in_channels, out_channels, kernel_size, pad_mode="pad", padding=kernel_size // 2,
                      has_bias=True, weight_init=HeNormal(mode="fan_out", nonlinearity="relu"), bias_init="zeros")
 
 
@@ -39,10 +40,10 @@ class RcnnMask(nn.Cell):
         self.mask_fcn3 = _kaiming_conv(channels, channels, 3)
         self.mask_fcn4 = _kaiming_conv(channels, channels, 3)
         upsample = c.mask_shape // cfg.roi.mask_out_size
-        self.conv5_mask = nn.Conv2dTranspose(channels, channels, upsample, stride=upsample, pad_mode="valid",
+        self.conv5_mask = Conv2dTranspose(channels, channels, upsample, stride=upsample, pad_mode="valid",
                                              has_bias=True, weight_init=HeNormal(mode="fan_out", nonlinearity="relu"),
                                              bias_init="zeros")
-        self.mask_fcn_logits = nn.Conv2d(channels, cfg.num_classes, 1, has_bias=True,
+        self.mask_fcn_logits = Conv2d(channels, cfg.num_classes, 1, has_bias=True,
                                          weight_init=Normal(LOGITS_INIT_STD), bias_init="zeros")
         self.relu = nn.ReLU()
         self.mask_weight = c.rcnn_loss_mask_weight

@@ -42,6 +42,8 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal, initializer
 
+from src.cpu_conv import Conv2d
+
 IMAGE_CHANNELS = 3                  # RGB
 BOTTLENECK_EXPANSION = 4            # a bottleneck's 3x3 conv has out_channels / 4 channels
 STEM_KERNEL, STEM_STRIDE = 7, 2
@@ -54,7 +56,7 @@ def _conv(in_channels, out_channels, kernel_size, stride=1, zero_init=False):
     """Bias-free conv with torchvision padding (kernel // 2 on every side), Kaiming normal fan_out."""
     weight = initializer("zeros" if zero_init else HeNormal(mode="fan_out", nonlinearity="relu"),
                          (out_channels, in_channels, kernel_size, kernel_size), ms.float32)
-    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
+    return Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
                      padding=kernel_size // 2, has_bias=False, weight_init=weight)
 
 

@@ -9,6 +9,8 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import Normal
 
+from src.cpu_conv import Conv2d
+
 HEAD_INIT_STD = 0.01
 SMOOTH_L1_BETA = 1.0 / 9.0          # the recipe's RPN regression loss
 BOX_DIMS = 4
@@ -16,7 +18,7 @@ BOX_DIMS = 4
 
 def _normal_conv(in_channels, out_channels, kernel_size):
     """Conv with bias, 'same' size output, N(0, 0.01) weight, zero bias."""
-    return nn.Conv2d(in_channels, out_channels, kernel_size, pad_mode="pad", padding=kernel_size // 2,
+    return Conv2d(in_channels, out_channels, kernel_size, pad_mode="pad", padding=kernel_size // 2,
                      has_bias=True, weight_init=Normal(HEAD_INIT_STD), bias_init="zeros")
 
 

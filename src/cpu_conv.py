@@ -1,0 +1,214 @@
+"""Convolutions on CPU through oneDNN's AVX-512 kernels (`cpu_conv.cpp`), as drop-in nn.Conv2d / nn.Conv2dTranspose.
+
+MindSpore's own CPU Conv2D passes oneDNN plain OIHW weights, which leaves it AVX2 at best (AVX-512 falls to a
+reference loop, hence the ISA cap in `src/__init__.py`). The kernels here let oneDNN pick its layouts and
+measured ~2x faster per convolution (bench/bench_conv.py). They are built once per source version into
+build/cpu_conv/ with g++ against MindSpore's bundled libdnnl and oneDNN's headers (the `onednn-devel` wheel,
+fetched by pip). The layers keep nn.Conv2d's parameters, so checkpoints do not change; they fall back to
+MindSpore's kernels when the device is not CPU, when the library cannot be built (a warning says why), when
+MASKRCNN_CPU_CONV=mindspore, or inside `mindspore_kernels()` (export: MINDIR/ONNX hold standard operators only).
+"""
+import contextlib
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+
+import mindspore as ms
+from mindspore import nn, ops
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = Path(__file__).with_suffix(".cpp")
+BUILD_DIR = ROOT / "build" / "cpu_conv"
+HEADERS_PACKAGE = "onednn-devel==2026.1.0"
+ENV_SWITCH = "MASKRCNN_CPU_CONV"       # "mindspore" turns these kernels off
+# MindSpore's libdnnl runs on a thread pool its caller provides; the headers must say so.
+THREADING_DEFINE = "#define DNNL_CPU_THREADING_RUNTIME"
+
+_state = {"library": None, "tried": False, "forced_off": False}
+
+
+def _mindspore_lib_dir():
+    spec = importlib.util.find_spec("mindspore")
+    return Path(spec.submodule_search_locations[0]) / "lib" if spec else None
+
+
+def library_path() -> Path:
+    """Where the library for the current source is (the name carries the source's hash)."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + HEADERS_PACKAGE.encode()).hexdigest()[:12]
+    return BUILD_DIR / f"libcpu_conv-{digest}.so"
+
+
+def _fetch_headers(include_dir: Path):
+    """Unpack oneDNN's C/C++ headers from the onednn-devel wheel (headers only; the library is MindSpore's)."""
+    with tempfile.TemporaryDirectory(dir=BUILD_DIR) as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--disable-pip-version-check",
+                        "-d", tmp, HEADERS_PACKAGE], check=True, capture_output=True, text=True)
+        wheel = next(Path(tmp).glob("*.whl"))
+        staging = Path(tmp) / "include"
+        with zipfile.ZipFile(wheel) as archive:
+            for name in archive.namelist():
+                if "/data/include/oneapi/dnnl/" in name and not name.endswith("/"):
+                    target = staging / name.split("/data/include/", 1)[1]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(archive.read(name))
+        config = staging / "oneapi" / "dnnl" / "dnnl_config.h"
+        lines = config.read_text().splitlines()
+        config.write_text("\n".join(f"{THREADING_DEFINE} DNNL_RUNTIME_THREADPOOL" if line.startswith(THREADING_DEFINE)
+                                    else line for line in lines) + "\n")
+        shutil.rmtree(include_dir, ignore_errors=True)
+        staging.rename(include_dir)
+
+
+def build() -> Path:
+    """Compile cpu_conv.cpp into library_path() (temp file + rename, so concurrent processes are safe)."""
+    target = library_path()
+    if target.exists():
+        return target
+    lib_dir = _mindspore_lib_dir()
+    if lib_dir is None or not (lib_dir / "libdnnl.so.3").exists():
+        raise RuntimeError("MindSpore's libdnnl.so.3 was not found")
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    include_dir = BUILD_DIR / "include"
+    if not (include_dir / "oneapi" / "dnnl" / "dnnl.hpp").exists():
+        _fetch_headers(include_dir)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=BUILD_DIR)
+    os.close(fd)
+    try:
+        result = subprocess.run(["g++", "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{include_dir}", str(SOURCE),
+                                 "-o", tmp, str(lib_dir / "libdnnl.so.3"), f"-Wl,-rpath,{lib_dir}", "-lpthread"],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"g++ failed on {SOURCE}:\n{result.stderr[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+def library():
+    """Path of the built library, building it on first use; None (after one warning) if that is impossible."""
+    if os.environ.get(ENV_SWITCH, "").lower() == "mindspore":
+        return None
+    if not _state["tried"]:
+        _state["tried"] = True
+        try:
+            _state["library"] = str(build())
+        except (OSError, RuntimeError, subprocess.CalledProcessError, StopIteration) as error:
+            detail = getattr(error, "stderr", "") or ""
+            warnings.warn(f"CPU convolutions fall back to MindSpore's AVX2 kernels: cannot build {SOURCE.name} "
+                          f"({error} {detail.strip()[-500:]})")
+    return _state["library"]
+
+
+@contextlib.contextmanager
+def mindspore_kernels():
+    """Layers built inside use MindSpore's own convolution operators (for export)."""
+    previous = _state["forced_off"]
+    _state["forced_off"] = True
+    try:
+        yield
+    finally:
+        _state["forced_off"] = previous
+
+
+def enabled() -> bool:
+    """True when layers built now run on these kernels: CPU target, library available, not switched off."""
+    return (not _state["forced_off"] and ms.get_context("device_target") == "CPU" and library() is not None)
+
+
+# Geometries the library has entry points for (cpu_conv.cpp): the same stride on both axes and the same padding on
+# every side. Other layers run on MindSpore's kernels.
+STRIDES = (1, 2)
+PADDINGS = (0, 1, 2, 3)
+
+
+def _geometry(layer):
+    """(stride, padding) of an nn.Conv2d / nn.Conv2dTranspose if the library has kernels for it, else None."""
+    if not enabled() or layer.group != 1 or layer.data_format != "NCHW" or set(layer.dilation) != {1}:
+        return None
+    if layer.pad_mode == "valid":
+        pads = {0}
+    elif layer.pad_mode == "same":             # with stride 1 and an odd kernel: (k - 1) / 2 on every side
+        odd = all(k % 2 for k in layer.kernel_size) and set(layer.stride) == {1}
+        pads = {(k - 1) // 2 for k in layer.kernel_size} if odd else {-1}
+    else:
+        pads = {layer.padding} if isinstance(layer.padding, int) else set(layer.padding)
+    strides = set(layer.stride)
+    if len(strides) != 1 or len(pads) != 1 or not strides <= set(STRIDES) or not pads <= set(PADDINGS):
+        return None
+    return strides.pop(), pads.pop()
+
+
+def _kernel(name, stride, pad, shape, bprop=None):
+    return ops.Custom(f"{library()}:{name}S{stride}P{pad}", out_shape=shape, out_dtype=lambda *types: types[0],
+                      func_type="aot", bprop=bprop)
+
+
+def _conv_forward(stride, pad):
+    """Convolution (x, w) -> y with its gradient."""
+    backward_data = _kernel("ConvBackwardData", stride, pad, lambda dy, w, x: x)
+    backward_weights = _kernel("ConvBackwardWeights", stride, pad, lambda x, dy, w: w)
+
+    def shape(x, w):
+        return [x[0], w[0], (x[2] + 2 * pad - w[2]) // stride + 1, (x[3] + 2 * pad - w[3]) // stride + 1]
+
+    def bprop(x, w, out, dout):
+        return backward_data(dout, w, x), backward_weights(x, dout, w)
+    return _kernel("ConvForward", stride, pad, shape, bprop)
+
+
+def _deconv_forward(stride, pad):
+    """Transposed convolution (x, w) -> y, i.e. a convolution's backward-data pass: dx is a convolution of dy, and
+    dw is a convolution's weight gradient with dy as its source."""
+    conv_forward = _conv_forward(stride, pad)
+    backward_weights = _kernel("ConvBackwardWeights", stride, pad, lambda x, dy, w: w)
+
+    def shape(x, w):
+        return [x[0], w[1], (x[2] - 1) * stride - 2 * pad + w[2], (x[3] - 1) * stride - 2 * pad + w[3]]
+
+    def bprop(x, w, out, dout):
+        return conv_forward(dout, w), backward_weights(dout, x, w)
+    return _kernel("DeconvForward", stride, pad, shape, bprop)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same arguments, parameters and checkpoints) on the oneDNN kernels when `enabled()`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        geometry = _geometry(self)
+        self.onednn = None if geometry is None else _conv_forward(*geometry)
+
+    def construct(self, x):
+        if self.onednn is None:
+            output = self.conv2d(x, self.weight)
+        else:
+            output = self.onednn(x, self.weight)
+        if self.has_bias:
+            output = self.bias_add(output, self.bias)
+        return output
+
+
+class Conv2dTranspose(nn.Conv2dTranspose):
+    """nn.Conv2dTranspose (same arguments, parameters and checkpoints) on the oneDNN kernels when `enabled()`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        geometry = _geometry(self) if self.pad_mode != "same" and self.output_padding == 0 else None
+        self.onednn = None if geometry is None else _deconv_forward(*geometry)
+
+    def construct(self, x):
+        if self.onednn is None:
+            return super().construct(x)
+        output = self.onednn(x, self.weight)
+        if self.has_bias:
+            output = self.bias_add(output, self.bias)
+        return output
