@@ -7,9 +7,7 @@ too), so the cap is only set when those kernels are unavailable or switched off,
 ONEDNN_MAX_CPU_ISA. oneDNN reads it when it creates its first primitive, so deciding when `src` is imported
 (before any network runs) is early enough.
 """
-import os
-
 from src import cpu_conv
 
 if cpu_conv.library() is None:
-    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+    cpu_conv.cap_isa_for_mindspore_kernels()

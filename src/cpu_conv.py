@@ -108,6 +108,12 @@ def library():
     return _state["library"]
 
 
+def cap_isa_for_mindspore_kernels():
+    """For a process that runs MindSpore's own Conv2D (no library, or an exported graph): cap oneDNN at AVX2,
+    unless the user chose an ISA. Effective only before the process's first oneDNN call."""
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+
+
 @contextlib.contextmanager
 def mindspore_kernels():
     """Layers built inside use MindSpore's own convolution operators (for export)."""

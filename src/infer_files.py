@@ -24,6 +24,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
+from src import cpu_conv
 from src.config import Config, config_from_args
 from src.util import setup_context, write_bytes_atomic
 
@@ -137,6 +138,7 @@ def run_mindir(mindir_path: str, input_dir: str, result_dir: str, cfg: Config) -
 
     if not os.path.isfile(mindir_path):
         raise FileNotFoundError(f"MINDIR '{mindir_path}' does not exist")
+    cpu_conv.cap_isa_for_mindspore_kernels()        # the exported graph holds MindSpore's own Conv2D
     net = nn.GraphCell(ms.load(mindir_path))
     image_ids = list_image_ids(input_dir)
     os.makedirs(result_dir, exist_ok=True)

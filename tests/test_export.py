@@ -67,7 +67,7 @@ def test_mindir_round_trip_matches_the_cell(narrow_model, narrow_mindir, sample_
 
 @pytest.mark.slow
 def test_onnx_export_works_or_names_the_unsupported_operator(narrow_model, sample_input, cell_outputs, tmp_path):
-    """Either behaviour is acceptable; today the exporter stops at the stem's padded max-pool."""
+    """Either behaviour is acceptable; today the exporter stops at the FPN's nearest-neighbour upsampling."""
     try:
         path = export_model(narrow_model.cfg, narrow_model.checkpoint, "ONNX", str(tmp_path / "maskrcnn"), "CPU")
     except ValueError as err:

@@ -52,6 +52,16 @@ STAGE_STRIDE = 2                    # stages 2..4 halve the resolution in their 
 GROUP_NORM_GROUPS = 32              # Wu and He 2018
 
 
+def _zero_pad(x, pad: int):
+    """(B, C, H, W) -> (B, C, H + 2 pad, W + 2 pad) with zero borders, by concatenation: on CPU ~5x faster than
+    MindSpore's Pad / PadV3 kernels."""
+    b, c, h, w = x.shape
+    side = ops.zeros((b, c, h, pad), x.dtype)
+    x = ops.concat((side, x, side), 3)
+    top = ops.zeros((b, c, pad, w + 2 * pad), x.dtype)
+    return ops.concat((top, x, top), 2)
+
+
 def _conv(in_channels, out_channels, kernel_size, stride=1, zero_init=False):
     """Bias-free conv with torchvision padding (kernel // 2 on every side), Kaiming normal fan_out."""
     weight = initializer("zeros" if zero_init else HeNormal(mode="fan_out", nonlinearity="relu"),
@@ -118,8 +128,11 @@ class ResNet50(nn.Cell):
         self.conv1 = _conv(IMAGE_CHANNELS, stem_channels, STEM_KERNEL, STEM_STRIDE)
         self.bn1 = _norm(stem_channels, bb.norm, bb.freeze_bn or self.frozen_stages >= 1)
         self.relu = nn.ReLU()
-        self.maxpool = nn.MaxPool2d(kernel_size=STEM_POOL_KERNEL, stride=STEM_POOL_STRIDE, pad_mode="pad",
-                                    padding=STEM_POOL_KERNEL // 2)
+        # Zero padding + an unpadded pool: the pool's input is a ReLU output (>= 0), so the maxima equal those of
+        # a padded pool, which MindSpore runs as MaxPool3DWithArgmax (65 ms per 384x640 batch on CPU against
+        # 24 ms, and the ONNX exporter has no conversion for it).
+        self.stem_pool_padding = STEM_POOL_KERNEL // 2
+        self.maxpool = nn.MaxPool2d(kernel_size=STEM_POOL_KERNEL, stride=STEM_POOL_STRIDE, pad_mode="valid")
         stages = []
         for index, (depth, in_channels, out_channels) in enumerate(
                 zip(bb.resnet_block, bb.resnet_in_channels, bb.resnet_out_channels)):
@@ -141,7 +154,8 @@ class ResNet50(nn.Cell):
         return ops.stop_gradient(x) if stage_number == self.frozen_stages else x
 
     def construct(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))    # (B, 64, H/4, W/4)
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(_zero_pad(x, self.stem_pool_padding))  # (B, 64, H/4, W/4)
         c2 = self._freeze_output(self.layer1(x), 1)              # (B, 256, H/4, W/4)
         c3 = self._freeze_output(self.layer2(c2), 2)             # (B, 512, H/8, W/8)
         c4 = self._freeze_output(self.layer3(c3), 3)             # (B, 1024, H/16, W/16)
