@@ -138,7 +138,6 @@ def run_mindir(mindir_path: str, input_dir: str, result_dir: str, cfg: Config) -
 
     if not os.path.isfile(mindir_path):
         raise FileNotFoundError(f"MINDIR '{mindir_path}' does not exist")
-    cpu_conv.cap_isa_for_mindspore_kernels()        # the exported graph holds MindSpore's own Conv2D
     net = nn.GraphCell(ms.load(mindir_path))
     image_ids = list_image_ids(input_dir)
     os.makedirs(result_dir, exist_ok=True)
@@ -156,6 +155,9 @@ def main(argv=None) -> None:
     parser.add_argument("--input_dir", required=True, help="preprocess.py output")
     parser.add_argument("--result_dir", required=True)
     args, cfg = config_from_args(parser, argv)
+    # The exported graph holds MindSpore's own Conv2D. Set here, not in run_mindir: the cap is per process, and
+    # in a caller's process it would leak into the environment of the processes it starts.
+    cpu_conv.cap_isa_for_mindspore_kernels()
     setup_context("CPU")
     count, seconds = run_mindir(args.mindir_path, args.input_dir, args.result_dir, cfg)
     print(f"inferred {count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):.2f} images/s)")

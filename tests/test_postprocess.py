@@ -126,8 +126,10 @@ def test_exported_model_offline_gives_the_eval_metrics(narrow_model, narrow_mind
     cfg = narrow_model.cfg
     _, ann_file = val_paths(cfg)
     result_dir = str(tmp_path / "result_files")
+    environment = dict(os.environ)
     count, _ = run_mindir(narrow_mindir.path, preprocessed, result_dir, cfg)
     assert count == len(load_coco(ann_file).getImgIds())
+    assert dict(os.environ) == environment      # e.g. an ISA cap would reach the processes started after it
     run = run_python(os.path.join(ROOT, "postprocess.py"), "--result_dir", result_dir, "--input_dir", preprocessed,
                      "--ann_file", ann_file, "--output_dir", str(tmp_path), "--config", "tiny")
     assert run.returncode == 0, run.stderr[-2000:]
