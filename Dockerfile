@@ -4,8 +4,8 @@
 ARG FROM_IMAGE_NAME=python:3.11-slim
 FROM ${FROM_IMAGE_NAME}
 
-# g++ builds src/cpu_conv.cpp (the CPU convolution kernels) on first use; without it CPU runs fall back to
-# MindSpore's slower convolutions.
+# g++ builds src/cpu_kernels.cpp (our CPU convolution and RoIAlign kernels) on first use; without it, CPU runs
+# fall back to MindSpore's slower operators.
 RUN if command -v apt-get >/dev/null && ! command -v g++ >/dev/null; then \
         apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*; fi
 COPY requirements.txt /tmp/maskrcnn/requirements.txt

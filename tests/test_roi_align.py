@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from mindspore import nn
 
+from src import cpu_kernels
 from src.config import load_config
 from src.maskrcnn.roi_align import MultiLevelRoIAlign, SingleLevelRoIAlign, roi_levels
 
@@ -175,3 +176,44 @@ def test_gradient_is_the_adjoint_of_the_forward_pass():
             want[0, 0, y, x] = sum((np_roi_align(impulse, roi[1:], stride, out, samples) * g).sum()
                                    for roi, g in zip(rois, cotangent))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+class PoolWeighted(nn.Cell):
+    """sum(pool(rois, maps) * cotangent), so that its gradients are the pool's vector-Jacobian product."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.pool = pool
+
+    def construct(self, p2, p3, p4, p5, rois, cotangent):
+        return (self.pool(rois, (p2, p3, p4, p5)) * cotangent).sum()
+
+
+@pytest.mark.parametrize("out_attr", ["roi_out_size", "mask_out_size"])
+def test_cpu_kernel_matches_the_table_implementation(cfg, out_attr):
+    """The CPU kernel (src/cpu_kernels.cpp) and the gather-table version agree on values and map gradients, on RoIs
+    of every level, narrow ones and ones partly outside the image."""
+    out = getattr(cfg.roi, out_attr)
+    rng = np.random.default_rng(11)
+    feats = [ms.Tensor(f) for f in pyramid(cfg, rng)]
+    height, width = cfg.data.img_height, cfg.data.img_width
+    rois = np.concatenate([random_rois(rng, 24, (height, width)),
+                           np.array([[0, 10, 10, 10.5, 40], [1, -30, -20, 60, 50], [1, width - 20, 5, width + 40, 30]],
+                                    np.float32)])
+    kernel_pool = MultiLevelRoIAlign(cfg, out)
+    with cpu_kernels.mindspore_kernels():
+        table_pool = MultiLevelRoIAlign(cfg, out)
+    assert kernel_pool.kernel is not None and table_pool.kernel is None
+    got = PoolNet(cfg, out)
+    got.pool = kernel_pool
+    want = PoolNet(cfg, out)
+    want.pool = table_pool
+    np.testing.assert_allclose(got(ms.Tensor(rois), tuple(feats)).asnumpy(),
+                               want(ms.Tensor(rois), tuple(feats)).asnumpy(), rtol=1e-5, atol=1e-5)
+    cotangent = ms.Tensor(rng.normal(size=(len(rois), CHANNELS, out, out)).astype(np.float32))
+    positions = (0, 1, 2, 3)
+    grads_got = ms.grad(PoolWeighted(kernel_pool), grad_position=positions)(*feats, ms.Tensor(rois), cotangent)
+    grads_want = ms.grad(PoolWeighted(table_pool), grad_position=positions)(*feats, ms.Tensor(rois), cotangent)
+    for mine, theirs in zip(grads_got, grads_want):
+        assert np.any(theirs.asnumpy())
+        np.testing.assert_allclose(mine.asnumpy(), theirs.asnumpy(), rtol=1e-4, atol=1e-4)

@@ -10,7 +10,7 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import XavierUniform, initializer
 
-from src.cpu_conv import Conv2d
+from src.cpu_kernels import Conv2d
 
 P6_STRIDE = 2
 

@@ -18,7 +18,7 @@ from src.maskrcnn.proposal_generator import Proposal
 from src.maskrcnn.rcnn_cls import RcnnCls, select_class
 from src.maskrcnn.rcnn_mask import RcnnMask
 from src.maskrcnn.resnet50 import ResNet50
-from src.maskrcnn.roi_align import MultiLevelRoIAlign, flatten_levels
+from src.maskrcnn.roi_align import MultiLevelRoIAlign
 from src.maskrcnn.rpn import RPN
 
 LOSS_NAMES = ("rpn_loss", "rcnn_loss", "rpn_cls_loss", "rpn_reg_loss", "rcnn_cls_loss", "rcnn_reg_loss",
@@ -172,7 +172,7 @@ class MaskRcnnResnet50(nn.Cell):
         rois, labels, label_weights, bbox_targets, bbox_weights, pos_gt_index, pos_valid = _stack_fields(
             samples)                                                                  # (B, S, ...)
         batch = rois.shape[0]
-        roi_table = flatten_levels(feats[:self.num_roi_levels])                       # shared by both pools
+        roi_table = self.box_roi_align.table(feats)                                  # shared by both pools
         roi_feats = self.box_roi_align.pool(_with_batch_index(rois), roi_table, feats)
         cls_logits, deltas = self.rcnn_cls(roi_feats)                                 # (B * rows, C), (.., C, 4)
         rcnn_cls_loss, rcnn_reg_loss = self.rcnn_cls.loss(
@@ -211,7 +211,7 @@ class MaskRcnnResnet50(nn.Cell):
     def _detect(self, feats, cls_scores, bbox_deltas, image_shape):
         proposals, proposal_valid = self.test_proposals(cls_scores, bbox_deltas, self.level_anchors, image_shape)
         batch, num_proposals = proposals.shape[0], proposals.shape[1]
-        roi_table = flatten_levels(feats[:self.num_roi_levels])                       # shared by both pools
+        roi_table = self.box_roi_align.table(feats)                                  # shared by both pools
         roi_feats = self.box_roi_align.pool(_with_batch_index(proposals), roi_table, feats)
         cls_logits, deltas = self.rcnn_cls(roi_feats)                                 # (B * P, C), (B * P, C, 4)
         num_classes = cls_logits.shape[1]

@@ -13,7 +13,7 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal, Normal
 
-from src.cpu_conv import Conv2d, Conv2dTranspose
+from src.cpu_kernels import Conv2d, Conv2dTranspose
 from src.maskrcnn.rcnn_cls import select_class
 from src.maskrcnn.roi_align import SingleLevelRoIAlign
 

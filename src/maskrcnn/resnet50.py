@@ -42,7 +42,7 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal, initializer
 
-from src.cpu_conv import Conv2d
+from src.cpu_kernels import Conv2d
 
 IMAGE_CHANNELS = 3                  # RGB
 BOTTLENECK_EXPANSION = 4            # a bottleneck's 3x3 conv has out_channels / 4 channels

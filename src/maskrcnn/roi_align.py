@@ -20,6 +20,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from src import cpu_kernels
+
 # Tolerance of the level rule floor(log2(scale / finest_scale + eps)): a RoI within eps of a level's
 # lower bound already belongs to it.
 LEVEL_EPS = 1e-6
@@ -167,13 +169,22 @@ class MultiLevelRoIAlign(nn.Cell):
         self.num_levels = len(strides)
         self.out_size = out_size
         self.table_pool = _TableRoIAlign(out_size, sample_ratio)
+        self.kernel = cpu_kernels.roi_align_kernel(out_size, self.num_levels)
+        self.kernel_settings = ms.Tensor(np.array((sample_ratio,) + self.strides, np.float32))
+
+    def table(self, feats):
+        """What `pool` reads the maps from: the channels-last table, or None when the CPU kernel reads the maps."""
+        return flatten_levels(feats[:self.num_levels]) if self.kernel is None else None
 
     def pool(self, rois, table, feats):
-        shapes = ()
-        for level in range(self.num_levels):
-            shapes += (feats[level].shape,)
         level = roi_levels(rois, self.finest_scale, self.num_levels)
+        if self.kernel is not None:
+            return self.kernel(ops.stop_gradient(rois), level, self.kernel_settings, feats[0], feats[1], feats[2],
+                               feats[3])
+        shapes = ()
+        for index in range(self.num_levels):
+            shapes += (feats[index].shape,)
         return self.table_pool(table, rois, level, shapes, self.strides)
 
     def construct(self, rois, feats):
-        return self.pool(rois, flatten_levels(feats[:self.num_levels]), feats)
+        return self.pool(rois, self.table(feats), feats)

@@ -1,10 +1,11 @@
-"""src.cpu_conv: the oneDNN convolution kernels give MindSpore's results and gradients, and are what the model runs."""
+"""src.cpu_kernels: the oneDNN convolutions give MindSpore's results and gradients, and the model runs them
+(the RoIAlign kernel is tested against the table version in test_roi_align.py)."""
 import numpy as np
 import mindspore as ms
 import pytest
 from mindspore import nn, ops
 
-from src import cpu_conv
+from src import cpu_kernels
 from src.config import load_config
 from src.maskrcnn.mask_rcnn_r50 import MaskRcnnResnet50
 
@@ -33,15 +34,15 @@ class _Gradients(nn.Cell):
 
 def test_the_library_builds_here():
     """Without it every CPU run silently falls back to the slower kernels."""
-    assert cpu_conv.library() is not None
+    assert cpu_kernels.library() is not None
 
 
 @pytest.mark.parametrize("cls, args, kwargs, shape", LAYERS)
 def test_matches_mindspore_kernels_forward_and_backward(cls, args, kwargs, shape):
     ms.set_seed(0)
-    fast = getattr(cpu_conv, cls)(*args, **kwargs)
-    with cpu_conv.mindspore_kernels():
-        reference = getattr(cpu_conv, cls)(*args, **kwargs)
+    fast = getattr(cpu_kernels, cls)(*args, **kwargs)
+    with cpu_kernels.mindspore_kernels():
+        reference = getattr(cpu_kernels, cls)(*args, **kwargs)
     assert fast.onednn is not None and reference.onednn is None
     for mine, theirs in zip(fast.get_parameters(), reference.get_parameters()):
         theirs.set_data(ms.Tensor(mine.asnumpy()))
@@ -58,24 +59,26 @@ def test_matches_mindspore_kernels_forward_and_backward(cls, args, kwargs, shape
         np.testing.assert_allclose(mine.asnumpy(), theirs.asnumpy(), rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("kwargs", [dict(stride=3, pad_mode="pad", padding=1), dict(pad_mode="pad", padding=(1, 1, 0, 0)),
+@pytest.mark.parametrize("kwargs", [dict(stride=3, pad_mode="pad", padding=1),
+                                    dict(pad_mode="pad", padding=(1, 1, 0, 0)),
                                     dict(dilation=2, pad_mode="pad", padding=2), dict(pad_mode="pad", padding=4)])
 def test_geometries_without_kernels_use_mindspore(kwargs):
-    layer = cpu_conv.Conv2d(4, 4, 3, **kwargs)
+    layer = cpu_kernels.Conv2d(4, 4, 3, **kwargs)
     assert layer.onednn is None
     assert layer(ms.Tensor(np.ones((1, 4, 9, 9), np.float32))).shape[:2] == (1, 4)
 
 
 def test_switched_off_by_environment(monkeypatch):
-    monkeypatch.setenv(cpu_conv.ENV_SWITCH, "mindspore")
-    assert cpu_conv.library() is None
-    assert cpu_conv.Conv2d(4, 4, 3, pad_mode="pad", padding=1).onednn is None
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "mindspore")
+    assert cpu_kernels.library() is None
+    assert cpu_kernels.Conv2d(4, 4, 3, pad_mode="pad", padding=1).onednn is None
 
 
-def test_every_convolution_of_the_model_runs_on_the_kernels():
+def test_every_convolution_and_roi_pool_of_the_model_runs_on_the_kernels():
     """With the ISA uncapped, a MindSpore Conv2D left in the model would run as oneDNN's reference loop."""
     net = MaskRcnnResnet50(load_config("tiny"))
+    assert net.box_roi_align.kernel is not None and net.mask_roi_align.kernel is not None
     convolutions = [cell for _, cell in net.cells_and_names() if isinstance(cell, (nn.Conv2d, nn.Conv2dTranspose))]
     assert len(convolutions) > 50
-    assert all(isinstance(cell, (cpu_conv.Conv2d, cpu_conv.Conv2dTranspose)) and cell.onednn is not None
+    assert all(isinstance(cell, (cpu_kernels.Conv2d, cpu_kernels.Conv2dTranspose)) and cell.onednn is not None
                for cell in convolutions)

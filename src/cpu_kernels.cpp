@@ -1,5 +1,5 @@
-// Convolution kernels for MindSpore CPU graphs (ops.Custom, func_type "aot"), run by the oneDNN library that
-// MindSpore itself ships (mindspore/lib/libdnnl.so.3).
+// CPU kernels for MindSpore graphs (ops.Custom, func_type "aot"): convolutions run by the oneDNN library that
+// MindSpore itself ships (mindspore/lib/libdnnl.so.3), and RoIAlign over an FPN pyramid (at the end).
 //
 // Why: MindSpore's own CPU Conv2D gives oneDNN plain OIHW weights. With plain weights oneDNN's AVX-512 code path
 // ends in a reference loop (~1 GFLOP/s), so it had to be capped at AVX2 (im2col + AVX2 GEMM, ~190 GFLOP/s).
@@ -12,10 +12,13 @@
 //   ConvBackwardData(dy, w, x) -> dx                (x gives dx's shape only)
 //   ConvBackwardWeights(x, dy, w) -> dw             (w gives dw's shape only)
 //   DeconvForward(x, w) -> y                        (transposed convolution = convolution backward data)
+// and RoiAlignForward7 / 14, RoiAlignBackward7 / 14 (see RoiProblem).
 #include <oneapi/dnnl/dnnl.hpp>
 #include <oneapi/dnnl/dnnl_threadpool.hpp>
 #include <sched.h>
 
+#include <algorithm>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
@@ -248,7 +251,7 @@ int Run(Pass pass, const int64_t *src_shape, const int64_t *weights_shape, const
     rt.stream.wait();
     return 0;
   } catch (const std::exception &error) {
-    std::fprintf(stderr, "cpu_conv: oneDNN failed: %s\n", error.what());
+    std::fprintf(stderr, "cpu_kernels: oneDNN failed: %s\n", error.what());
     return 1;
   }
 }
@@ -299,3 +302,167 @@ CPU_CONV_ENTRY_POINTS(2, 0)
 CPU_CONV_ENTRY_POINTS(2, 1)
 CPU_CONV_ENTRY_POINTS(2, 2)
 CPU_CONV_ENTRY_POINTS(2, 3)
+
+// ---------------------------------------------------------------------------------------------------------------
+// RoIAlign over an FPN pyramid, the conventions of src/maskrcnn/roi_align.py, read straight from the NCHW maps.
+namespace {
+
+struct AxisTaps {  // per sample along one axis: the two cells and their weights (bin average folded in)
+  std::vector<int> low, high;
+  std::vector<float> w_low, w_high;
+};
+
+void ComputeAxisTaps(float start, float extent, int size, int samples, int sample_ratio, AxisTaps *taps) {
+  taps->low.resize(samples), taps->high.resize(samples), taps->w_low.resize(samples), taps->w_high.resize(samples);
+  for (int k = 0; k < samples; ++k) {
+    float coord = start + (static_cast<float>(k) + 0.5f) / static_cast<float>(samples) * extent;
+    float inside = (coord >= -1.0f && coord <= static_cast<float>(size)) ? 1.0f : 0.0f;
+    coord = std::min(std::max(coord, 0.0f), static_cast<float>(size - 1));
+    float low = std::floor(coord);
+    float frac = coord - low;
+    float scale = inside / static_cast<float>(sample_ratio);
+    taps->low[k] = static_cast<int>(low);
+    taps->high[k] = std::min(static_cast<int>(low) + 1, size - 1);
+    taps->w_low[k] = (1.0f - frac) * scale;
+    taps->w_high[k] = frac * scale;
+  }
+}
+
+// Inputs shared by both passes: rois (R, 5), level (R,) int32, settings (1 + L,) = sample_ratio, strides...,
+// then the L maps (B, C, h_l, w_l) (for the backward pass only their shapes are used). Each RoI's taps are
+// worked out once, as (cell offset in a channel plane, weight) per tap, grouped by output bin, and serve all
+// channels.
+struct RoiProblem {
+  int rois = 0, channels = 0, bins = 0, taps_per_bin = 0;
+  std::vector<const int64_t *> map_shapes;
+  std::vector<int> level, image;
+  std::vector<int32_t> offset;  // (R, bins, taps_per_bin)
+  std::vector<float> weight;    // (R, bins, taps_per_bin)
+
+  int64_t PlaneBase(int r, int64_t c) const {  // first element of RoI r's channel c plane in its level's map
+    const int64_t *shape = map_shapes[level[r]];
+    return (static_cast<int64_t>(image[r]) * shape[1] + c) * shape[2] * shape[3];
+  }
+};
+
+RoiProblem MakeRoiProblem(int out, const float *rois, const int32_t *level, const float *settings, int levels,
+                          int num_rois, int64_t **map_shapes) {
+  RoiProblem p;
+  int sr = static_cast<int>(settings[0]);
+  p.rois = num_rois, p.channels = static_cast<int>(map_shapes[0][1]), p.bins = out * out;
+  p.taps_per_bin = sr * sr * 4;
+  p.map_shapes.assign(map_shapes, map_shapes + levels);
+  p.level.resize(num_rois), p.image.resize(num_rois);
+  p.offset.resize(static_cast<size_t>(num_rois) * p.bins * p.taps_per_bin);
+  p.weight.resize(p.offset.size());
+  AxisTaps y, x;
+  for (int r = 0; r < num_rois; ++r) {
+    const float *roi = rois + 5 * r;
+    int l = std::min(std::max(static_cast<int>(level[r]), 0), levels - 1);
+    p.level[r] = l, p.image[r] = static_cast<int>(roi[0]);
+    float stride = settings[1 + l];
+    int height = static_cast<int>(map_shapes[l][2]), width = static_cast<int>(map_shapes[l][3]);
+    float roi_w = std::max((roi[3] - roi[1]) / stride, 1.0f), roi_h = std::max((roi[4] - roi[2]) / stride, 1.0f);
+    ComputeAxisTaps(roi[2] / stride - 0.5f, roi_h, height, out * sr, sr, &y);
+    ComputeAxisTaps(roi[1] / stride - 0.5f, roi_w, width, out * sr, sr, &x);
+    size_t t = static_cast<size_t>(r) * p.bins * p.taps_per_bin;
+    for (int by = 0; by < out; ++by) {
+      for (int bx = 0; bx < out; ++bx) {
+        for (int sy = by * sr; sy < (by + 1) * sr; ++sy) {
+          for (int sx = bx * sr; sx < (bx + 1) * sr; ++sx) {
+            const int rows[2] = {y.low[sy], y.high[sy]}, cols[2] = {x.low[sx], x.high[sx]};
+            const float row_w[2] = {y.w_low[sy], y.w_high[sy]}, col_w[2] = {x.w_low[sx], x.w_high[sx]};
+            for (int i = 0; i < 2; ++i) {
+              for (int j = 0; j < 2; ++j, ++t) {
+                p.offset[t] = rows[i] * width + cols[j];
+                p.weight[t] = row_w[i] * col_w[j];
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  return p;
+}
+
+// Splits [0, n) over the pool's threads.
+template <typename Body>
+void ParallelRange(Runtime &rt, int64_t n, Body body) {
+  int jobs = static_cast<int>(std::min<int64_t>(n, rt.pool.get_num_threads()));
+  rt.pool.parallel_for(jobs, [&](int job, int total) {
+    body(n * job / total, n * (job + 1) / total);
+  });
+}
+
+int RoiAlignForward(int out, int nparam, void **params, int64_t **shapes) {
+  int levels = nparam - 4;
+  if (levels < 1) return 2;
+  Runtime &rt = GetRuntime();
+  std::lock_guard<std::mutex> lock(rt.mutex);
+  RoiProblem p = MakeRoiProblem(out, static_cast<float *>(params[0]), static_cast<int32_t *>(params[1]),
+                                static_cast<float *>(params[2]), levels, static_cast<int>(shapes[0][0]), shapes + 3);
+  float *output = static_cast<float *>(params[nparam - 1]);
+  // One job = one (RoI, channel) pair: its bins.
+  ParallelRange(rt, static_cast<int64_t>(p.rois) * p.channels, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      int r = static_cast<int>(job / p.channels);
+      const float *plane = static_cast<const float *>(params[3 + p.level[r]]) + p.PlaneBase(r, job % p.channels);
+      const int32_t *offset = p.offset.data() + static_cast<size_t>(r) * p.bins * p.taps_per_bin;
+      const float *weight = p.weight.data() + static_cast<size_t>(r) * p.bins * p.taps_per_bin;
+      float *dst = output + job * p.bins;
+      for (int bin = 0; bin < p.bins; ++bin, offset += p.taps_per_bin, weight += p.taps_per_bin) {
+        float sum = 0.0f;
+        for (int t = 0; t < p.taps_per_bin; ++t) sum += weight[t] * plane[offset[t]];
+        dst[bin] = sum;
+      }
+    }
+  });
+  return 0;
+}
+
+int RoiAlignBackward(int out, int nparam, void **params, int64_t **shapes) {
+  // Inputs: dout (R, C, out, out), rois, level, settings, the L maps (shapes only); outputs: L map gradients.
+  int levels = (nparam - 4) / 2;
+  if (levels < 1 || nparam != 4 + 2 * levels) return 2;
+  Runtime &rt = GetRuntime();
+  std::lock_guard<std::mutex> lock(rt.mutex);
+  RoiProblem p = MakeRoiProblem(out, static_cast<float *>(params[1]), static_cast<int32_t *>(params[2]),
+                                static_cast<float *>(params[3]), levels, static_cast<int>(shapes[1][0]), shapes + 4);
+  const float *dout = static_cast<const float *>(params[0]);
+  for (int l = 0; l < levels; ++l) {
+    const int64_t *shape = p.map_shapes[l];
+    float *grad = static_cast<float *>(params[4 + levels + l]);
+    std::fill(grad, grad + shape[0] * shape[1] * shape[2] * shape[3], 0.0f);
+  }
+  // One job = one channel over every RoI: each writes its own planes, so no two threads add to the same cell.
+  ParallelRange(rt, p.channels, [&](int64_t begin, int64_t end) {
+    for (int r = 0; r < p.rois; ++r) {
+      for (int64_t c = begin; c < end; ++c) {
+        float *plane = static_cast<float *>(params[4 + levels + p.level[r]]) + p.PlaneBase(r, c);
+        const int32_t *offset = p.offset.data() + static_cast<size_t>(r) * p.bins * p.taps_per_bin;
+        const float *weight = p.weight.data() + static_cast<size_t>(r) * p.bins * p.taps_per_bin;
+        const float *grad = dout + (static_cast<int64_t>(r) * p.channels + c) * p.bins;
+        for (int bin = 0; bin < p.bins; ++bin, offset += p.taps_per_bin, weight += p.taps_per_bin) {
+          for (int t = 0; t < p.taps_per_bin; ++t) plane[offset[t]] += weight[t] * grad[bin];
+        }
+      }
+    }
+  });
+  return 0;
+}
+
+}  // namespace
+
+#define ROI_ALIGN_ENTRY_POINTS(OUT)                                                                              \
+  extern "C" int RoiAlignForward##OUT(int nparam, void **params, int *, int64_t **shapes, const char **, void *, \
+                                      void *) {                                                                 \
+    return RoiAlignForward(OUT, nparam, params, shapes);                                                        \
+  }                                                                                                             \
+  extern "C" int RoiAlignBackward##OUT(int nparam, void **params, int *, int64_t **shapes, const char **, void *,\
+                                       void *) {                                                                \
+    return RoiAlignBackward(OUT, nparam, params, shapes);                                                       \
+  }
+
+ROI_ALIGN_ENTRY_POINTS(7)
+ROI_ALIGN_ENTRY_POINTS(14)

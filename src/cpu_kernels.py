@@ -1,12 +1,14 @@
-"""Convolutions on CPU through oneDNN's AVX-512 kernels (`cpu_conv.cpp`), as drop-in nn.Conv2d / nn.Conv2dTranspose.
+"""CPU kernels of our own (`cpu_kernels.cpp`): convolutions on oneDNN's AVX-512 kernels as drop-in nn.Conv2d /
+nn.Conv2dTranspose, and RoIAlign read straight from the NCHW pyramid maps.
 
 MindSpore's own CPU Conv2D passes oneDNN plain OIHW weights, which leaves it AVX2 at best (AVX-512 falls to a
-reference loop, hence the ISA cap in `src/__init__.py`). The kernels here let oneDNN pick its layouts and
-measured ~2x faster per convolution (bench/bench_conv.py). They are built once per source version into
-build/cpu_conv/ with g++ against MindSpore's bundled libdnnl and oneDNN's headers (the `onednn-devel` wheel,
-fetched by pip). The layers keep nn.Conv2d's parameters, so checkpoints do not change; they fall back to
-MindSpore's kernels when the device is not CPU, when the library cannot be built (a warning says why), when
-MASKRCNN_CPU_CONV=mindspore, or inside `mindspore_kernels()` (export: MINDIR/ONNX hold standard operators only).
+reference loop, hence the ISA cap in `src/__init__.py`); ours let oneDNN pick its layouts, 1.4-3.7x faster per
+convolution (bench/bench_conv.py). The RoIAlign kernel replaces roi_align.py's gather table (transposes, a
+materialised gather and its scatter-add gradient). Built once per source version into build/cpu_kernels/ with
+g++ against MindSpore's bundled libdnnl and oneDNN's headers (the `onednn-devel` wheel, fetched by pip). The
+layers keep nn.Conv2d's parameters, so checkpoints do not change. Everything falls back to MindSpore's
+operators when the device is not CPU, when the library cannot be built (a warning says why), when
+MASKRCNN_CPU_KERNELS=mindspore, or inside `mindspore_kernels()` (export: MINDIR/ONNX hold standard operators).
 """
 import contextlib
 import hashlib
@@ -25,9 +27,9 @@ from mindspore import nn, ops
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = Path(__file__).with_suffix(".cpp")
-BUILD_DIR = ROOT / "build" / "cpu_conv"
+BUILD_DIR = ROOT / "build" / "cpu_kernels"
 HEADERS_PACKAGE = "onednn-devel==2026.1.0"
-ENV_SWITCH = "MASKRCNN_CPU_CONV"       # "mindspore" turns these kernels off
+ENV_SWITCH = "MASKRCNN_CPU_KERNELS"       # "mindspore" turns these kernels off
 # MindSpore's libdnnl runs on a thread pool its caller provides; the headers must say so.
 THREADING_DEFINE = "#define DNNL_CPU_THREADING_RUNTIME"
 
@@ -42,7 +44,7 @@ def _mindspore_lib_dir():
 def library_path() -> Path:
     """Where the library for the current source is (the name carries the source's hash)."""
     digest = hashlib.sha256(SOURCE.read_bytes() + HEADERS_PACKAGE.encode()).hexdigest()[:12]
-    return BUILD_DIR / f"libcpu_conv-{digest}.so"
+    return BUILD_DIR / f"libcpu_kernels-{digest}.so"
 
 
 def _fetch_headers(include_dir: Path):
@@ -67,7 +69,7 @@ def _fetch_headers(include_dir: Path):
 
 
 def build() -> Path:
-    """Compile cpu_conv.cpp into library_path() (temp file + rename, so concurrent processes are safe)."""
+    """Compile cpu_kernels.cpp into library_path() (temp file + rename, so concurrent processes are safe)."""
     target = library_path()
     if target.exists():
         return target
@@ -116,7 +118,7 @@ def cap_isa_for_mindspore_kernels():
 
 @contextlib.contextmanager
 def mindspore_kernels():
-    """Layers built inside use MindSpore's own convolution operators (for export)."""
+    """Layers built inside use MindSpore's own operators (for export)."""
     previous = _state["forced_off"]
     _state["forced_off"] = True
     try:
@@ -130,7 +132,7 @@ def enabled() -> bool:
     return (not _state["forced_off"] and ms.get_context("device_target") == "CPU" and library() is not None)
 
 
-# Geometries the library has entry points for (cpu_conv.cpp): the same stride on both axes and the same padding on
+# Geometries the library has entry points for (cpu_kernels.cpp): the same stride on both axes and the same padding on
 # every side. Other layers run on MindSpore's kernels.
 STRIDES = (1, 2)
 PADDINGS = (0, 1, 2, 3)
@@ -218,3 +220,27 @@ class Conv2dTranspose(nn.Conv2dTranspose):
         if self.has_bias:
             output = self.bias_add(output, self.bias)
         return output
+
+
+ROI_ALIGN_SIZES = (7, 14)     # output sizes the library has RoIAlign entry points for
+ROI_ALIGN_LEVELS = 4          # pyramid levels it takes (a graph-mode bprop cannot take *args)
+
+
+def roi_align_kernel(out_size: int, levels: int):
+    """(rois (R, 5), level (R,) int32, settings (1 + L,) = (sample_ratio, stride per level), L maps (B, C, h, w))
+    -> (R, C, out_size, out_size), with its gradient to the maps; None where the library cannot run it."""
+    if not enabled() or out_size not in ROI_ALIGN_SIZES or levels != ROI_ALIGN_LEVELS:
+        return None
+    backward = ops.Custom(f"{library()}:RoiAlignBackward{out_size}",
+                          out_shape=lambda dout, rois, level, settings, m0, m1, m2, m3: [m0, m1, m2, m3],
+                          out_dtype=lambda dout, rois, level, settings, m0, m1, m2, m3: [m0, m1, m2, m3],
+                          func_type="aot")
+
+    def bprop(rois, level, settings, m0, m1, m2, m3, out, dout):
+        grads = backward(dout, rois, level, settings, m0, m1, m2, m3)
+        return ops.zeros_like(rois), ops.zeros_like(level), ops.zeros_like(settings), grads[0], grads[1], grads[2], \
+            grads[3]
+
+    return ops.Custom(f"{library()}:RoiAlignForward{out_size}",
+                      out_shape=lambda rois, level, settings, m0, m1, m2, m3: [rois[0], m0[1], out_size, out_size],
+                      out_dtype=lambda rois, level, settings, m0, m1, m2, m3: m0, func_type="aot", bprop=bprop)
