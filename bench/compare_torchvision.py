@@ -93,7 +93,7 @@ def time_calls(run, steps):
 
 def run_ours(job):
     sys.path.insert(0, ROOT)
-    from src.config import load_config              # importing src caps oneDNN at AVX2, before any kernel exists
+    from src.config import load_config              # importing src loads our CPU kernels (or caps oneDNN at AVX2)
     from src.maskrcnn.mask_rcnn_r50 import LOSS_NAMES, MaskRcnnResnet50
     from src.network_define import build_train_step
 

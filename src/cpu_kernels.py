@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,8 +63,11 @@ def _fetch_headers(include_dir: Path):
         lines = config.read_text().splitlines()
         config.write_text("\n".join(f"{THREADING_DEFINE} DNNL_RUNTIME_THREADPOOL" if line.startswith(THREADING_DEFINE)
                                     else line for line in lines) + "\n")
-        shutil.rmtree(include_dir, ignore_errors=True)
-        staging.rename(include_dir)
+        try:
+            staging.rename(include_dir)       # atomic: a process compiling meanwhile sees all headers or none
+        except OSError:
+            if not (include_dir / "oneapi" / "dnnl" / "dnnl.hpp").exists():
+                raise                         # else another process unpacked them first
 
 
 def build() -> Path:
@@ -105,8 +107,8 @@ def library():
             _state["library"] = str(build())
         except (OSError, RuntimeError, subprocess.CalledProcessError, StopIteration) as error:
             detail = getattr(error, "stderr", "") or ""
-            warnings.warn(f"CPU convolutions fall back to MindSpore's AVX2 kernels: cannot build {SOURCE.name} "
-                          f"({error} {detail.strip()[-500:]})")
+            warnings.warn(f"CPU kernels fall back to MindSpore's operators (convolutions at AVX2): cannot build "
+                          f"{SOURCE.name} ({error} {detail.strip()[-500:]})")
     return _state["library"]
 
 

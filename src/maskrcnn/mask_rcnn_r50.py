@@ -117,8 +117,6 @@ class MaskRcnnResnet50(nn.Cell):
         self.rcnn_cls = RcnnCls(cfg)
         self.rcnn_mask = RcnnMask(cfg)
         roi = cfg.roi
-        num_roi_levels = len(roi.roi_align_featmap_strides)
-        self.num_roi_levels = num_roi_levels
         self.box_roi_align = MultiLevelRoIAlign(cfg, roi.roi_out_size, roi.roi_align_featmap_strides,
                                                 roi.roi_align_finest_scale, roi.roi_sample_ratio)
         self.mask_roi_align = MultiLevelRoIAlign(cfg, roi.mask_out_size, roi.roi_align_featmap_strides,

@@ -15,6 +15,8 @@ multi-level pool costs one level's work, shapes stay static, and the backward is
 (scatter-add of the same taps). ops.ROIAlign is not used: on CPU it pooled all RoIs on every level at
 ~10x the cost, and its gradient kernel ignores roi_end_mode (it spreads the gradient over a box one
 input pixel larger, without the one-cell widening), so it was not the adjoint of the forward pass.
+On CPU, MultiLevelRoIAlign runs the C++ kernel of src/cpu_kernels instead, which reads the NCHW maps
+without a table (tested against this version); the table version serves other devices and export.
 """
 import mindspore as ms
 import numpy as np
@@ -157,7 +159,9 @@ class MultiLevelRoIAlign(nn.Cell):
 
     construct(rois (R, 5) = (batch index, x1, y1, x2, y2) in input pixels,
               feats: tuple of one (B, C, h_l, w_l) map per stride) -> (R, C, out_size, out_size).
-    `pool(rois, table, feats)` does the same from a table of `flatten_levels(feats)` that several pools share.
+    `pool(rois, table, feats)` does the same from `table(feats)`, which several pools may share: the
+    channels-last table of `flatten_levels`, or None on CPU, where the RoIAlign kernel of src/cpu_kernels
+    (same conventions; 4 levels, out_size 7 or 14) reads the maps directly.
     """
 
     def __init__(self, cfg, out_size: int, featmap_strides=None, finest_scale=None, sample_ratio=None):
