@@ -185,7 +185,7 @@ Plan MakePlan(Runtime &rt, Pass pass, const memory::dims &src, const memory::dim
   throw std::logic_error("unknown pass");
 }
 
-// The plain NCHW tensor itself when the primitive wants that layout, else a reordered copy.
+// A memory of `desc` over the slot's kept buffer, grown when needed.
 memory Scratch(Runtime &rt, Slot slot, const memory::desc &desc) {
   std::vector<float> &buffer = rt.scratch[slot];
   size_t floats = (desc.get_size() + sizeof(float) - 1) / sizeof(float);
@@ -193,6 +193,7 @@ memory Scratch(Runtime &rt, Slot slot, const memory::desc &desc) {
   return memory(desc, rt.engine, buffer.data());
 }
 
+// The plain NCHW tensor itself when the primitive wants that layout, else a reordered copy.
 memory Inbound(Runtime &rt, Slot slot, const memory::desc &wanted, const memory &plain) {
   if (wanted == plain.get_desc()) return plain;
   memory copy = Scratch(rt, slot, wanted);
@@ -256,43 +257,32 @@ int Run(Pass pass, const int64_t *src_shape, const int64_t *weights_shape, const
   }
 }
 
-bool CheckArgs(int nparam, int expected, const int *ndims, const char **dtypes) {
-  if (nparam != expected) return false;
+// An entry point's call: checks the arguments (`inputs` float32 4-d tensors, then the output), then runs `pass`
+// with params[src], params[weights], params[dst] as the convolution's source, weights and destination.
+int Call(Pass pass, int inputs, int src, int weights, int dst, int stride, int pad, int nparam, void **params,
+         const int *ndims, int64_t **shapes, const char **dtypes) {
+  if (nparam != inputs + 1) return 2;
   for (int i = 0; i < nparam; ++i) {
-    if (ndims[i] != 4 || std::string(dtypes[i]) != "float32") return false;
+    if (ndims[i] != 4 || std::string(dtypes[i]) != "float32") return 2;
   }
-  return true;
+  return Run(pass, shapes[src], shapes[weights], shapes[dst], stride, pad, static_cast<float *>(params[src]),
+             static_cast<float *>(params[weights]), static_cast<float *>(params[dst]));
 }
 
 }  // namespace
 
 // One set of entry points per (stride, padding on every side): MindSpore keys a custom operator's shape
-// inference by its function name, so the geometry has to be part of the name.
-#define CPU_CONV_ENTRY_POINTS(STRIDE, PAD)                                                                           \
-  extern "C" int ConvForwardS##STRIDE##P##PAD(int nparam, void **params, int *ndims, int64_t **shapes,               \
-                                       const char **dtypes, void *, void *) {                                        \
-    if (!CheckArgs(nparam, 3, ndims, dtypes)) return 2;                                                              \
-    return Run(Pass::kForward, shapes[0], shapes[1], shapes[2], STRIDE, PAD, static_cast<float *>(params[0]),        \
-               static_cast<float *>(params[1]), static_cast<float *>(params[2]));                                    \
-  }                                                                                                                  \
-  extern "C" int ConvBackwardDataS##STRIDE##P##PAD(int nparam, void **params, int *ndims, int64_t **shapes,          \
-                                            const char **dtypes, void *, void *) {                                   \
-    if (!CheckArgs(nparam, 4, ndims, dtypes)) return 2;                                                              \
-    return Run(Pass::kBackwardData, shapes[3], shapes[1], shapes[0], STRIDE, PAD, static_cast<float *>(params[3]),   \
-               static_cast<float *>(params[1]), static_cast<float *>(params[0]));                                    \
-  }                                                                                                                  \
-  extern "C" int ConvBackwardWeightsS##STRIDE##P##PAD(int nparam, void **params, int *ndims, int64_t **shapes,       \
-                                               const char **dtypes, void *, void *) {                                \
-    if (!CheckArgs(nparam, 4, ndims, dtypes)) return 2;                                                              \
-    return Run(Pass::kBackwardWeights, shapes[0], shapes[3], shapes[1], STRIDE, PAD, static_cast<float *>(params[0]), \
-               static_cast<float *>(params[3]), static_cast<float *>(params[1]));                                    \
-  }                                                                                                                  \
-  extern "C" int DeconvForwardS##STRIDE##P##PAD(int nparam, void **params, int *ndims, int64_t **shapes,             \
+// inference by its function name, so the geometry has to be part of the name. Argument order: see the top.
+#define CPU_CONV_ENTRY_POINT(NAME, STRIDE, PAD, PASS, INPUTS, SRC, WEIGHTS, DST)                                     \
+  extern "C" int NAME##S##STRIDE##P##PAD(int nparam, void **params, int *ndims, int64_t **shapes,                    \
                                          const char **dtypes, void *, void *) {                                      \
-    if (!CheckArgs(nparam, 3, ndims, dtypes)) return 2;                                                              \
-    return Run(Pass::kBackwardData, shapes[2], shapes[1], shapes[0], STRIDE, PAD, static_cast<float *>(params[2]),   \
-               static_cast<float *>(params[1]), static_cast<float *>(params[0]));                                    \
+    return Call(PASS, INPUTS, SRC, WEIGHTS, DST, STRIDE, PAD, nparam, params, ndims, shapes, dtypes);                \
   }
+#define CPU_CONV_ENTRY_POINTS(STRIDE, PAD)                                                                           \
+  CPU_CONV_ENTRY_POINT(ConvForward, STRIDE, PAD, Pass::kForward, 2, 0, 1, 2)                 /* x, w -> y */         \
+  CPU_CONV_ENTRY_POINT(ConvBackwardData, STRIDE, PAD, Pass::kBackwardData, 3, 3, 1, 0)       /* dy, w, x -> dx */    \
+  CPU_CONV_ENTRY_POINT(ConvBackwardWeights, STRIDE, PAD, Pass::kBackwardWeights, 3, 0, 3, 1) /* x, dy, w -> dw */    \
+  CPU_CONV_ENTRY_POINT(DeconvForward, STRIDE, PAD, Pass::kBackwardData, 2, 2, 1, 0)          /* x, w -> y */
 
 CPU_CONV_ENTRY_POINTS(1, 0)
 CPU_CONV_ENTRY_POINTS(1, 1)

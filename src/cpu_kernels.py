@@ -147,8 +147,9 @@ def _geometry(layer):
     if layer.pad_mode == "valid":
         pads = {0}
     elif layer.pad_mode == "same":             # with stride 1 and an odd kernel: (k - 1) / 2 on every side
-        odd = all(k % 2 for k in layer.kernel_size) and set(layer.stride) == {1}
-        pads = {(k - 1) // 2 for k in layer.kernel_size} if odd else {-1}
+        if set(layer.stride) != {1} or not all(k % 2 for k in layer.kernel_size):
+            return None
+        pads = {(k - 1) // 2 for k in layer.kernel_size}
     else:
         pads = {layer.padding} if isinstance(layer.padding, int) else set(layer.padding)
     strides = set(layer.stride)

@@ -19,7 +19,7 @@ def _xavier_conv(in_channels, out_channels, kernel_size):
     """Conv with bias, 'same' size output (explicit kernel // 2 padding), Xavier-uniform weight, zero bias."""
     weight = initializer(XavierUniform(), (out_channels, in_channels, kernel_size, kernel_size), ms.float32)
     return Conv2d(in_channels, out_channels, kernel_size, pad_mode="pad", padding=kernel_size // 2,
-                     has_bias=True, weight_init=weight, bias_init="zeros")
+                  has_bias=True, weight_init=weight, bias_init="zeros")
 
 
 class FeatPyramidNeck(nn.Cell):

@@ -24,7 +24,7 @@ MASK_STRIDE = 1             # GT masks are at input resolution
 
 def _kaiming_conv(in_channels, out_channels, kernel_size):
     return Conv2d(in_channels, out_channels, kernel_size, pad_mode="pad", padding=kernel_size // 2,
-                     has_bias=True, weight_init=HeNormal(mode="fan_out", nonlinearity="relu"), bias_init="zeros")
+                  has_bias=True, weight_init=HeNormal(mode="fan_out", nonlinearity="relu"), bias_init="zeros")
 
 
 class RcnnMask(nn.Cell):
@@ -41,10 +41,10 @@ class RcnnMask(nn.Cell):
         self.mask_fcn4 = _kaiming_conv(channels, channels, 3)
         upsample = c.mask_shape // cfg.roi.mask_out_size
         self.conv5_mask = Conv2dTranspose(channels, channels, upsample, stride=upsample, pad_mode="valid",
-                                             has_bias=True, weight_init=HeNormal(mode="fan_out", nonlinearity="relu"),
-                                             bias_init="zeros")
+                                          has_bias=True, weight_init=HeNormal(mode="fan_out", nonlinearity="relu"),
+                                          bias_init="zeros")
         self.mask_fcn_logits = Conv2d(channels, cfg.num_classes, 1, has_bias=True,
-                                         weight_init=Normal(LOGITS_INIT_STD), bias_init="zeros")
+                                      weight_init=Normal(LOGITS_INIT_STD), bias_init="zeros")
         self.relu = nn.ReLU()
         self.mask_weight = c.rcnn_loss_mask_weight
         self.target_align = SingleLevelRoIAlign(c.mask_shape, MASK_STRIDE, cfg.roi.roi_sample_ratio)

@@ -67,7 +67,7 @@ def _conv(in_channels, out_channels, kernel_size, stride=1, zero_init=False):
     weight = initializer("zeros" if zero_init else HeNormal(mode="fan_out", nonlinearity="relu"),
                          (out_channels, in_channels, kernel_size, kernel_size), ms.float32)
     return Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
-                     padding=kernel_size // 2, has_bias=False, weight_init=weight)
+                  padding=kernel_size // 2, has_bias=False, weight_init=weight)
 
 
 def _norm(channels, kind, frozen, zero_gamma=False):

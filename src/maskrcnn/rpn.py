@@ -19,7 +19,7 @@ BOX_DIMS = 4
 def _normal_conv(in_channels, out_channels, kernel_size):
     """Conv with bias, 'same' size output, N(0, 0.01) weight, zero bias."""
     return Conv2d(in_channels, out_channels, kernel_size, pad_mode="pad", padding=kernel_size // 2,
-                     has_bias=True, weight_init=Normal(HEAD_INIT_STD), bias_init="zeros")
+                  has_bias=True, weight_init=Normal(HEAD_INIT_STD), bias_init="zeros")
 
 
 class RPN(nn.Cell):
