@@ -7,7 +7,13 @@ Each (framework, size, mode) runs in its own process, one after the other, so th
 Our model runs under this interpreter (needs MindSpore: .venv); torchvision under --torch_python
 (.venv-bench, see bench/requirements.txt). Both get the same synthetic batch of 2 images with a few
 elliptical objects (boxes, labels, masks), the same input size (torchvision's resize is disabled by
-min_size/max_size = the input size), 2 CPU threads, and the recipe's SGD settings.
+min_size/max_size = the input size), 2 CPU threads, and the recipe's SGD momentum and weight decay.
+
+Training is timed at learning rate 0 (--lr): the whole SGD update still runs, but the weights stay, so every
+timed step repeats the first one's work on finite numbers. At the recipe's lr 0.02, untrained torchvision
+(frozen BatchNorm with identity statistics) diverges on its first step: the losses turn NaN, its RPN then
+keeps no proposal and its heads run on the 10 GT boxes alone, which times a step with ~1 % of the box-head
+work. The table shows each side's total loss after the last timed step, so a diverged run is visible.
 
 torchvision is built with weights=None, weights_backbone=None, num_classes=81. Without weights it would
 train every backbone layer with batch-statistics BatchNorm; by default (--torch_backbone recipe) it is
@@ -113,6 +119,7 @@ def run_ours(job):
     image_shape = np.tile(np.array([[height, width, 1.0, 1.0]], np.float32), (BATCH, 1))
     net = MaskRcnnResnet50(cfg)
     detections = []                                   # per inference call: valid detections per image
+    final_loss = []                                   # per training call: total loss
     if job["mode"] == "train":
         slots = cfg.data.max_instance_count
         count = scene["boxes"].shape[1]
@@ -124,11 +131,11 @@ def run_ours(job):
         mask[:, :count] = scene["masks"]
         inputs = [ms.Tensor(a) for a in (image, image_shape, box, label, valid, mask)]
         net.set_train(True)
-        _, step = build_train_step(net, LOSS_NAMES, cfg.train, cfg.train.base_lr)
+        _, step = build_train_step(net, LOSS_NAMES, cfg.train, job["sgd"]["lr"])
 
         def run():
             losses, _ = step(*inputs)
-            losses[-1].asnumpy()
+            final_loss.append(float(losses[-1].asnumpy()))
     else:
         inputs = [ms.Tensor(image), ms.Tensor(image_shape)]
         net.set_train(False)
@@ -138,7 +145,8 @@ def run_ours(job):
             detections.append(float(outputs[3].sum()) / BATCH)
     first, median, fastest = time_calls(run, job["steps"])
     return {"first_s": first, "median_ms": median, "min_ms": fastest, "peak_rss_mb": peak_rss_mb(),
-            "detections": detections[-1] if detections else None, "version": f"MindSpore {ms.__version__}"}
+            "detections": detections[-1] if detections else None, "loss": final_loss[-1] if final_loss else None,
+            "version": f"MindSpore {ms.__version__}"}
 
 
 def _freeze_like_recipe(model):
@@ -174,6 +182,7 @@ def run_torchvision(job):
     scene = synthetic_scene(height, width, OBJECTS_PER_IMAGE)
     images = [torch.from_numpy(p.transpose(2, 0, 1).astype(np.float32) / PIXEL_MAX) for p in scene["pixels"]]
     detections = []                                   # per inference call: detections per image
+    final_loss = []                                   # per training call: total loss
     if job["mode"] == "train":
         targets = [{"boxes": torch.from_numpy(scene["boxes"][b]), "labels": torch.from_numpy(scene["labels"][b]),
                     "masks": torch.from_numpy(scene["masks"][b])} for b in range(BATCH)]
@@ -188,6 +197,7 @@ def run_torchvision(job):
             optimizer.zero_grad()
             total.backward()
             optimizer.step()
+            final_loss.append(float(total.detach()))
     else:
         model.eval()
 
@@ -197,7 +207,7 @@ def run_torchvision(job):
             detections.append(sum(len(out["boxes"]) for out in outputs) / BATCH)
     first, median, fastest = time_calls(run, job["steps"])
     return {"first_s": first, "median_ms": median, "min_ms": fastest, "peak_rss_mb": peak_rss_mb(),
-            "detections": detections[-1] if detections else None,
+            "detections": detections[-1] if detections else None, "loss": final_loss[-1] if final_loss else None,
             "version": f"torch {torch.__version__}, torchvision {torchvision.__version__}"}
 
 
@@ -263,7 +273,7 @@ def format_ms(result, per_image):
 def format_table(results, sizes, modes):
     lines = ["| size (HxW) | measure | ours ms | torchvision ms | ours / torchvision | ours first call s "
              "(compile + run) | torchvision first call s | ours peak RSS MiB | torchvision peak RSS MiB | "
-             "detections per image (ours / torchvision) |",
+             "detections per image / total loss after the last step (ours / torchvision) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     labels = {"train": "train step (batch 2)", "infer": "inference per image (batch 2)",
               "infer_equal": "inference per image, ours with every detection slot valid"}
@@ -272,15 +282,15 @@ def format_table(results, sizes, modes):
             ours = results.get(("ours", height, width, mode), {"error": "not run"})
             torch_result = results.get(("torchvision", height, width, mode.split("_")[0]), {"error": "not run"})
             per_image = mode != "train"
-            counts = [f"{r['detections']:.0f}" if r.get("detections") is not None else "-"
-                      for r in (ours, torch_result)]
+            counts = [f"{r['detections']:.0f}" if r.get("detections") is not None
+                      else f"{r['loss']:.2f}" if r.get("loss") is not None else "-" for r in (ours, torch_result)]
             ratio = (f"{ours['median_ms'] / torch_result['median_ms']:.2f}"
                      if "error" not in ours and "error" not in torch_result else "-")
             first = [f"{r['first_s']:.1f}" if "error" not in r else "-" for r in (ours, torch_result)]
             rss = [f"{r['peak_rss_mb']:,.0f}" if "error" not in r else "-" for r in (ours, torch_result)]
             lines.append(f"| {height}x{width} | {labels[mode]} | {format_ms(ours, per_image)} | "
                          f"{format_ms(torch_result, per_image)} | {ratio} | {first[0]} | {first[1]} | {rss[0]} | "
-                         f"{rss[1]} | {' / '.join(counts) if per_image else '-'} |")
+                         f"{rss[1]} | {' / '.join(counts)} |")
     return lines
 
 
@@ -309,6 +319,8 @@ def main():
     parser.add_argument("--modes", nargs="+", choices=("train", "infer"), default=["train", "infer"])
     parser.add_argument("--frameworks", nargs="+", choices=sorted(WORKERS), default=["ours", "torchvision"])
     parser.add_argument("--steps", type=int, default=5, help="timed calls after the first one (median)")
+    parser.add_argument("--lr", type=float, default=0.0,
+                        help="SGD learning rate of the timed training steps (0: the weights stay, see above)")
     parser.add_argument("--torch_python", default=DEFAULT_TORCH_PYTHON,
                         help="interpreter with torch and torchvision (bench/requirements.txt)")
     parser.add_argument("--torch_backbone", choices=("recipe", "stock"), default="recipe",
@@ -328,7 +340,7 @@ def main():
     from src.config import load_config
 
     train_cfg = load_config().train
-    sgd = {"lr": train_cfg.base_lr, "momentum": train_cfg.momentum, "weight_decay": train_cfg.weight_decay}
+    sgd = {"lr": args.lr, "momentum": train_cfg.momentum, "weight_decay": train_cfg.weight_decay}
     pythons = {"ours": sys.executable, "torchvision": args.torch_python}
     load_before = os.getloadavg()
     results, versions = {}, {}
@@ -347,14 +359,16 @@ def main():
         results[(framework, height, width, label)] = result
         versions.setdefault(framework, result.get("version"))
         shown = (f"median {result['median_ms']:.0f} ms, first {result['first_s']:.1f} s, "
-                 f"peak RSS {result['peak_rss_mb']:.0f} MiB, detections/img {result.get('detections')}"
+                 f"peak RSS {result['peak_rss_mb']:.0f} MiB, detections/img {result.get('detections')}, "
+                 f"loss {result.get('loss')}"
                  if "error" not in result else result["error"])
         print(f"{framework:11s} {height}x{width} {label:11s}: {shown}  (load {os.getloadavg()[0]:.1f})", flush=True)
     load_after = os.getloadavg()
     header = [f"Machine: {machine_description()}.",
               f"Software: {'; '.join(v for v in versions.values() if v)}.",
               f"Run: {time.strftime('%Y-%m-%d %H:%M')}, {args.steps} timed calls after the first, median; "
-              f"batch {BATCH}, {THREADS} threads each; torchvision backbone '{args.torch_backbone}'; "
+              f"batch {BATCH}, {THREADS} threads each; training at lr {args.lr:g}; torchvision backbone "
+              f"'{args.torch_backbone}'; "
               f"1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
               f"(other jobs shared the {os.cpu_count()} cores).", ""]
     table = format_table(results, args.sizes, args.modes)
