@@ -6,13 +6,15 @@
 // Here oneDNN chooses the weight and activation layouts itself ("any"), which selects its AVX-512 kernels; the
 // NCHW tensors MindSpore holds are reordered in and out around each call.
 //
-// Entry points, each for stride S in {1, 2} and padding P in {0..3} on every side (e.g. ConvForwardS2P1); every
-// tensor is float32 NCHW / OIHW:
-//   ConvForward(x, w) -> y
+// Entry points, each for stride S in {1, 2} and padding P in {0..3} on every side (e.g. ConvForwardS2P1); tensors
+// are float32, NCHW / OIHW, biases (O,):
+//   ConvForward(x, w, b) -> y = conv(x, w) + b      ConvReluForward: the same, then ReLU (fused into oneDNN)
 //   ConvBackwardData(dy, w, x) -> dx                (x gives dx's shape only)
-//   ConvBackwardWeights(x, dy, w) -> dw             (w gives dw's shape only)
-//   DeconvForward(x, w) -> y                        (transposed convolution = convolution backward data)
-// and RoiAlignForward7 / 14, RoiAlignBackward7 / 14 (see RoiProblem).
+//   ConvBackwardWeights(x, dy, w) -> dw, db         (w gives dw's shape only; db = dy summed per channel)
+//   DeconvForward(x, w, b) -> y                     (transposed convolution = convolution backward data, + b)
+//   DeconvReluForward: the same, then ReLU
+// plus BiasGrad(dy) -> db (the deconvolution's bias gradient) and RoiAlignForward7 / 14, RoiAlignBackward7 / 14
+// (see RoiProblem).
 #include <oneapi/dnnl/dnnl.hpp>
 #include <oneapi/dnnl/dnnl_threadpool.hpp>
 #include <sched.h>
@@ -149,6 +151,18 @@ Runtime &GetRuntime() {
   return runtime;
 }
 
+// One call: the convolution's plain float32 buffers (for the backward passes the gradients of them), of which
+// the pass reads two and writes the third, and its bias: read by the forward pass, written (the gradient) by
+// the backward-weights pass, added after the backward-data pass when it serves as a transposed convolution
+// (null: none).
+struct Conv {
+  Pass pass;
+  const int64_t *src_shape, *weights_shape, *dst_shape;
+  float *src, *weights, *dst, *bias;
+  int stride, pad;
+  bool relu;  // ReLU on the output of a forward or transposed-convolution pass
+};
+
 memory::dims Dims(const int64_t *shape) { return memory::dims(shape, shape + 4); }
 
 memory::desc Plain(const memory::dims &dims) {
@@ -159,26 +173,35 @@ memory::desc Any(const memory::dims &dims) {
   return memory::desc(dims, memory::data_type::f32, memory::format_tag::any);
 }
 
-Plan MakePlan(Runtime &rt, Pass pass, const memory::dims &src, const memory::dims &weights,
-              const memory::dims &dst, const memory::dims &strides, const memory::dims &pad_begin,
-              const memory::dims &pad_end) {
+memory::desc BiasDesc(const memory::dims &weights) {
+  return memory::desc({weights[0]}, memory::data_type::f32, memory::format_tag::a);
+}
+
+Plan MakePlan(Runtime &rt, const Conv &conv, const memory::dims &src, const memory::dims &weights,
+              const memory::dims &dst) {
   using namespace dnnl;
+  memory::dims strides = {conv.stride, conv.stride}, pads = {conv.pad, conv.pad};
+  primitive_attr attr;
+  if (conv.pass == Pass::kForward && conv.relu) {
+    post_ops ops;
+    ops.append_eltwise(algorithm::eltwise_relu, 0.0f, 0.0f);
+    attr.set_post_ops(ops);
+  }
   auto forward = convolution_forward::primitive_desc(
-      rt.engine, prop_kind::forward_training, algorithm::convolution_direct, Any(src), Any(weights), Any(dst),
-      strides, pad_begin, pad_end);
-  switch (pass) {
+      rt.engine, prop_kind::forward_training, algorithm::convolution_direct, Any(src), Any(weights),
+      BiasDesc(weights), Any(dst), strides, pads, pads, attr);
+  switch (conv.pass) {
     case Pass::kForward:
       return {convolution_forward(forward), forward.src_desc(), forward.weights_desc(), forward.dst_desc()};
     case Pass::kBackwardData: {
       auto pd = convolution_backward_data::primitive_desc(rt.engine, algorithm::convolution_direct, Any(src),
-                                                          Any(weights), Any(dst), strides, pad_begin, pad_end,
-                                                          forward);
+                                                          Any(weights), Any(dst), strides, pads, pads, forward);
       return {convolution_backward_data(pd), pd.diff_src_desc(), pd.weights_desc(), pd.diff_dst_desc()};
     }
     case Pass::kBackwardWeights: {
       auto pd = convolution_backward_weights::primitive_desc(rt.engine, algorithm::convolution_direct, Any(src),
-                                                             Any(weights), Any(dst), strides, pad_begin, pad_end,
-                                                             forward);
+                                                             Any(weights), BiasDesc(weights), Any(dst), strides,
+                                                             pads, pads, forward);
       return {convolution_backward_weights(pd), pd.src_desc(), pd.diff_weights_desc(), pd.diff_dst_desc()};
     }
   }
@@ -201,55 +224,78 @@ memory Inbound(Runtime &rt, Slot slot, const memory::desc &wanted, const memory 
   return copy;
 }
 
-// Runs one pass. src/weights/dst are the convolution's tensors (for the backward passes the gradients of them);
-// the pass reads two of them and writes the third, all plain float32 buffers.
-int Run(Pass pass, const int64_t *src_shape, const int64_t *weights_shape, const int64_t *dst_shape, int stride,
-        int pad, float *src, float *weights, float *dst) {
+// Splits [0, n) over the pool's threads.
+template <typename Body>
+void ParallelRange(Runtime &rt, int64_t n, Body body) {
+  int jobs = static_cast<int>(std::min<int64_t>(n, rt.pool.get_num_threads()));
+  rt.pool.parallel_for(jobs, [&](int job, int total) {
+    body(n * job / total, n * (job + 1) / total);
+  });
+}
+
+// y[n, c] += bias[c] (then ReLU) over a plain (N, C, H, W) tensor.
+void AddBias(Runtime &rt, float *y, const int64_t *shape, const float *bias, bool relu) {
+  int64_t channels = shape[1], plane = shape[2] * shape[3];
+  ParallelRange(rt, shape[0] * channels, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      float b = bias[job % channels], *values = y + job * plane;
+      if (relu) {
+        for (int64_t i = 0; i < plane; ++i) values[i] = std::max(values[i] + b, 0.0f);
+      } else {
+        for (int64_t i = 0; i < plane; ++i) values[i] += b;
+      }
+    }
+  });
+}
+
+// Runs one pass (see Conv).
+int Run(const Conv &conv) {
   Runtime &rt = GetRuntime();
   try {
     std::lock_guard<std::mutex> lock(rt.mutex);
-    memory::dims src_dims = Dims(src_shape), weights_dims = Dims(weights_shape), dst_dims = Dims(dst_shape);
-    memory::dims strides = {stride, stride}, pad_begin = {pad, pad}, pad_end = {pad, pad};
-    std::vector<int64_t> key = {static_cast<int64_t>(pass)};
-    for (const auto *dims : {&src_dims, &weights_dims, &dst_dims, &strides, &pad_begin, &pad_end}) {
-      key.insert(key.end(), dims->begin(), dims->end());
-    }
+    memory::dims src_dims = Dims(conv.src_shape), weights_dims = Dims(conv.weights_shape);
+    memory::dims dst_dims = Dims(conv.dst_shape);
+    std::vector<int64_t> key = {static_cast<int64_t>(conv.pass), conv.stride, conv.pad, conv.relu};
+    for (const auto *dims : {&src_dims, &weights_dims, &dst_dims}) key.insert(key.end(), dims->begin(), dims->end());
     auto found = rt.plans.find(key);
     if (found == rt.plans.end()) {
-      found = rt.plans.emplace(key, MakePlan(rt, pass, src_dims, weights_dims, dst_dims, strides, pad_begin,
-                                             pad_end)).first;
+      found = rt.plans.emplace(key, MakePlan(rt, conv, src_dims, weights_dims, dst_dims)).first;
     }
     const Plan &plan = found->second;
-    memory src_plain(Plain(src_dims), rt.engine, src), weights_plain(Plain(weights_dims), rt.engine, weights);
-    memory dst_plain(Plain(dst_dims), rt.engine, dst);
+    memory src_plain(Plain(src_dims), rt.engine, conv.src), weights_plain(Plain(weights_dims), rt.engine, conv.weights);
+    memory dst_plain(Plain(dst_dims), rt.engine, conv.dst);
 
     // The output of the pass is written into the primitive's layout, then reordered into the plain buffer.
     memory *output_plain = nullptr;
     const memory::desc *output_desc = nullptr;
     Slot output_slot;
     std::unordered_map<int, memory> args;
-    if (pass == Pass::kForward) {
+    if (conv.pass == Pass::kForward) {
       args[DNNL_ARG_SRC] = Inbound(rt, kSrcSlot, plan.src, src_plain);
       args[DNNL_ARG_WEIGHTS] = Inbound(rt, kWeightsSlot, plan.weights, weights_plain);
+      args[DNNL_ARG_BIAS] = memory(BiasDesc(weights_dims), rt.engine, conv.bias);
       output_plain = &dst_plain, output_desc = &plan.dst, output_slot = kDstSlot;
-    } else if (pass == Pass::kBackwardData) {
+    } else if (conv.pass == Pass::kBackwardData) {
       args[DNNL_ARG_DIFF_DST] = Inbound(rt, kDstSlot, plan.dst, dst_plain);
       args[DNNL_ARG_WEIGHTS] = Inbound(rt, kWeightsSlot, plan.weights, weights_plain);
       output_plain = &src_plain, output_desc = &plan.src, output_slot = kSrcSlot;
     } else {
       args[DNNL_ARG_SRC] = Inbound(rt, kSrcSlot, plan.src, src_plain);
       args[DNNL_ARG_DIFF_DST] = Inbound(rt, kDstSlot, plan.dst, dst_plain);
+      args[DNNL_ARG_DIFF_BIAS] = memory(BiasDesc(weights_dims), rt.engine, conv.bias);
       output_plain = &weights_plain, output_desc = &plan.weights, output_slot = kWeightsSlot;
     }
     memory output = *output_desc == output_plain->get_desc() ? *output_plain
                                                              : Scratch(rt, output_slot, *output_desc);
-    int output_arg = pass == Pass::kForward ? DNNL_ARG_DST
-                     : pass == Pass::kBackwardData ? DNNL_ARG_DIFF_SRC : DNNL_ARG_DIFF_WEIGHTS;
+    int output_arg = conv.pass == Pass::kForward ? DNNL_ARG_DST
+                     : conv.pass == Pass::kBackwardData ? DNNL_ARG_DIFF_SRC : DNNL_ARG_DIFF_WEIGHTS;
     args[output_arg] = output;
     plan.primitive.execute(rt.stream, args);
     if (output.get() != output_plain->get()) dnnl::reorder(output, *output_plain).execute(rt.stream, output,
                                                                                           *output_plain);
     rt.stream.wait();
+    if (conv.pass == Pass::kBackwardData && conv.bias != nullptr) AddBias(rt, conv.src, conv.src_shape, conv.bias,
+                                                                           conv.relu);
     return 0;
   } catch (const std::exception &error) {
     std::fprintf(stderr, "cpu_kernels: oneDNN failed: %s\n", error.what());
@@ -257,32 +303,71 @@ int Run(Pass pass, const int64_t *src_shape, const int64_t *weights_shape, const
   }
 }
 
-// An entry point's call: checks the arguments (`inputs` float32 4-d tensors, then the output), then runs `pass`
-// with params[src], params[weights], params[dst] as the convolution's source, weights and destination.
-int Call(Pass pass, int inputs, int src, int weights, int dst, int stride, int pad, int nparam, void **params,
-         const int *ndims, int64_t **shapes, const char **dtypes) {
-  if (nparam != inputs + 1) return 2;
+// The argument slots of an entry point: params[src], [weights], [dst] are the convolution's 4-d tensors and
+// params[bias] its 1-d bias (-1: none); `inputs` of the nparam are inputs, the rest outputs.
+struct Slots {
+  int inputs, src, weights, dst, bias;
+};
+
+int Call(Pass pass, Slots slots, bool relu, int stride, int pad, int nparam, void **params, const int *ndims,
+         int64_t **shapes, const char **dtypes) {
+  int outputs = pass == Pass::kBackwardWeights ? 2 : 1;
+  if (nparam != slots.inputs + outputs) return 2;
   for (int i = 0; i < nparam; ++i) {
-    if (ndims[i] != 4 || std::string(dtypes[i]) != "float32") return 2;
+    if (ndims[i] != (i == slots.bias ? 1 : 4) || std::string(dtypes[i]) != "float32") return 2;
   }
-  return Run(pass, shapes[src], shapes[weights], shapes[dst], stride, pad, static_cast<float *>(params[src]),
-             static_cast<float *>(params[weights]), static_cast<float *>(params[dst]));
+  auto tensor = [&](int slot) { return slot < 0 ? nullptr : static_cast<float *>(params[slot]); };
+  return Run(Conv{pass, shapes[slots.src], shapes[slots.weights], shapes[slots.dst], tensor(slots.src),
+                  tensor(slots.weights), tensor(slots.dst), tensor(slots.bias), stride, pad, relu});
+}
+
+// BiasGrad(dy (N, C, H, W)) -> db (C,): dy summed over everything but the channel.
+int BiasGrad(int nparam, void **params, const int *ndims, int64_t **shapes, const char **dtypes) {
+  if (nparam != 2 || ndims[0] != 4 || ndims[1] != 1 || std::string(dtypes[0]) != "float32") return 2;
+  Runtime &rt = GetRuntime();
+  std::lock_guard<std::mutex> lock(rt.mutex);
+  const int64_t *shape = shapes[0];
+  int64_t channels = shape[1], plane = shape[2] * shape[3];
+  const float *dy = static_cast<const float *>(params[0]);
+  float *db = static_cast<float *>(params[1]);
+  ParallelRange(rt, channels, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double sum = 0.0;
+      for (int64_t n = 0; n < shape[0]; ++n) {
+        const float *values = dy + (n * channels + c) * plane;
+        float partial = 0.0f;
+        for (int64_t i = 0; i < plane; ++i) partial += values[i];
+        sum += partial;
+      }
+      db[c] = static_cast<float>(sum);
+    }
+  });
+  return 0;
 }
 
 }  // namespace
 
+extern "C" int BiasGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                        void *) {
+  return BiasGrad(nparam, params, ndims, shapes, dtypes);
+}
+
 // One set of entry points per (stride, padding on every side): MindSpore keys a custom operator's shape
 // inference by its function name, so the geometry has to be part of the name. Argument order: see the top.
-#define CPU_CONV_ENTRY_POINT(NAME, STRIDE, PAD, PASS, INPUTS, SRC, WEIGHTS, DST)                                     \
+#define CPU_CONV_ENTRY_POINT(NAME, STRIDE, PAD, PASS, RELU, ...)                                                     \
   extern "C" int NAME##S##STRIDE##P##PAD(int nparam, void **params, int *ndims, int64_t **shapes,                    \
                                          const char **dtypes, void *, void *) {                                      \
-    return Call(PASS, INPUTS, SRC, WEIGHTS, DST, STRIDE, PAD, nparam, params, ndims, shapes, dtypes);                \
+    return Call(PASS, Slots{__VA_ARGS__}, RELU, STRIDE, PAD, nparam, params, ndims, shapes, dtypes);                 \
   }
+// Slots: inputs, src, weights, dst, bias.
 #define CPU_CONV_ENTRY_POINTS(STRIDE, PAD)                                                                           \
-  CPU_CONV_ENTRY_POINT(ConvForward, STRIDE, PAD, Pass::kForward, 2, 0, 1, 2)                 /* x, w -> y */         \
-  CPU_CONV_ENTRY_POINT(ConvBackwardData, STRIDE, PAD, Pass::kBackwardData, 3, 3, 1, 0)       /* dy, w, x -> dx */    \
-  CPU_CONV_ENTRY_POINT(ConvBackwardWeights, STRIDE, PAD, Pass::kBackwardWeights, 3, 0, 3, 1) /* x, dy, w -> dw */    \
-  CPU_CONV_ENTRY_POINT(DeconvForward, STRIDE, PAD, Pass::kBackwardData, 2, 2, 1, 0)          /* x, w -> y */
+  CPU_CONV_ENTRY_POINT(ConvForward, STRIDE, PAD, Pass::kForward, false, 3, 0, 1, 3, 2)       /* x, w, b -> y */      \
+  CPU_CONV_ENTRY_POINT(ConvReluForward, STRIDE, PAD, Pass::kForward, true, 3, 0, 1, 3, 2)                            \
+  CPU_CONV_ENTRY_POINT(ConvBackwardData, STRIDE, PAD, Pass::kBackwardData, false, 3, 3, 1, 0, -1) /* dy, w, x -> dx */\
+  CPU_CONV_ENTRY_POINT(ConvBackwardWeights, STRIDE, PAD, Pass::kBackwardWeights, false, 3, 0, 3, 1, 4)               \
+  /* x, dy, w -> dw, db */                                                                                           \
+  CPU_CONV_ENTRY_POINT(DeconvForward, STRIDE, PAD, Pass::kBackwardData, false, 3, 3, 1, 0, 2) /* x, w, b -> y */     \
+  CPU_CONV_ENTRY_POINT(DeconvReluForward, STRIDE, PAD, Pass::kBackwardData, true, 3, 3, 1, 0, 2)
 
 CPU_CONV_ENTRY_POINTS(1, 0)
 CPU_CONV_ENTRY_POINTS(1, 1)
@@ -374,15 +459,6 @@ RoiProblem MakeRoiProblem(int out, const float *rois, const int32_t *level, cons
     }
   }
   return p;
-}
-
-// Splits [0, n) over the pool's threads.
-template <typename Body>
-void ParallelRange(Runtime &rt, int64_t n, Body body) {
-  int jobs = static_cast<int>(std::min<int64_t>(n, rt.pool.get_num_threads()));
-  rt.pool.parallel_for(jobs, [&](int job, int total) {
-    body(n * job / total, n * (job + 1) / total);
-  });
 }
 
 int RoiAlignForward(int out, int nparam, void **params, int64_t **shapes) {

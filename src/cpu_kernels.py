@@ -22,7 +22,9 @@ import zipfile
 from pathlib import Path
 
 import mindspore as ms
+import numpy as np
 from mindspore import nn, ops
+from mindspore.ops.operations._grad_ops import ReluGrad
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = Path(__file__).with_suffix(".cpp")
@@ -158,71 +160,114 @@ def _geometry(layer):
     return strides.pop(), pads.pop()
 
 
-def _kernel(name, stride, pad, shape, bprop=None):
-    return ops.Custom(f"{library()}:{name}S{stride}P{pad}", out_shape=shape, out_dtype=lambda *types: types[0],
-                      func_type="aot", bprop=bprop)
+def _kernel(name, shape, dtype=lambda *types: types[0], bprop=None):
+    return ops.Custom(f"{library()}:{name}", out_shape=shape, out_dtype=dtype, func_type="aot", bprop=bprop)
 
 
-def _conv_forward(stride, pad):
-    """Convolution (x, w) -> y with its gradient."""
-    backward_data = _kernel("ConvBackwardData", stride, pad, lambda dy, w, x: x)
-    backward_weights = _kernel("ConvBackwardWeights", stride, pad, lambda x, dy, w: w)
+def _backward_weights_kernel(stride, pad):
+    """(x, dy, w) -> (dw, db): a convolution's weight and bias gradients (w gives dw's shape)."""
+    return _kernel(f"ConvBackwardWeightsS{stride}P{pad}", lambda x, dy, w: [w, [w[0]]], lambda x, dy, w: [w, w])
 
-    def shape(x, w):
+
+_relu_gradient = ReluGrad()
+
+
+def _conv_forward(stride, pad, relu):
+    """Convolution + bias (+ ReLU) (x, w, b) -> y with its gradient."""
+    geometry = f"S{stride}P{pad}"
+    backward_data = _kernel("ConvBackwardData" + geometry, lambda dy, w, x: x)
+    backward_weights = _backward_weights_kernel(stride, pad)
+
+    def shape(x, w, b):
         return [x[0], w[0], (x[2] + 2 * pad - w[2]) // stride + 1, (x[3] + 2 * pad - w[3]) // stride + 1]
 
-    def bprop(x, w, out, dout):
-        return backward_data(dout, w, x), backward_weights(x, dout, w)
-    return _kernel("ConvForward", stride, pad, shape, bprop)
+    def bprop(x, w, b, out, dout):
+        if relu:
+            dout = _relu_gradient(dout, out)   # from the ReLU's output
+        dw, db = backward_weights(x, dout, w)
+        return backward_data(dout, w, x), dw, db
+    return _kernel(("ConvReluForward" if relu else "ConvForward") + geometry, shape, bprop=bprop)
 
 
-def _deconv_forward(stride, pad):
-    """Transposed convolution (x, w) -> y, i.e. a convolution's backward-data pass: dx is a convolution of dy, and
-    dw is a convolution's weight gradient with dy as its source."""
-    conv_forward = _conv_forward(stride, pad)
-    backward_weights = _kernel("ConvBackwardWeights", stride, pad, lambda x, dy, w: w)
+def _deconv_forward(stride, pad, relu):
+    """Transposed convolution + bias (+ ReLU) (x, w, b) -> y, i.e. a convolution's backward-data pass: dx is a
+    convolution of dy, and dw is a convolution's weight gradient with dy as its source."""
+    conv_forward = _conv_forward(stride, pad, relu=False)
+    backward_weights = _backward_weights_kernel(stride, pad)
+    bias_gradient = _kernel("BiasGrad", lambda dy: [dy[1]])        # dy (N, C, H, W) summed per channel
 
-    def shape(x, w):
+    def shape(x, w, b):
         return [x[0], w[1], (x[2] - 1) * stride - 2 * pad + w[2], (x[3] - 1) * stride - 2 * pad + w[3]]
 
-    def bprop(x, w, out, dout):
-        return conv_forward(dout, w), backward_weights(dout, x, w)
-    return _kernel("DeconvForward", stride, pad, shape, bprop)
+    def bprop(x, w, b, out, dout):
+        if relu:
+            dout = _relu_gradient(dout, out)   # from the ReLU's output
+        dw, _ = backward_weights(dout, x, w)
+        return conv_forward(dout, w, ops.zeros_like(b)), dw, bias_gradient(dout)
+    return _kernel(f"{'DeconvReluForward' if relu else 'DeconvForward'}S{stride}P{pad}", shape, bprop=bprop)
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same arguments, parameters and checkpoints) on the oneDNN kernels when `enabled()`."""
+    """nn.Conv2d (same arguments, parameters and checkpoints) on the oneDNN kernels when `enabled()`.
+
+    Beyond nn.Conv2d: `relu(x)` = ReLU(self(x)) and `affine(x, scale, shift, relu)` = [ReLU](conv(x) * scale +
+    shift) with per-output-channel scale and shift (a frozen BatchNorm folded in, the layer's bias ignored),
+    each one oneDNN call with the bias and the ReLU fused into it.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         geometry = _geometry(self)
-        self.onednn = None if geometry is None else _conv_forward(*geometry)
+        self.onednn = None if geometry is None else _conv_forward(*geometry, relu=False)
+        self.onednn_relu = None if geometry is None else _conv_forward(*geometry, relu=True)
+        self.no_bias = ms.Tensor(np.zeros((self.out_channels,), np.float32))
+
+    def _run(self, x, weight, bias, relu):
+        if self.onednn is None:
+            output = self.conv2d(x, weight)
+            if bias is not None:
+                output = self.bias_add(output, bias)
+            return ops.relu(output) if relu else output
+        if bias is None:
+            bias = self.no_bias
+        return self.onednn_relu(x, weight, bias) if relu else self.onednn(x, weight, bias)
 
     def construct(self, x):
-        if self.onednn is None:
-            output = self.conv2d(x, self.weight)
-        else:
-            output = self.onednn(x, self.weight)
-        if self.has_bias:
-            output = self.bias_add(output, self.bias)
-        return output
+        return self._run(x, self.weight, self.bias if self.has_bias else None, False)
+
+    def relu(self, x):
+        return self._run(x, self.weight, self.bias if self.has_bias else None, True)
+
+    def affine(self, x, scale, shift, relu):
+        """[ReLU](conv(x) * scale + shift), scale and shift (out_channels,): the scale is folded into the weights
+        (conv(x, w * scale) + shift), so it reaches the weight gradient (dw * scale) but gets none itself."""
+        weight = self.weight * ops.stop_gradient(scale).reshape(-1, 1, 1, 1)
+        return self._run(x, weight, shift, relu)
 
 
 class Conv2dTranspose(nn.Conv2dTranspose):
-    """nn.Conv2dTranspose (same arguments, parameters and checkpoints) on the oneDNN kernels when `enabled()`."""
+    """nn.Conv2dTranspose (same arguments, parameters and checkpoints) on the oneDNN kernels when `enabled()`;
+    `relu(x)` = ReLU(self(x)), fused."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         geometry = _geometry(self) if self.pad_mode != "same" and self.output_padding == 0 else None
-        self.onednn = None if geometry is None else _deconv_forward(*geometry)
+        self.onednn = None if geometry is None else _deconv_forward(*geometry, relu=False)
+        self.onednn_relu = None if geometry is None else _deconv_forward(*geometry, relu=True)
+        self.no_bias = ms.Tensor(np.zeros((self.out_channels,), np.float32))
+
+    def _run(self, x, relu):
+        if self.onednn is None:
+            output = super().construct(x)
+            return ops.relu(output) if relu else output
+        bias = self.bias if self.has_bias else self.no_bias
+        return self.onednn_relu(x, self.weight, bias) if relu else self.onednn(x, self.weight, bias)
 
     def construct(self, x):
-        if self.onednn is None:
-            return super().construct(x)
-        output = self.onednn(x, self.weight)
-        if self.has_bias:
-            output = self.bias_add(output, self.bias)
-        return output
+        return self._run(x, False)
+
+    def relu(self, x):
+        return self._run(x, True)
 
 
 ROI_ALIGN_SIZES = (7, 14)     # output sizes the library has RoIAlign entry points for

@@ -20,16 +20,30 @@ LAYERS = [  # (class, args, kwargs, input shape)
 
 
 class _Gradients(nn.Cell):
-    """Gradients of sum(layer(x) * weights) with respect to x and to every parameter."""
+    """run(x) and the gradients of sum(run(x) * weights) with respect to x and to every parameter of `layer`: run is
+    `call` of the layer: "plain" layer(x), "relu" layer.relu(x), "affine" layer.affine(x, scale, shift, True);
+    `oracle` computes the same with MindSpore's operators, written out (not the layer's fallback path)."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, call, oracle):
         super().__init__()
-        self.layer = layer
+        self.layer, self.call, self.oracle = layer, call, oracle
         self.grad = ops.GradOperation(get_all=True, get_by_list=True)
         self.params = ms.ParameterTuple(layer.trainable_params())
 
-    def construct(self, x, out_weights):
-        return self.grad(lambda a, w: (self.layer(a) * w).sum(), self.params)(x, out_weights)
+    def run(self, x, scale, shift):
+        if self.oracle:
+            out = self.layer(x) if self.call != "affine" else (
+                self.layer.conv2d(x, self.layer.weight) * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1))
+            return out if self.call == "plain" else ops.relu(out)
+        if self.call == "relu":
+            return self.layer.relu(x)
+        if self.call == "affine":
+            return self.layer.affine(x, scale, shift, True)
+        return self.layer(x)
+
+    def construct(self, x, scale, shift, out_weights):
+        return self.run(x, scale, shift), self.grad(lambda a: (self.run(a, scale, shift) * out_weights).sum(),
+                                                    self.params)(x)
 
 
 def test_the_library_builds_here():
@@ -37,8 +51,15 @@ def test_the_library_builds_here():
     assert cpu_kernels.library() is not None
 
 
-@pytest.mark.parametrize("cls, args, kwargs, shape", LAYERS)
-def test_matches_mindspore_kernels_forward_and_backward(cls, args, kwargs, shape):
+CASES = [(layer, call) for layer in LAYERS for call in ("plain", "relu", "affine")
+         if not (call == "affine" and layer[0] == "Conv2dTranspose")]
+
+
+@pytest.mark.parametrize("layer, call", CASES)
+def test_matches_mindspore_kernels_forward_and_backward(layer, call):
+    """Bias and ReLU fused into the oneDNN call, a frozen per-channel affine folded into the weights: the same
+    outputs and gradients (input, weights, bias) as MindSpore's operators."""
+    cls, args, kwargs, shape = layer
     ms.set_seed(0)
     fast = getattr(cpu_kernels, cls)(*args, **kwargs)
     with cpu_kernels.mindspore_kernels():
@@ -48,15 +69,19 @@ def test_matches_mindspore_kernels_forward_and_backward(cls, args, kwargs, shape
         theirs.set_data(ms.Tensor(mine.asnumpy()))
     rng = np.random.default_rng(0)
     x = ms.Tensor(rng.standard_normal(shape).astype(np.float32))
-    expected = reference(x).asnumpy()
-    out_weights = ms.Tensor(rng.standard_normal(expected.shape).astype(np.float32))
-    np.testing.assert_allclose(fast(x).asnumpy(), expected, rtol=1e-4, atol=1e-5)
-    (dx_fast, _), dparams_fast = _Gradients(fast)(x, out_weights)
-    (dx_ref, _), dparams_ref = _Gradients(reference)(x, out_weights)
+    channels = fast.out_channels
+    scale = ms.Tensor(rng.uniform(0.5, 2.0, channels).astype(np.float32))
+    shift = ms.Tensor(rng.standard_normal(channels).astype(np.float32))
+    out_weights = ms.Tensor(rng.standard_normal(fast(x).shape).astype(np.float32))
+    out_fast, ((dx_fast,), dparams_fast) = _Gradients(fast, call, False)(x, scale, shift, out_weights)
+    out_ref, ((dx_ref,), dparams_ref) = _Gradients(reference, call, True)(x, scale, shift, out_weights)
+    assert call == "plain" or (out_ref.asnumpy() == 0).mean() > 0.2         # the ReLU does cut
+    np.testing.assert_allclose(out_fast.asnumpy(), out_ref.asnumpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(dx_fast.asnumpy(), dx_ref.asnumpy(), rtol=1e-4, atol=1e-4)
     assert len(dparams_fast) == len(dparams_ref) == (2 if kwargs.get("has_bias") else 1)
     for mine, theirs in zip(dparams_fast, dparams_ref):
         np.testing.assert_allclose(mine.asnumpy(), theirs.asnumpy(), rtol=1e-4, atol=1e-3)
+    assert np.abs(dparams_fast[0].asnumpy()).max() > 0
 
 
 @pytest.mark.parametrize("kwargs", [dict(stride=3, pad_mode="pad", padding=1),

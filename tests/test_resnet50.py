@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
+from src import cpu_kernels
 from src.config import load_config
 from src.maskrcnn.resnet50 import ResNet50, _norm
 
@@ -226,3 +227,34 @@ def test_frozen_group_norm_keeps_its_affine_fixed():
     assert isinstance(norm, nn.GroupNorm) and norm.num_groups == 32
     assert not norm.gamma.requires_grad and not norm.beta.requires_grad
     assert _norm(8, "group", frozen=False).num_groups == 8                # narrow test widths: gcd(32, c)
+
+
+def test_frozen_batch_norms_folded_into_the_kernels_give_the_same_features_and_gradients(tiny, image):
+    """On our CPU kernels a frozen BatchNorm (and the ReLU after it) runs inside its convolution; MindSpore's
+    BatchNorm and ReLU operators must give the same features and gradients."""
+    folded = ResNet50(tiny)
+    with cpu_kernels.mindspore_kernels():
+        separate = ResNet50(tiny)
+    assert folded.fold_stem and folded.layer2[0].fold and not separate.layer2[0].fold
+    rng = np.random.default_rng(0)
+    for mine, theirs in zip(folded.get_parameters(), separate.get_parameters()):
+        value = mine.asnumpy()
+        if mine.name.endswith(("gamma", "moving_variance")):
+            value = rng.uniform(0.5, 1.5, value.shape)
+        elif mine.name.endswith(("beta", "moving_mean")):
+            value = rng.normal(0.0, 0.2, value.shape)
+        elif not value.any():                                   # zero-start branches: make them count
+            value = rng.normal(0.0, 0.02, value.shape)
+        mine.set_data(Tensor(value.astype(np.float32)))
+        theirs.set_data(Tensor(value.astype(np.float32)))
+    _, feats, image_grad, weight_grads = BackboneGrad(folded)(image)
+    _, feats_ref, image_grad_ref, weight_grads_ref = BackboneGrad(separate)(image)
+    for mine, theirs in zip(feats, feats_ref):
+        np.testing.assert_allclose(mine.asnumpy(), theirs.asnumpy(), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(image_grad.asnumpy(), image_grad_ref.asnumpy(), rtol=1e-3, atol=1e-9)
+    assert not image_grad.asnumpy().any()                        # the stem is frozen: no gradient reaches the image
+    assert len(weight_grads) == len(weight_grads_ref) > 0
+    for mine, theirs in zip(weight_grads, weight_grads_ref):
+        scale = np.abs(theirs.asnumpy()).max()
+        assert scale > 0
+        np.testing.assert_allclose(mine.asnumpy(), theirs.asnumpy(), rtol=1e-3, atol=1e-4 * scale)

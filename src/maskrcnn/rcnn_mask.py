@@ -45,17 +45,16 @@ class RcnnMask(nn.Cell):
                                           bias_init="zeros")
         self.mask_fcn_logits = Conv2d(channels, cfg.num_classes, 1, has_bias=True,
                                       weight_init=Normal(LOGITS_INIT_STD), bias_init="zeros")
-        self.relu = nn.ReLU()
         self.mask_weight = c.rcnn_loss_mask_weight
         self.target_align = SingleLevelRoIAlign(c.mask_shape, MASK_STRIDE, cfg.roi.roi_sample_ratio)
         self.sigmoid_ce = ops.SigmoidCrossEntropyWithLogits()
 
     def construct(self, mask_feats):
-        x = self.relu(self.mask_fcn1(mask_feats))
-        x = self.relu(self.mask_fcn2(x))
-        x = self.relu(self.mask_fcn3(x))
-        x = self.relu(self.mask_fcn4(x))                                             # (R, 256, 14, 14)
-        x = self.relu(self.conv5_mask(x))                                            # (R, 256, 28, 28)
+        x = self.mask_fcn1.relu(mask_feats)
+        x = self.mask_fcn2.relu(x)
+        x = self.mask_fcn3.relu(x)
+        x = self.mask_fcn4.relu(x)                                                   # (R, 256, 14, 14)
+        x = self.conv5_mask.relu(x)                                                  # (R, 256, 28, 28)
         return self.mask_fcn_logits(x)                                               # (R, C, 28, 28)
 
     def mask_targets(self, gt_masks, rois, gt_index):

@@ -88,6 +88,26 @@ def _norm(channels, kind, frozen, zero_gamma=False):
     return norm
 
 
+def _frozen_norm_affine(norm):
+    """(scale, shift) of a frozen BatchNorm, per channel: norm(x) = x * scale + shift."""
+    scale = norm.gamma * ops.rsqrt(norm.moving_variance + norm.eps)
+    return scale, norm.beta - norm.moving_mean * scale
+
+
+def _conv_norm(conv, norm, x, relu, fold):
+    """[ReLU](norm(conv(x))); fold: the norm is a frozen BatchNorm and the conv runs on our kernels, which then
+    apply it (and the ReLU) inside the convolution."""
+    if fold:
+        scale, shift = _frozen_norm_affine(norm)
+        return conv.affine(x, scale, shift, relu)
+    out = norm(conv(x))
+    return ops.relu(out) if relu else out
+
+
+def _can_fold(conv, kind, frozen):
+    return frozen and kind != "group" and conv.onednn is not None
+
+
 class Bottleneck(nn.Cell):
     """1x1 reduce, 3x3 (carries the stride), 1x1 expand, plus a shortcut; (B, in, h, w) -> (B, out, h/s, w/s).
 
@@ -103,18 +123,21 @@ class Bottleneck(nn.Cell):
         self.bn2 = _norm(mid_channels, norm, freeze_norm)
         self.conv3 = _conv(mid_channels, out_channels, 1, zero_init=zero_branch and freeze_norm)
         self.bn3 = _norm(out_channels, norm, freeze_norm, zero_gamma=zero_branch and not freeze_norm)
-        self.relu = nn.ReLU()
         self.has_downsample = stride != 1 or in_channels != out_channels
         if self.has_downsample:
             self.downsample = nn.SequentialCell([_conv(in_channels, out_channels, 1, stride),
                                                  _norm(out_channels, norm, freeze_norm)])
 
+        self.fold = _can_fold(self.conv1, norm, freeze_norm)
+
     def construct(self, x):
-        identity = self.downsample(x) if self.has_downsample else x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        identity = x
+        if self.has_downsample:
+            identity = _conv_norm(self.downsample[0], self.downsample[1], x, False, self.fold)
+        out = _conv_norm(self.conv1, self.bn1, x, True, self.fold)
+        out = _conv_norm(self.conv2, self.bn2, out, True, self.fold)
+        out = _conv_norm(self.conv3, self.bn3, out, False, self.fold)
+        return ops.relu(out + identity)
 
 
 class ResNet50(nn.Cell):
@@ -126,8 +149,9 @@ class ResNet50(nn.Cell):
         stem_channels = bb.resnet_in_channels[0]
         self.frozen_stages = bb.frozen_stages
         self.conv1 = _conv(IMAGE_CHANNELS, stem_channels, STEM_KERNEL, STEM_STRIDE)
-        self.bn1 = _norm(stem_channels, bb.norm, bb.freeze_bn or self.frozen_stages >= 1)
-        self.relu = nn.ReLU()
+        stem_frozen = bb.freeze_bn or self.frozen_stages >= 1
+        self.bn1 = _norm(stem_channels, bb.norm, stem_frozen)
+        self.fold_stem = _can_fold(self.conv1, bb.norm, stem_frozen)
         # Zero padding + an unpadded pool: the pool's input is a ReLU output (>= 0), so the maxima equal those of
         # a padded pool, which MindSpore runs as MaxPool3DWithArgmax (65 ms per 384x640 batch on CPU against
         # 24 ms, and the ONNX exporter has no conversion for it).
@@ -154,7 +178,7 @@ class ResNet50(nn.Cell):
         return ops.stop_gradient(x) if stage_number == self.frozen_stages else x
 
     def construct(self, x):
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = _conv_norm(self.conv1, self.bn1, x, True, self.fold_stem)
         x = self.maxpool(_zero_pad(x, self.stem_pool_padding))  # (B, 64, H/4, W/4)
         c2 = self._freeze_output(self.layer1(x), 1)              # (B, 256, H/4, W/4)
         c3 = self._freeze_output(self.layer2(c2), 2)             # (B, 512, H/8, W/8)

@@ -34,14 +34,13 @@ class RPN(nn.Cell):
         self.rpn_conv = _normal_conv(r.rpn_in_channels, r.rpn_feat_channels, 3)
         self.rpn_cls = _normal_conv(r.rpn_feat_channels, self.num_anchors, 1)
         self.rpn_reg = _normal_conv(r.rpn_feat_channels, self.num_anchors * BOX_DIMS, 1)
-        self.relu = nn.ReLU()
         self.cls_weight = r.rpn_loss_cls_weight
         self.reg_weight = r.rpn_loss_reg_weight
         self.sigmoid_ce = ops.SigmoidCrossEntropyWithLogits()
         self.smooth_l1 = ops.SmoothL1Loss(beta=SMOOTH_L1_BETA, reduction="none")
 
     def _single_level(self, feat):
-        x = self.relu(self.rpn_conv(feat))
+        x = self.rpn_conv.relu(feat)
         batch, _, height, width = x.shape
         cls = self.rpn_cls(x).transpose(0, 2, 3, 1)                                  # (B, h, w, A)
         cls = cls.reshape(batch, height * width * self.num_anchors)
