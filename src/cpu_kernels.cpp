@@ -433,7 +433,7 @@ RoiProblem MakeRoiProblem(int out, const float *rois, const int32_t *level, cons
   AxisTaps y, x;
   for (int r = 0; r < num_rois; ++r) {
     const float *roi = rois + 5 * r;
-    int l = std::min(std::max(static_cast<int>(level[r]), 0), levels - 1);
+    int l = level == nullptr ? 0 : std::min(std::max(static_cast<int>(level[r]), 0), levels - 1);
     p.level[r] = l, p.image[r] = static_cast<int>(roi[0]);
     float stride = settings[1 + l];
     int height = static_cast<int>(map_shapes[l][2]), width = static_cast<int>(map_shapes[l][3]);
@@ -461,6 +461,25 @@ RoiProblem MakeRoiProblem(int out, const float *rois, const int32_t *level, cons
   return p;
 }
 
+// The bins of every (RoI, channel) pair: output[r, c, bin] = sum over the bin's taps of weight * map value.
+template <typename T, typename Store>
+void PoolBins(Runtime &rt, const RoiProblem &p, void *const *maps, Store store) {
+  // One job = one (RoI, channel) pair: its bins.
+  ParallelRange(rt, static_cast<int64_t>(p.rois) * p.channels, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      int r = static_cast<int>(job / p.channels);
+      const T *plane = static_cast<const T *>(maps[p.level[r]]) + p.PlaneBase(r, job % p.channels);
+      const int32_t *offset = p.offset.data() + static_cast<size_t>(r) * p.bins * p.taps_per_bin;
+      const float *weight = p.weight.data() + static_cast<size_t>(r) * p.bins * p.taps_per_bin;
+      for (int bin = 0; bin < p.bins; ++bin, offset += p.taps_per_bin, weight += p.taps_per_bin) {
+        float sum = 0.0f;
+        for (int t = 0; t < p.taps_per_bin; ++t) sum += weight[t] * static_cast<float>(plane[offset[t]]);
+        store(job * p.bins + bin, sum);
+      }
+    }
+  });
+}
+
 int RoiAlignForward(int out, int nparam, void **params, int64_t **shapes) {
   int levels = nparam - 4;
   if (levels < 1) return 2;
@@ -469,20 +488,24 @@ int RoiAlignForward(int out, int nparam, void **params, int64_t **shapes) {
   RoiProblem p = MakeRoiProblem(out, static_cast<float *>(params[0]), static_cast<int32_t *>(params[1]),
                                 static_cast<float *>(params[2]), levels, static_cast<int>(shapes[0][0]), shapes + 3);
   float *output = static_cast<float *>(params[nparam - 1]);
-  // One job = one (RoI, channel) pair: its bins.
-  ParallelRange(rt, static_cast<int64_t>(p.rois) * p.channels, [&](int64_t begin, int64_t end) {
-    for (int64_t job = begin; job < end; ++job) {
-      int r = static_cast<int>(job / p.channels);
-      const float *plane = static_cast<const float *>(params[3 + p.level[r]]) + p.PlaneBase(r, job % p.channels);
-      const int32_t *offset = p.offset.data() + static_cast<size_t>(r) * p.bins * p.taps_per_bin;
-      const float *weight = p.weight.data() + static_cast<size_t>(r) * p.bins * p.taps_per_bin;
-      float *dst = output + job * p.bins;
-      for (int bin = 0; bin < p.bins; ++bin, offset += p.taps_per_bin, weight += p.taps_per_bin) {
-        float sum = 0.0f;
-        for (int t = 0; t < p.taps_per_bin; ++t) sum += weight[t] * plane[offset[t]];
-        dst[bin] = sum;
-      }
-    }
+  PoolBins<float>(rt, p, params + 3, [output](int64_t index, float value) { output[index] = value; });
+  return 0;
+}
+
+// MaskTargets(rois (R, 5) = (mask row, x1, y1, x2, y2), settings (2,) = (sample_ratio, stride), masks uint8
+// (B, M, H, W), read as B * M one-channel maps) -> (R, out, out) float32: 1 where the RoIAlign of the RoI's
+// mask is >= 0.5, else 0.
+int MaskTargets(int out, int nparam, void **params, const int *ndims, int64_t **shapes, const char **dtypes) {
+  if (nparam != 4 || ndims[2] != 4 || std::string(dtypes[2]) != "uint8") return 2;
+  Runtime &rt = GetRuntime();
+  std::lock_guard<std::mutex> lock(rt.mutex);
+  int64_t mask_shape[4] = {shapes[2][0] * shapes[2][1], 1, shapes[2][2], shapes[2][3]};
+  int64_t *map_shapes[1] = {mask_shape};
+  RoiProblem p = MakeRoiProblem(out, static_cast<float *>(params[0]), nullptr, static_cast<float *>(params[1]), 1,
+                                static_cast<int>(shapes[0][0]), map_shapes);
+  float *output = static_cast<float *>(params[3]);
+  PoolBins<uint8_t>(rt, p, params + 2, [output](int64_t index, float value) {
+    output[index] = value >= 0.5f ? 1.0f : 0.0f;
   });
   return 0;
 }
@@ -532,3 +555,99 @@ int RoiAlignBackward(int out, int nparam, void **params, int64_t **shapes) {
 
 ROI_ALIGN_ENTRY_POINTS(7)
 ROI_ALIGN_ENTRY_POINTS(14)
+
+extern "C" int MaskTargets28(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                             void *) {
+  return MaskTargets(28, nparam, params, ndims, shapes, dtypes);
+}
+
+
+// ---------------------------------------------------------------------------------------------------------------
+// Max-IoU assignment of candidate boxes to GT boxes (src/maskrcnn/bbox_assign_sample.py MaxIoUAssigner, same
+// arithmetic): only the valid GTs are visited, since a padded GT's IoU is exactly 0 with every candidate.
+namespace {
+
+constexpr float kNowhere = -1.0e4f;  // the zero-area box invalid candidates become (bbox_assign_sample.NOWHERE)
+constexpr float kIouEps = 1e-9f;      // box_ops.IOU_EPS
+constexpr float kUnreachableIou = 2.0f;
+
+inline float Relu(float x) { return std::max(x, 0.0f); }
+
+inline float Iou(const float *gt, float gt_area, const float *box, float box_area) {
+  float inter = Relu(std::min(gt[2], box[2]) - std::max(gt[0], box[0])) *
+                Relu(std::min(gt[3], box[3]) - std::max(gt[1], box[1]));
+  return inter / std::max((gt_area + box_area) - inter, kIouEps);
+}
+
+inline float Area(const float *box) { return Relu(box[2] - box[0]) * Relu(box[3] - box[1]); }
+
+// MaxIoUAssign(gt (M, 4), gt_valid (M,) bool, boxes (N, 4), box_valid (N,) bool, thresholds (3,) = (pos_iou,
+// neg_iou, min_pos_iou)) -> assigned_gt (N,) int32, positive (N,) bool, negative (N,) bool.
+int MaxIoUAssign(int nparam, void **params, const int *ndims, int64_t **shapes, const char **dtypes) {
+  if (nparam != 8 || std::string(dtypes[0]) != "float32" || std::string(dtypes[1]) != "bool" ||
+      std::string(dtypes[2]) != "float32" || std::string(dtypes[3]) != "bool") {
+    return 2;
+  }
+  const float *gts = static_cast<const float *>(params[0]), *boxes = static_cast<const float *>(params[2]);
+  const bool *gt_valid = static_cast<const bool *>(params[1]), *box_valid = static_cast<const bool *>(params[3]);
+  const float *thresholds = static_cast<const float *>(params[4]);
+  int32_t *assigned = static_cast<int32_t *>(params[5]);
+  bool *positive = static_cast<bool *>(params[6]), *negative = static_cast<bool *>(params[7]);
+  int64_t num_gts = shapes[0][0], num_boxes = shapes[2][0];
+  const float nowhere[4] = {kNowhere, kNowhere, kNowhere, kNowhere};
+  std::vector<int> valid_gts;
+  std::vector<float> gt_area(num_gts);
+  for (int64_t j = 0; j < num_gts; ++j) {
+    if (gt_valid[j]) valid_gts.push_back(static_cast<int>(j)), gt_area[j] = Area(gts + 4 * j);
+  }
+  auto box_of = [&](int64_t i) { return box_valid[i] ? boxes + 4 * i : nowhere; };
+  Runtime &rt = GetRuntime();
+  std::lock_guard<std::mutex> lock(rt.mutex);
+  int threads = rt.pool.get_num_threads();
+  std::vector<float> max_iou(num_boxes), thread_gt_best(static_cast<size_t>(threads) * num_gts, 0.0f);
+  // Pass 1: each candidate's best IoU and GT (the first on ties; with every IoU 0 that is GT 0, valid or not),
+  // each GT's best IoU.
+  rt.pool.parallel_for(threads, [&](int job, int total) {
+    float *gt_best = thread_gt_best.data() + static_cast<size_t>(job) * num_gts;
+    for (int64_t i = num_boxes * job / total; i < num_boxes * (job + 1) / total; ++i) {
+      const float *box = box_of(i);
+      float area = Area(box), best = 0.0f;
+      int best_gt = 0;
+      for (int j : valid_gts) {
+        float iou = Iou(gts + 4 * j, gt_area[j], box, area);
+        if (iou > best) best = iou, best_gt = j;
+        gt_best[j] = std::max(gt_best[j], iou);
+      }
+      max_iou[i] = best, assigned[i] = best_gt;
+    }
+  });
+  // A GT claims the candidates at its best IoU, if that is >= min_pos_iou; the last claiming GT wins.
+  std::vector<float> claim_level(num_gts, kUnreachableIou);
+  for (int j : valid_gts) {
+    float best = 0.0f;
+    for (int t = 0; t < threads; ++t) best = std::max(best, thread_gt_best[static_cast<size_t>(t) * num_gts + j]);
+    if (best >= thresholds[2]) claim_level[j] = best;
+  }
+  ParallelRange(rt, num_boxes, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float *box = box_of(i);
+      float area = Area(box);
+      bool claimed = false;  // invalid candidates are never claimed (their IoU 0 would meet a min_pos_iou of 0)
+      for (auto j = valid_gts.rbegin(); j != valid_gts.rend() && !claimed && box_valid[i]; ++j) {
+        if (claim_level[*j] <= 1.0f && Iou(gts + 4 * *j, gt_area[*j], box, area) - claim_level[*j] >= 0.0f) {
+          assigned[i] = *j, claimed = true;
+        }
+      }
+      positive[i] = claimed || (box_valid[i] && max_iou[i] >= thresholds[0]);
+      negative[i] = box_valid[i] && max_iou[i] < thresholds[1] && !positive[i];
+    }
+  });
+  return 0;
+}
+
+}  // namespace
+
+extern "C" int MaxIoUAssign(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                            void *) {
+  return MaxIoUAssign(nparam, params, ndims, shapes, dtypes);
+}

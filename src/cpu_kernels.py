@@ -292,3 +292,24 @@ def roi_align_kernel(out_size: int, levels: int):
     return ops.Custom(f"{library()}:RoiAlignForward{out_size}",
                       out_shape=lambda rois, level, settings, m0, m1, m2, m3: [rois[0], m0[1], out_size, out_size],
                       out_dtype=lambda rois, level, settings, m0, m1, m2, m3: m0, func_type="aot", bprop=bprop)
+
+
+def mask_targets_kernel(out_size: int):
+    """(rois (R, 5) = (mask row, x1, y1, x2, y2), settings (2,) = (sample_ratio, stride), masks uint8 (B, M, H, W))
+    -> (R, out_size, out_size) float32: 1 where the RoIAlign of mask row b * M + m over the RoI is >= 0.5, else 0
+    (roi_align.py's conventions; no gradient). None where the library cannot run it (out_size other than 28)."""
+    if not enabled() or out_size != 28:
+        return None
+    return _kernel(f"MaskTargets{out_size}", lambda rois, settings, masks: [rois[0], out_size, out_size],
+                   lambda rois, settings, masks: ms.float32)
+
+
+def max_iou_assign_kernel():
+    """(gt (M, 4), gt_valid (M,) bool, boxes (N, 4), box_valid (N,) bool, thresholds (3,) = (pos_iou, neg_iou,
+    min_pos_iou)) -> (assigned_gt (N,) int32, positive (N,) bool, negative (N,) bool): MaxIoUAssigner's result
+    (bbox_assign_sample.py, same arithmetic) without the (M, N) IoU matrix; no gradient. None where the library
+    cannot run it."""
+    if not enabled():
+        return None
+    return _kernel("MaxIoUAssign", lambda gt, gt_valid, boxes, box_valid, thresholds: [[boxes[0]]] * 3,
+                   lambda *types: [ms.int32, ms.bool_, ms.bool_])

@@ -1,9 +1,12 @@
 """Assigner, sampler and both stage wrappers against NumPy references (GRAPH_MODE, CPU, tiny config)."""
+import contextlib
+
 import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import nn
 
+from src import cpu_kernels
 from src.config import load_config
 from src.maskrcnn.anchor_generator import generate_anchors
 from src.maskrcnn.bbox_assign_sample import (RPN_STREAM, RCNN_STREAM, BboxAssignSample, FixedCountSampler,
@@ -157,10 +160,15 @@ def test_sampler_rejects_impossible_sizes():
 
 # ---------------------------------------------------------------- assigner
 
+IMPLEMENTATIONS = ["cpu_kernel", "mindspore_ops"]     # the C++ assigner and the (M, N) IoU-matrix version
+
+
 class AssignerNet(nn.Cell):
-    def __init__(self, num_gts, pos_thr=0.7, neg_thr=0.3, min_pos=0.3):
+    def __init__(self, num_gts, implementation, pos_thr=0.7, neg_thr=0.3, min_pos=0.3):
         super().__init__()
-        self.assigner = MaxIoUAssigner(pos_thr, neg_thr, min_pos, num_gts)
+        with cpu_kernels.mindspore_kernels() if implementation == "mindspore_ops" else contextlib.nullcontext():
+            self.assigner = MaxIoUAssigner(pos_thr, neg_thr, min_pos, num_gts)
+        assert (self.assigner.kernel is not None) == (implementation == "cpu_kernel")
 
     def construct(self, gt, gt_valid, boxes, box_valid):
         return self.assigner(gt, gt_valid, boxes, box_valid)
@@ -173,7 +181,8 @@ def run_assigner(net, gt, gt_valid, boxes, box_valid):
     return result
 
 
-def test_assigner_thresholds_by_hand():
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_assigner_thresholds_by_hand(implementation):
     gt = np.array([[0, 0, 10, 10], [50, 50, 60, 60], [100, 100, 110, 110], [200, 200, 210, 210]], np.float32)
     gt_valid = np.array([True, True, False, True])
     boxes = np.array([[0, 0, 10, 10],        # IoU 1.0 with GT 0         -> positive for GT 0
@@ -187,18 +196,19 @@ def test_assigner_thresholds_by_hand():
                       [200, 200, 210, 202]],  # GT 3's best is 0.2 < min_pos_iou -> negative, GT 3 unmatched
                      np.float32)
     box_valid = np.array([True] * 7 + [False, True])
-    got = run_assigner(AssignerNet(len(gt)), gt, gt_valid, boxes, box_valid)
+    got = run_assigner(AssignerNet(len(gt), implementation), gt, gt_valid, boxes, box_valid)
     np.testing.assert_array_equal(got, [1, 1, -1, 0, 2, -1, 0, -1, 0])
 
 
-def test_assigner_matches_mmdet_loop_on_random_boxes():
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_assigner_matches_mmdet_loop_on_random_boxes(implementation):
     rng = np.random.default_rng(5)
     gt, gt_valid = random_gts(rng, 6, 8)
     boxes = np.concatenate([jitter(rng, np.repeat(gt[:6], 6, 0), 8.0),
                             jitter(rng, np.tile(gt[:1], (4, 1)), 3.0), jitter(rng, gt[6:7], 1.0),
                             jitter(rng, np.tile([[80, 60, 100, 80]], (20, 1)), 60.0)])
     box_valid = rng.uniform(size=len(boxes)) > 0.1
-    got = run_assigner(AssignerNet(len(gt)), gt, gt_valid, boxes, box_valid)
+    got = run_assigner(AssignerNet(len(gt), implementation), gt, gt_valid, boxes, box_valid)
     want = np_assign(gt, gt_valid, boxes, box_valid, 0.7, 0.3, 0.3)
     assert {-1, 0}.issubset(set(want)) and (want > 0).sum() > 6
     np.testing.assert_array_equal(got, want)
@@ -403,3 +413,20 @@ def test_stage2_without_gts_samples_only_negatives(cfg, stage2_net):
     assert not pos_valid.any() and not bbox_weights.any() and not row_labels.any()
     assert label_weights.sum() == cfg.rcnn.num_expected_total_stage2
     assert np.all(rois[:, 2:] > rois[:, :2])
+
+
+def test_assigner_kernel_equals_the_iou_matrix_version_with_ties_and_zero_min_pos_iou():
+    """Bit-for-bit the same assignment: duplicate boxes (tied IoUs: first GT wins the max, last GT the claim),
+    GTs that overlap nothing, and min_pos_iou 0, where a GT with no overlap claims every IoU-0 candidate."""
+    rng = np.random.default_rng(11)
+    gt, gt_valid = random_gts(rng, 5, 8)
+    gt[3] = gt[1]                                                  # two identical GTs: tied IoUs
+    gt[4] = [500, 500, 520, 520]                                   # overlaps no candidate
+    boxes = np.concatenate([jitter(rng, np.repeat(gt[:3], 5, 0), 4.0), np.repeat(gt[1:2], 3, 0),
+                            jitter(rng, np.tile([[80, 60, 100, 80]], (30, 1)), 60.0)]).astype(np.float32)
+    box_valid = rng.uniform(size=len(boxes)) > 0.15
+    for thresholds in [(0.7, 0.3, 0.3), (0.5, 0.5, 0.0)]:
+        got = [run_assigner(AssignerNet(len(gt), implementation, *thresholds), gt, gt_valid, boxes, box_valid)
+               for implementation in IMPLEMENTATIONS]
+        np.testing.assert_array_equal(got[0], got[1])
+        np.testing.assert_array_equal(got[0], np_assign(gt, gt_valid, boxes, box_valid, *thresholds))

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
+from src import cpu_kernels
 from src.config import load_config
 from src.maskrcnn.fpn_neck import FeatPyramidNeck
 from src.maskrcnn.rcnn_cls import RcnnCls
@@ -164,9 +165,16 @@ def test_mask_head_output_shape(tiny, mask_head):
     assert np.all(np.isfinite(logits)) and 0 < np.abs(logits).max() < 1.0      # near p = 0.5 at init
 
 
-@pytest.fixture(scope="module")
-def target_net(mask_head):
-    return HeadMethod(mask_head, "mask_targets")
+@pytest.fixture(scope="module", params=["cpu_kernel", "mindspore_ops"])
+def target_net(request, mask_head):
+    """Mask targets from the C++ kernel (CPU) and from the RoIAlign table version (other devices)."""
+    if request.param == "cpu_kernel":
+        assert mask_head.target_kernel is not None
+        return HeadMethod(mask_head, "mask_targets")
+    with cpu_kernels.mindspore_kernels():
+        head = RcnnMask(load_config("tiny", {"rcnn.rcnn_mask_out_channels": 32}))
+    assert head.target_kernel is None
+    return HeadMethod(head, "mask_targets")
 
 
 def test_mask_target_of_a_rectangle(tiny, target_net):

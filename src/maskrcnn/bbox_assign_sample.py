@@ -11,6 +11,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from src import cpu_kernels
 from src.maskrcnn import box_ops
 
 UINT32_MASK = 0xFFFFFFFF
@@ -62,7 +63,8 @@ class MaxIoUAssigner(nn.Cell):
     least one positive when it can. Invalid candidates are neither; padded GTs overlap nothing.
 
     Padded GTs and invalid candidates are swapped for a zero-area box far outside the image before the
-    IoU, so masking costs (M,) and (N,) work instead of selects over the (M, N) matrix (slow on CPU).
+    IoU, so masking costs (M,) and (N,) work instead of selects over the (M, N) matrix (slow on CPU). On CPU
+    the kernel of src/cpu_kernels does the same arithmetic on the valid GTs only, without the matrix.
     """
 
     def __init__(self, pos_iou_thr: float, neg_iou_thr: float, min_pos_iou: float, num_gts: int):
@@ -72,6 +74,8 @@ class MaxIoUAssigner(nn.Cell):
         self.min_pos_iou = min_pos_iou
         self.gt_numbers = ms.Tensor(np.arange(1, num_gts + 1, dtype=np.float32)[:, None])   # (M, 1)
         self.nowhere = ms.Tensor(np.full((1, 4), NOWHERE, np.float32))
+        self.kernel = cpu_kernels.max_iou_assign_kernel()
+        self.thresholds = ms.Tensor(np.array([pos_iou_thr, neg_iou_thr, min_pos_iou], np.float32))
 
     def _or_nowhere(self, boxes, valid):
         return ops.where(ops.broadcast_to(valid[:, None], boxes.shape), boxes,
@@ -80,6 +84,9 @@ class MaxIoUAssigner(nn.Cell):
     def construct(self, gt_bboxes, gt_valids, boxes, box_valids):
         """gt_bboxes (M, 4), gt_valids (M,) bool, boxes (N, 4), box_valids (N,) bool ->
         (assigned_gt (N,) int32 index into the M GTs, positive (N,) bool, negative (N,) bool)."""
+        if self.kernel is not None:
+            return self.kernel(ops.stop_gradient(gt_bboxes), gt_valids, ops.stop_gradient(boxes), box_valids,
+                               self.thresholds)
         iou = box_ops.box_iou(self._or_nowhere(gt_bboxes, gt_valids), self._or_nowhere(boxes, box_valids))  # (M, N)
         max_iou, best_gt = ops.max(iou, axis=0)                                      # (N,)
         positive = ops.logical_and(box_valids, max_iou >= self.pos_iou_thr)
@@ -91,7 +98,7 @@ class MaxIoUAssigner(nn.Cell):
         claim_level = ops.where(may_claim, gt_best_iou, ops.full_like(gt_best_iou, UNREACHABLE_IOU))
         claims = ops.cast(iou - claim_level[:, None] >= 0.0, ms.float32)            # (M, N): iou == level
         claimed_by = ops.max(claims * self.gt_numbers, axis=0)[0]                    # (N,) last claiming GT + 1
-        claimed = claimed_by > 0.0
+        claimed = ops.logical_and(claimed_by > 0.0, box_valids)                      # min_pos_iou 0: not at IoU 0
 
         assigned_gt = ops.where(claimed, ops.cast(claimed_by, ms.int32) - 1, ops.cast(best_gt, ms.int32))
         positive = ops.logical_or(positive, claimed)

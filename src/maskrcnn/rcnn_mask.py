@@ -10,9 +10,11 @@ Mask targets use the coordinate convention of box_ops (continuous input pixels, 
 aligned RoIAlign of the GT mask at stride 1 (roi_align.SingleLevelRoIAlign).
 """
 import mindspore as ms
+import numpy as np
 from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal, Normal
 
+from src import cpu_kernels
 from src.cpu_kernels import Conv2d, Conv2dTranspose
 from src.maskrcnn.rcnn_cls import select_class
 from src.maskrcnn.roi_align import SingleLevelRoIAlign
@@ -47,6 +49,8 @@ class RcnnMask(nn.Cell):
                                       weight_init=Normal(LOGITS_INIT_STD), bias_init="zeros")
         self.mask_weight = c.rcnn_loss_mask_weight
         self.target_align = SingleLevelRoIAlign(c.mask_shape, MASK_STRIDE, cfg.roi.roi_sample_ratio)
+        self.target_kernel = cpu_kernels.mask_targets_kernel(c.mask_shape)    # the same on CPU, from the uint8 masks
+        self.target_settings = ms.Tensor(np.array([cfg.roi.roi_sample_ratio, MASK_STRIDE], np.float32))
         self.sigmoid_ce = ops.SigmoidCrossEntropyWithLogits()
 
     def construct(self, mask_feats):
@@ -64,9 +68,11 @@ class RcnnMask(nn.Cell):
         gt_index (R,) int32 = b * M + m of each RoI's GT -> (R, mask_shape, mask_shape) float32 0/1:
         the RoIAlign of the GT mask over the RoI, thresholded at 0.5. No gradient flows.
         """
+        boxes = ops.stop_gradient(ops.concat((ops.cast(gt_index, ms.float32)[:, None], rois), axis=1))   # (R, 5)
+        if self.target_kernel is not None:
+            return self.target_kernel(boxes, self.target_settings, gt_masks)
         batch, num_gts, height, width = gt_masks.shape
         masks = gt_masks.reshape(batch * num_gts, 1, height, width)                  # uint8: only taps become float
-        boxes = ops.concat((ops.cast(gt_index, ms.float32)[:, None], rois), axis=1)  # (R, 5)
         soft = self.target_align(masks, boxes)[:, 0]                                 # (R, 28, 28)
         return ops.stop_gradient(ops.cast(soft >= TARGET_THRESHOLD, ms.float32))
 
