@@ -88,12 +88,13 @@ def test_gradients_reach_trainable_and_spare_frozen_parameters(trained):
 
 
 def test_skipping_unused_mask_chunks_changes_no_loss_or_gradient(batches, monkeypatch):
-    """Unused positive slots weigh 0, so skipping the mask branch for chunks without a used slot must give
-    the losses and gradients of running every slot: 1-slot chunks (most skipped) against one chunk."""
+    """Unused positive slots weigh 0, so packing the used slots of the batch first and skipping the mask branch
+    for chunks without a used slot must give the losses and gradients of running every slot: 3-row chunks
+    (most skipped, one cut through the used slots) against one chunk."""
     cfg = load_config("tiny", NARROW_OVERRIDES)
     nets = []
-    for slots in (cfg.num_pos_stage2, 1):
-        monkeypatch.setattr(mask_rcnn_r50, "MASK_CHUNK_SLOTS", slots)
+    for rows in (cfg.train.batch_size * cfg.num_pos_stage2, 3):
+        monkeypatch.setattr(mask_rcnn_r50, "MASK_CHUNK_ROWS", rows)
         nets.append(MaskRcnnResnet50(cfg))
     ms.load_param_into_net(nets[1], {p.name: ms.Parameter(p.asnumpy(), name=p.name)      # same weights (copies)
                                      for p in nets[0].get_parameters()})

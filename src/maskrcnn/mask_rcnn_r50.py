@@ -24,11 +24,11 @@ from src.maskrcnn.rpn import RPN
 LOSS_NAMES = ("rpn_loss", "rcnn_loss", "rpn_cls_loss", "rpn_reg_loss", "rcnn_cls_loss", "rcnn_reg_loss",
               "rcnn_mask_loss", "total_loss")
 DISCARDED = -1.0          # score of (box, class) candidates that cannot be detections
-# The positive slots go through the mask branch in chunks of this many slots per image, and a chunk
-# holding no used slot is skipped: few slots are used early in training or on images with few objects, and
-# the mask head is the most expensive part of the step when all of them run. Each chunk is one more graph
-# branch to compile (about 4 s on this CPU).
-MASK_CHUNK_SLOTS = 16
+# The batch's positive slots, used ones first, go through the mask branch in chunks of this many rows, and
+# a chunk holding no used slot is skipped: few slots are used early in training or on images with few
+# objects, and the mask head is the most expensive part of the step when all of them run. Each chunk is one
+# more graph branch to compile (about 4 s on this CPU).
+MASK_CHUNK_ROWS = 32
 
 
 def _stack_fields(per_image):
@@ -47,11 +47,6 @@ def _with_batch_index(boxes):
     batch, rows = boxes.shape[0], boxes.shape[1]
     index = ops.broadcast_to(ops.arange(batch, dtype=ms.float32)[:, None, None], (batch, rows, 1))
     return ops.concat((index, boxes), axis=2).reshape(batch * rows, 5)
-
-
-def _chunk_bounds(length, size):
-    """((start, stop), ...): consecutive ranges of `size` (the last one may be shorter) covering range(length)."""
-    return tuple((start, min(start + size, length)) for start in range(0, length, size))
 
 
 class DetectionSelector(nn.Cell):
@@ -130,7 +125,7 @@ class MaskRcnnResnet50(nn.Cell):
         self.test_proposals = Proposal(cfg, training=False)
         self.detections = DetectionSelector(cfg)
         self.num_pos_stage2 = cfg.num_pos_stage2
-        self.mask_chunks = _chunk_bounds(cfg.num_pos_stage2, MASK_CHUNK_SLOTS)
+        self.mask_chunk_rows = MASK_CHUNK_ROWS
         self.num_gts = cfg.data.max_instance_count
         self.rcnn_means = box_ops.as_tensor(cfg.rcnn.rcnn_target_means)
         self.rcnn_stds = box_ops.as_tensor(cfg.rcnn.rcnn_target_stds)
@@ -187,23 +182,31 @@ class MaskRcnnResnet50(nn.Cell):
                 total_loss)
 
     def _mask_loss(self, roi_table, feats, mask, pos_rois, pos_labels, gt_rows, pos_valid):
-        """rcnn_mask_loss of the positive slots, run chunk by chunk along the slot axis.
+        """rcnn_mask_loss of the positive slots, run chunk by chunk over the batch's slots, used ones first.
 
         pos_rois (B, Pn, 4), pos_labels (B, Pn) int32, gt_rows (B, Pn) int32 row of each slot's GT in the
         (B*M) masks, pos_valid (B, Pn) bool. An unused slot has weight 0, so a chunk without a used slot adds
-        exactly 0 to the loss and to every gradient: it is skipped at run time (a graph-mode branch).
+        exactly 0 to the loss and to every gradient: it is skipped at run time (a graph-mode branch). Packing
+        the used slots of all images to the front makes the chunks that run hold as few unused slots as can be.
         """
-        weights = ops.cast(pos_valid, ms.float32)
+        rows = pos_valid.size
+        weights = ops.cast(pos_valid, ms.float32).reshape(-1)
+        # used slots first, each group in slot order: keys used * rows + (rows - 1 - slot), largest first
+        _, order = ops.topk(weights * rows + ops.arange(rows - 1, -1, -1, dtype=ms.float32), rows)
+        rois = ops.gather(_with_batch_index(pos_rois), order, 0)                     # (B * Pn, 5)
+        labels = ops.gather(pos_labels.reshape(-1), order, 0)
+        gt_rows = ops.gather(gt_rows.reshape(-1), order, 0)
+        weights = ops.gather(weights, order, 0)
         loss_sum = ops.zeros((), ms.float32)
-        for start, stop in self.mask_chunks:
-            if pos_valid[:, start:stop].any():
-                chunk_rois = pos_rois[:, start:stop]                                   # (B, chunk, 4)
-                mask_feats = self.mask_roi_align.pool(_with_batch_index(chunk_rois), roi_table, feats)
-                mask_logits = self.rcnn_mask(mask_feats)                              # (B * chunk, C, 28, 28)
-                targets = self.rcnn_mask.mask_targets(mask, chunk_rois.reshape(-1, 4),
-                                                      gt_rows[:, start:stop].reshape(-1))
-                loss_sum = loss_sum + self.rcnn_mask.loss_sum(mask_logits, pos_labels[:, start:stop].reshape(-1),
-                                                              targets, weights[:, start:stop].reshape(-1))
+        for start in range(0, rows, self.mask_chunk_rows):
+            stop = min(start + self.mask_chunk_rows, rows)
+            if weights[start] > 0:                                                    # used slots come first
+                chunk_rois = rois[start:stop]
+                mask_feats = self.mask_roi_align.pool(chunk_rois, roi_table, feats)
+                mask_logits = self.rcnn_mask(mask_feats)                              # (chunk, C, 28, 28)
+                targets = self.rcnn_mask.mask_targets(mask, chunk_rois[:, 1:], gt_rows[start:stop])
+                loss_sum = loss_sum + self.rcnn_mask.loss_sum(mask_logits, labels[start:stop], targets,
+                                                              weights[start:stop])
         return self.rcnn_mask.normalise(loss_sum, weights)
 
     def _detect(self, feats, cls_scores, bbox_deltas, image_shape):
