@@ -651,3 +651,73 @@ extern "C" int MaxIoUAssign(int nparam, void **params, int *ndims, int64_t **sha
                             void *) {
   return MaxIoUAssign(nparam, params, ndims, shapes, dtypes);
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// The FPN's top-down merge: lateral + nearest upsampling of the coarser map, as ops.interpolate(mode="nearest")
+// (source cell floor(i * h_in / h_out), float32 scale).
+namespace {
+
+std::vector<int> NearestSources(int64_t in, int64_t out) {
+  std::vector<int> source(out);
+  float scale = static_cast<float>(in) / static_cast<float>(out);
+  for (int64_t i = 0; i < out; ++i) {
+    source[i] = std::min(static_cast<int>(std::floor(static_cast<float>(i) * scale)), static_cast<int>(in - 1));
+  }
+  return source;
+}
+
+// UpsampleAdd(coarse (N, C, h, w), lateral (N, C, H, W)) -> lateral + nearest upsampling of coarse to (H, W).
+int UpsampleAdd(int nparam, void **params, int64_t **shapes) {
+  if (nparam != 3) return 2;
+  const int64_t *in = shapes[0], *out = shapes[1];
+  std::vector<int> rows = NearestSources(in[2], out[2]), cols = NearestSources(in[3], out[3]);
+  const float *coarse = static_cast<const float *>(params[0]), *lateral = static_cast<const float *>(params[1]);
+  float *merged = static_cast<float *>(params[2]);
+  Runtime &rt = GetRuntime();
+  std::lock_guard<std::mutex> lock(rt.mutex);
+  ParallelRange(rt, out[0] * out[1], [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const float *source = coarse + plane * in[2] * in[3];
+      for (int64_t i = 0; i < out[2]; ++i) {
+        const float *source_row = source + rows[i] * in[3];
+        int64_t offset = (plane * out[2] + i) * out[3];
+        for (int64_t j = 0; j < out[3]; ++j) merged[offset + j] = lateral[offset + j] + source_row[cols[j]];
+      }
+    }
+  });
+  return 0;
+}
+
+// UpsampleAddGrad(dmerged (N, C, H, W), coarse (N, C, h, w)) -> dcoarse: dmerged summed over each coarse cell's
+// copies (coarse gives the shape only).
+int UpsampleAddGrad(int nparam, void **params, int64_t **shapes) {
+  if (nparam != 3) return 2;
+  const int64_t *out = shapes[0], *in = shapes[1];
+  std::vector<int> rows = NearestSources(in[2], out[2]), cols = NearestSources(in[3], out[3]);
+  const float *dmerged = static_cast<const float *>(params[0]);
+  float *dcoarse = static_cast<float *>(params[2]);
+  Runtime &rt = GetRuntime();
+  std::lock_guard<std::mutex> lock(rt.mutex);
+  ParallelRange(rt, out[0] * out[1], [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      float *target = dcoarse + plane * in[2] * in[3];
+      std::fill(target, target + in[2] * in[3], 0.0f);
+      for (int64_t i = 0; i < out[2]; ++i) {
+        float *target_row = target + rows[i] * in[3];
+        const float *grad = dmerged + (plane * out[2] + i) * out[3];
+        for (int64_t j = 0; j < out[3]; ++j) target_row[cols[j]] += grad[j];
+      }
+    }
+  });
+  return 0;
+}
+
+}  // namespace
+
+extern "C" int UpsampleAdd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  return UpsampleAdd(nparam, params, shapes);
+}
+
+extern "C" int UpsampleAddGrad(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  return UpsampleAddGrad(nparam, params, shapes);
+}

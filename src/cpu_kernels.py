@@ -313,3 +313,15 @@ def max_iou_assign_kernel():
         return None
     return _kernel("MaxIoUAssign", lambda gt, gt_valid, boxes, box_valid, thresholds: [[boxes[0]]] * 3,
                    lambda *types: [ms.int32, ms.bool_, ms.bool_])
+
+
+def upsample_add_kernel():
+    """(coarse (N, C, h, w), lateral (N, C, H, W)) -> lateral + ops.interpolate(coarse, (H, W), mode="nearest"),
+    with its gradient; None where the library cannot run it."""
+    if not enabled():
+        return None
+    backward = _kernel("UpsampleAddGrad", lambda dmerged, coarse: coarse)
+
+    def bprop(coarse, lateral, out, dout):
+        return backward(dout, coarse), dout
+    return _kernel("UpsampleAdd", lambda coarse, lateral: lateral, bprop=bprop)

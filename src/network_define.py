@@ -44,16 +44,24 @@ class MaskRcnnObjective(nn.Cell):
         return (losses[self.total_index] * self.loss_scale,) + tuple(losses)
 
 
+def _row_first_sum(x):
+    """Sum of all elements, reduced along rows first: MindSpore's CPU ReduceSum over a whole tensor is about
+    twice as slow as a row reduction plus a short final sum (bench/results.md)."""
+    return x.reshape(x.shape[0], -1).sum(1).sum() if x.ndim > 1 else x.sum()
+
+
 _squared_sum = ops.MultitypeFuncGraph("squared_sum")
+_plain_sum = ops.MultitypeFuncGraph("plain_sum")
 
 
 @_squared_sum.register("Tensor")
 def _tensor_squared_sum(grad):
-    """Sum of squares, reduced along rows first: MindSpore's CPU ReduceSum over a whole tensor is about twice
-    as slow as a row reduction plus a short final sum (bench/results.md)."""
-    if grad.ndim > 1:
-        return ops.square(grad.reshape(grad.shape[0], -1)).sum(1).sum()
-    return ops.square(grad).sum()
+    return _row_first_sum(ops.square(grad))
+
+
+@_plain_sum.register("Tensor")
+def _tensor_plain_sum(grad):
+    return _row_first_sum(grad)
 
 
 def is_data_parallel() -> bool:
@@ -66,9 +74,10 @@ class TrainOneStepCell(nn.Cell):
 
     `grad_clip_norm` > 0 rescales the (unscaled) gradients to at most that global L2 norm: from scratch,
     the first steps' gradients are large, and clipping lets a higher learning rate train without diverging.
-    One sum of squares over all gradients serves both the clip and the NaN/Inf check (a NaN or Inf anywhere
-    makes it non-finite); a per-tensor isfinite().all() plus ops.clip_by_global_norm took ~0.5 s per step
-    on a CPU for ResNet50-FPN's 44 M gradients, six times as long.
+    One sum over all gradients (of squares when clipping) serves both the clip and the NaN/Inf check (a NaN or
+    Inf anywhere makes it non-finite); a per-tensor isfinite().all() plus ops.clip_by_global_norm took ~0.5 s
+    per step on a CPU for ResNet50-FPN's 44 M gradients, six times as long. Without clipping the plain sum
+    skips the squares (and overflows only past 3e38, where squares would past 2e19).
     """
 
     def __init__(self, objective: MaskRcnnObjective, optimizer: nn.Optimizer, grad_clip_norm: float = 0.0):
@@ -90,12 +99,14 @@ class TrainOneStepCell(nn.Cell):
         outputs, grads = self.grad_fn(image, image_shape, box, label, valid_num, mask)
         losses = outputs[1:]
         grads = self.grad_reducer(grads)
-        scaled_norm_sq = ops.stack(self.hyper_map(_squared_sum, grads)).sum()
-        finite = ops.isfinite(scaled_norm_sq) & ops.isfinite(outputs[0])
         factor = self.inverse_loss_scale
         if self.grad_clip_norm > 0.0:
+            scaled_norm_sq = ops.stack(self.hyper_map(_squared_sum, grads)).sum()
+            finite = ops.isfinite(scaled_norm_sq) & ops.isfinite(outputs[0])
             norm = ops.sqrt(scaled_norm_sq) * self.inverse_loss_scale
             factor = factor * self.grad_clip_norm / ops.maximum(norm, self.grad_clip_norm)
+        else:
+            finite = ops.isfinite(ops.stack(self.hyper_map(_plain_sum, grads)).sum()) & ops.isfinite(outputs[0])
         if self.rescales_gradients:
             grads = self.hyper_map(ops.partial(ops.mul, factor), grads)
         if finite:

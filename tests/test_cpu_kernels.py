@@ -107,3 +107,37 @@ def test_every_convolution_and_roi_pool_of_the_model_runs_on_the_kernels():
     assert len(convolutions) > 50
     assert all(isinstance(cell, (cpu_kernels.Conv2d, cpu_kernels.Conv2dTranspose)) and cell.onednn is not None
                for cell in convolutions)
+
+
+class _Merge(nn.Cell):
+    """The FPN merge lateral + nearest upsampling of coarse, by the kernel or by ops.interpolate, and the
+    gradients of sum(merge * weights) with respect to both inputs."""
+
+    def __init__(self, kernel):
+        super().__init__()
+        self.kernel = kernel
+        self.grad = ops.GradOperation(get_all=True)
+
+    def merge(self, coarse, lateral):
+        if self.kernel is None:
+            return lateral + ops.interpolate(coarse, size=lateral.shape[2:], mode="nearest")
+        return self.kernel(coarse, lateral)
+
+    def construct(self, coarse, lateral, weights):
+        return self.merge(coarse, lateral), self.grad(lambda c, l: (self.merge(c, l) * weights).sum())(coarse, lateral)
+
+
+@pytest.mark.parametrize("coarse_hw, fine_hw", [((3, 5), (6, 10)), ((3, 5), (5, 9)), ((4, 4), (7, 11))])
+def test_upsample_add_matches_nearest_interpolate_and_its_gradient(coarse_hw, fine_hw):
+    """Exact 2x (even sizes) and the uneven sizes of inputs that are not multiples of the coarsest stride."""
+    rng = np.random.default_rng(1)
+    coarse = ms.Tensor(rng.standard_normal((2, 3) + coarse_hw).astype(np.float32))
+    lateral = ms.Tensor(rng.standard_normal((2, 3) + fine_hw).astype(np.float32))
+    weights = ms.Tensor(rng.standard_normal((2, 3) + fine_hw).astype(np.float32))
+    kernel = cpu_kernels.upsample_add_kernel()
+    assert kernel is not None
+    (merged, (d_coarse, d_lateral)), (merged_ref, (d_coarse_ref, d_lateral_ref)) = (
+        _Merge(kernel)(coarse, lateral, weights), _Merge(None)(coarse, lateral, weights))
+    np.testing.assert_array_equal(merged.asnumpy(), merged_ref.asnumpy())
+    np.testing.assert_allclose(d_coarse.asnumpy(), d_coarse_ref.asnumpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(d_lateral.asnumpy(), d_lateral_ref.asnumpy())

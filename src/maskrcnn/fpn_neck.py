@@ -10,6 +10,7 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import XavierUniform, initializer
 
+from src import cpu_kernels
 from src.cpu_kernels import Conv2d
 
 P6_STRIDE = 2
@@ -37,13 +38,19 @@ class FeatPyramidNeck(nn.Cell):
         self.num_inputs = len(in_channels)
         self.level_sizes = tuple(tuple(size) for size in cfg.feature_shapes[:self.num_inputs])
         self.p6_pool = nn.MaxPool2d(kernel_size=1, stride=P6_STRIDE)
+        self.upsample_add = cpu_kernels.upsample_add_kernel()      # on CPU: one pass, no resize operator
+
+    def _merge(self, coarse, lateral, size):
+        """lateral + the nearest upsampling of the coarser merged map to the lateral's size."""
+        if self.upsample_add is not None:
+            return self.upsample_add(coarse, lateral)
+        return lateral + ops.interpolate(coarse, size=size, mode="nearest")
 
     def construct(self, feats):
         laterals = [self.lateral_convs[i](feats[i]) for i in range(self.num_inputs)]
         merged = [laterals[self.num_inputs - 1]]                 # coarsest first while going down
         for i in range(self.num_inputs - 2, -1, -1):
-            upsampled = ops.interpolate(merged[-1], size=self.level_sizes[i], mode="nearest")
-            merged.append(laterals[i] + upsampled)               # (B, out, h_i, w_i)
+            merged.append(self._merge(merged[-1], laterals[i], self.level_sizes[i]))     # (B, out, h_i, w_i)
         outs = [self.fpn_convs[i](merged[self.num_inputs - 1 - i]) for i in range(self.num_inputs)]
         p6 = self.p6_pool(outs[-1])                              # (B, out, ceil(h5 / 2), ceil(w5 / 2))
         return tuple(outs) + (p6,)
