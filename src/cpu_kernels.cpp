@@ -8,9 +8,11 @@
 //
 // Entry points, each for stride S in {1, 2} and padding P in {0..3} on every side (e.g. ConvForwardS2P1); tensors
 // are float32, NCHW / OIHW, biases (O,):
-//   ConvForward(x, w, b) -> y = conv(x, w) + b      ConvReluForward: the same, then ReLU (fused into oneDNN)
-//   ConvBackwardData(dy, w, x) -> dx                (x gives dx's shape only)
-//   ConvBackwardWeights(x, dy, w) -> dw, db         (w gives dw's shape only; db = dy summed per channel)
+//   ConvForward(x, w, b, s) -> y = conv(x, w * s) + b    ConvReluForward: the same, then ReLU (fused into oneDNN)
+//   ConvBackwardData(dy, w, x, s) -> dx                  (x gives dx's shape only)
+//   ConvBackwardWeights(x, dy, w, s) -> dw, db           (w gives dw's shape only; db = dy summed per channel)
+// where s (O,) scales each output channel's filter (a frozen BatchNorm folded in; ones otherwise), applied while
+// the weights are reordered anyway;
 //   DeconvForward(x, w, b) -> y                     (transposed convolution = convolution backward data, + b)
 //   DeconvReluForward: the same, then ReLU
 // plus BiasGrad(dy) -> db (the deconvolution's bias gradient) and RoiAlignForward7 / 14, RoiAlignBackward7 / 14
@@ -152,13 +154,13 @@ Runtime &GetRuntime() {
 }
 
 // One call: the convolution's plain float32 buffers (for the backward passes the gradients of them), of which
-// the pass reads two and writes the third, and its bias: read by the forward pass, written (the gradient) by
-// the backward-weights pass, added after the backward-data pass when it serves as a transposed convolution
-// (null: none).
+// the pass reads two and writes the third; its bias: read by the forward pass, written (the gradient) by the
+// backward-weights pass, added after the backward-data pass when it serves as a transposed convolution (null:
+// none); and the per-output-channel filter scale (null: none).
 struct Conv {
   Pass pass;
   const int64_t *src_shape, *weights_shape, *dst_shape;
-  float *src, *weights, *dst, *bias;
+  float *src, *weights, *dst, *bias, *scale;
   int stride, pad;
   bool relu;  // ReLU on the output of a forward or transposed-convolution pass
 };
@@ -216,11 +218,26 @@ memory Scratch(Runtime &rt, Slot slot, const memory::desc &desc) {
   return memory(desc, rt.engine, buffer.data());
 }
 
-// The plain NCHW tensor itself when the primitive wants that layout, else a reordered copy.
-memory Inbound(Runtime &rt, Slot slot, const memory::desc &wanted, const memory &plain) {
-  if (wanted == plain.get_desc()) return plain;
+// Copies `from` into `to` (the layouts may differ), multiplying index o of dimension 0 by scale[o] if scale is set.
+void Reorder(Runtime &rt, const memory &from, const memory &to, const float *scale) {
+  if (scale == nullptr) {
+    dnnl::reorder(from, to).execute(rt.stream, const_cast<memory &>(from), const_cast<memory &>(to));
+    return;
+  }
+  dnnl::primitive_attr attr;
+  attr.set_scales_mask(DNNL_ARG_SRC, 1);
+  dnnl::reorder::primitive_desc pd(rt.engine, from.get_desc(), rt.engine, to.get_desc(), attr);
+  memory scales(memory::desc({from.get_desc().get_dims()[0]}, memory::data_type::f32, memory::format_tag::a),
+                rt.engine, const_cast<float *>(scale));
+  dnnl::reorder(pd).execute(rt.stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
+                                        {DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC, scales}});
+}
+
+// The plain NCHW tensor itself when the primitive wants that layout and nothing is scaled, else a reordered copy.
+memory Inbound(Runtime &rt, Slot slot, const memory::desc &wanted, const memory &plain, const float *scale = nullptr) {
+  if (wanted == plain.get_desc() && scale == nullptr) return plain;
   memory copy = Scratch(rt, slot, wanted);
-  dnnl::reorder(plain, copy).execute(rt.stream, const_cast<memory &>(plain), copy);
+  Reorder(rt, plain, copy, scale);
   return copy;
 }
 
@@ -272,12 +289,12 @@ int Run(const Conv &conv) {
     std::unordered_map<int, memory> args;
     if (conv.pass == Pass::kForward) {
       args[DNNL_ARG_SRC] = Inbound(rt, kSrcSlot, plan.src, src_plain);
-      args[DNNL_ARG_WEIGHTS] = Inbound(rt, kWeightsSlot, plan.weights, weights_plain);
+      args[DNNL_ARG_WEIGHTS] = Inbound(rt, kWeightsSlot, plan.weights, weights_plain, conv.scale);
       args[DNNL_ARG_BIAS] = memory(BiasDesc(weights_dims), rt.engine, conv.bias);
       output_plain = &dst_plain, output_desc = &plan.dst, output_slot = kDstSlot;
     } else if (conv.pass == Pass::kBackwardData) {
       args[DNNL_ARG_DIFF_DST] = Inbound(rt, kDstSlot, plan.dst, dst_plain);
-      args[DNNL_ARG_WEIGHTS] = Inbound(rt, kWeightsSlot, plan.weights, weights_plain);
+      args[DNNL_ARG_WEIGHTS] = Inbound(rt, kWeightsSlot, plan.weights, weights_plain, conv.scale);
       output_plain = &src_plain, output_desc = &plan.src, output_slot = kSrcSlot;
     } else {
       args[DNNL_ARG_SRC] = Inbound(rt, kSrcSlot, plan.src, src_plain);
@@ -285,14 +302,14 @@ int Run(const Conv &conv) {
       args[DNNL_ARG_DIFF_BIAS] = memory(BiasDesc(weights_dims), rt.engine, conv.bias);
       output_plain = &weights_plain, output_desc = &plan.weights, output_slot = kWeightsSlot;
     }
-    memory output = *output_desc == output_plain->get_desc() ? *output_plain
-                                                             : Scratch(rt, output_slot, *output_desc);
+    const float *output_scale = conv.pass == Pass::kBackwardWeights ? conv.scale : nullptr;  // d(w * s)/dw = s
+    memory output = *output_desc == output_plain->get_desc() && output_scale == nullptr
+                        ? *output_plain : Scratch(rt, output_slot, *output_desc);
     int output_arg = conv.pass == Pass::kForward ? DNNL_ARG_DST
                      : conv.pass == Pass::kBackwardData ? DNNL_ARG_DIFF_SRC : DNNL_ARG_DIFF_WEIGHTS;
     args[output_arg] = output;
     plan.primitive.execute(rt.stream, args);
-    if (output.get() != output_plain->get()) dnnl::reorder(output, *output_plain).execute(rt.stream, output,
-                                                                                          *output_plain);
+    if (output.get() != output_plain->get()) Reorder(rt, output, *output_plain, output_scale);
     rt.stream.wait();
     if (conv.pass == Pass::kBackwardData && conv.bias != nullptr) AddBias(rt, conv.src, conv.src_shape, conv.bias,
                                                                            conv.relu);
@@ -303,10 +320,11 @@ int Run(const Conv &conv) {
   }
 }
 
-// The argument slots of an entry point: params[src], [weights], [dst] are the convolution's 4-d tensors and
-// params[bias] its 1-d bias (-1: none); `inputs` of the nparam are inputs, the rest outputs.
+// The argument slots of an entry point: params[src], [weights], [dst] are the convolution's 4-d tensors,
+// params[bias] its 1-d bias and params[scale] its 1-d filter scale (-1: none); `inputs` of the nparam are
+// inputs, the rest outputs.
 struct Slots {
-  int inputs, src, weights, dst, bias;
+  int inputs, src, weights, dst, bias, scale;
 };
 
 int Call(Pass pass, Slots slots, bool relu, int stride, int pad, int nparam, void **params, const int *ndims,
@@ -314,11 +332,12 @@ int Call(Pass pass, Slots slots, bool relu, int stride, int pad, int nparam, voi
   int outputs = pass == Pass::kBackwardWeights ? 2 : 1;
   if (nparam != slots.inputs + outputs) return 2;
   for (int i = 0; i < nparam; ++i) {
-    if (ndims[i] != (i == slots.bias ? 1 : 4) || std::string(dtypes[i]) != "float32") return 2;
+    if (ndims[i] != (i == slots.bias || i == slots.scale ? 1 : 4) || std::string(dtypes[i]) != "float32") return 2;
   }
   auto tensor = [&](int slot) { return slot < 0 ? nullptr : static_cast<float *>(params[slot]); };
   return Run(Conv{pass, shapes[slots.src], shapes[slots.weights], shapes[slots.dst], tensor(slots.src),
-                  tensor(slots.weights), tensor(slots.dst), tensor(slots.bias), stride, pad, relu});
+                  tensor(slots.weights), tensor(slots.dst), tensor(slots.bias), tensor(slots.scale), stride, pad,
+                  relu});
 }
 
 // BiasGrad(dy (N, C, H, W)) -> db (C,): dy summed over everything but the channel.
@@ -359,15 +378,15 @@ extern "C" int BiasGrad(int nparam, void **params, int *ndims, int64_t **shapes,
                                          const char **dtypes, void *, void *) {                                      \
     return Call(PASS, Slots{__VA_ARGS__}, RELU, STRIDE, PAD, nparam, params, ndims, shapes, dtypes);                 \
   }
-// Slots: inputs, src, weights, dst, bias.
+// Slots: inputs, src, weights, dst, bias, scale.
 #define CPU_CONV_ENTRY_POINTS(STRIDE, PAD)                                                                           \
-  CPU_CONV_ENTRY_POINT(ConvForward, STRIDE, PAD, Pass::kForward, false, 3, 0, 1, 3, 2)       /* x, w, b -> y */      \
-  CPU_CONV_ENTRY_POINT(ConvReluForward, STRIDE, PAD, Pass::kForward, true, 3, 0, 1, 3, 2)                            \
-  CPU_CONV_ENTRY_POINT(ConvBackwardData, STRIDE, PAD, Pass::kBackwardData, false, 3, 3, 1, 0, -1) /* dy, w, x -> dx */\
-  CPU_CONV_ENTRY_POINT(ConvBackwardWeights, STRIDE, PAD, Pass::kBackwardWeights, false, 3, 0, 3, 1, 4)               \
-  /* x, dy, w -> dw, db */                                                                                           \
-  CPU_CONV_ENTRY_POINT(DeconvForward, STRIDE, PAD, Pass::kBackwardData, false, 3, 3, 1, 0, 2) /* x, w, b -> y */     \
-  CPU_CONV_ENTRY_POINT(DeconvReluForward, STRIDE, PAD, Pass::kBackwardData, true, 3, 3, 1, 0, 2)
+  CPU_CONV_ENTRY_POINT(ConvForward, STRIDE, PAD, Pass::kForward, false, 4, 0, 1, 4, 2, 3)         /* x, w, b, s */   \
+  CPU_CONV_ENTRY_POINT(ConvReluForward, STRIDE, PAD, Pass::kForward, true, 4, 0, 1, 4, 2, 3)                         \
+  CPU_CONV_ENTRY_POINT(ConvBackwardData, STRIDE, PAD, Pass::kBackwardData, false, 4, 4, 1, 0, -1, 3) /* dy, w, x, s */\
+  CPU_CONV_ENTRY_POINT(ConvBackwardWeights, STRIDE, PAD, Pass::kBackwardWeights, false, 4, 0, 4, 1, 5, 3)            \
+  /* x, dy, w, s -> dw, db */                                                                                        \
+  CPU_CONV_ENTRY_POINT(DeconvForward, STRIDE, PAD, Pass::kBackwardData, false, 3, 3, 1, 0, 2, -1) /* x, w, b */      \
+  CPU_CONV_ENTRY_POINT(DeconvReluForward, STRIDE, PAD, Pass::kBackwardData, true, 3, 3, 1, 0, 2, -1)
 
 CPU_CONV_ENTRY_POINTS(1, 0)
 CPU_CONV_ENTRY_POINTS(1, 1)

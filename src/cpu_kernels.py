@@ -165,27 +165,29 @@ def _kernel(name, shape, dtype=lambda *types: types[0], bprop=None):
 
 
 def _backward_weights_kernel(stride, pad):
-    """(x, dy, w) -> (dw, db): a convolution's weight and bias gradients (w gives dw's shape)."""
-    return _kernel(f"ConvBackwardWeightsS{stride}P{pad}", lambda x, dy, w: [w, [w[0]]], lambda x, dy, w: [w, w])
+    """(x, dy, w, s) -> (dw, db): the weight and bias gradients of conv(x, w * s) + b (w gives dw's shape)."""
+    return _kernel(f"ConvBackwardWeightsS{stride}P{pad}", lambda x, dy, w, s: [w, [w[0]]],
+                   lambda x, dy, w, s: [w, w])
 
 
 _relu_gradient = ReluGrad()
 
 
 def _conv_forward(stride, pad, relu):
-    """Convolution + bias (+ ReLU) (x, w, b) -> y with its gradient."""
+    """Convolution with filters scaled per output channel, + bias (+ ReLU): (x, w, b, s) -> conv(x, w * s) + b,
+    with its gradient (none to s)."""
     geometry = f"S{stride}P{pad}"
-    backward_data = _kernel("ConvBackwardData" + geometry, lambda dy, w, x: x)
+    backward_data = _kernel("ConvBackwardData" + geometry, lambda dy, w, x, s: x)
     backward_weights = _backward_weights_kernel(stride, pad)
 
-    def shape(x, w, b):
+    def shape(x, w, b, s):
         return [x[0], w[0], (x[2] + 2 * pad - w[2]) // stride + 1, (x[3] + 2 * pad - w[3]) // stride + 1]
 
-    def bprop(x, w, b, out, dout):
+    def bprop(x, w, b, s, out, dout):
         if relu:
             dout = _relu_gradient(dout, out)   # from the ReLU's output
-        dw, db = backward_weights(x, dout, w)
-        return backward_data(dout, w, x), dw, db
+        dw, db = backward_weights(x, dout, w, s)
+        return backward_data(dout, w, x, s), dw, db, ops.zeros_like(s)
     return _kernel(("ConvReluForward" if relu else "ConvForward") + geometry, shape, bprop=bprop)
 
 
@@ -202,8 +204,9 @@ def _deconv_forward(stride, pad, relu):
     def bprop(x, w, b, out, dout):
         if relu:
             dout = _relu_gradient(dout, out)   # from the ReLU's output
-        dw, _ = backward_weights(dout, x, w)
-        return conv_forward(dout, w, ops.zeros_like(b)), dw, bias_gradient(dout)
+        as_conv = ops.ones((w.shape[0],), ms.float32)               # w as a convolution's filters: w[0] outputs
+        dw, _ = backward_weights(dout, x, w, as_conv)
+        return conv_forward(dout, w, ops.zeros_like(as_conv), as_conv), dw, bias_gradient(dout)
     return _kernel(f"{'DeconvReluForward' if relu else 'DeconvForward'}S{stride}P{pad}", shape, bprop=bprop)
 
 
@@ -221,28 +224,30 @@ class Conv2d(nn.Conv2d):
         self.onednn = None if geometry is None else _conv_forward(*geometry, relu=False)
         self.onednn_relu = None if geometry is None else _conv_forward(*geometry, relu=True)
         self.no_bias = ms.Tensor(np.zeros((self.out_channels,), np.float32))
+        self.unit_scale = ms.Tensor(np.ones((self.out_channels,), np.float32))
 
-    def _run(self, x, weight, bias, relu):
+    def _run(self, x, bias, scale, relu):
         if self.onednn is None:
+            weight = self.weight if scale is None else self.weight * scale.reshape(-1, 1, 1, 1)
             output = self.conv2d(x, weight)
             if bias is not None:
                 output = self.bias_add(output, bias)
             return ops.relu(output) if relu else output
-        if bias is None:
-            bias = self.no_bias
-        return self.onednn_relu(x, weight, bias) if relu else self.onednn(x, weight, bias)
+        bias = self.no_bias if bias is None else bias
+        scale = self.unit_scale if scale is None else scale
+        return self.onednn_relu(x, self.weight, bias, scale) if relu else self.onednn(x, self.weight, bias, scale)
 
     def construct(self, x):
-        return self._run(x, self.weight, self.bias if self.has_bias else None, False)
+        return self._run(x, self.bias if self.has_bias else None, None, False)
 
     def relu(self, x):
-        return self._run(x, self.weight, self.bias if self.has_bias else None, True)
+        return self._run(x, self.bias if self.has_bias else None, None, True)
 
     def affine(self, x, scale, shift, relu):
         """[ReLU](conv(x) * scale + shift), scale and shift (out_channels,): the scale is folded into the weights
-        (conv(x, w * scale) + shift), so it reaches the weight gradient (dw * scale) but gets none itself."""
-        weight = self.weight * ops.stop_gradient(scale).reshape(-1, 1, 1, 1)
-        return self._run(x, weight, shift, relu)
+        (conv(x, w * scale) + shift; on the kernels while they are reordered), so it reaches the weight gradient
+        (dw * scale) but gets none itself."""
+        return self._run(x, shift, ops.stop_gradient(scale), relu)
 
 
 class Conv2dTranspose(nn.Conv2dTranspose):
