@@ -12,7 +12,10 @@
 //   ConvBackwardData(dy, w, x, s) -> dx                  (x gives dx's shape only)
 //   ConvBackwardWeights(x, dy, w, s) -> dw, db           (w gives dw's shape only; db = dy summed per channel)
 // where s (O,) scales each output channel's filter (a frozen BatchNorm folded in; ones otherwise), applied while
-// the weights are reordered anyway;
+// the weights are reordered anyway, and a last input `layout` (2,) int32 says whether x (and dx) and y (and dy)
+// are held NCHW (0) or in oneDNN's blocked nChw16c layout (1): a chain of our convolutions (the ResNet) passes
+// blocked tensors, under their NCHW shape, with no reorder between them (only elementwise MindSpore operators
+// may touch them); BlockedToPlain / PlainToBlocked convert;
 //   DeconvForward(x, w, b) -> y                     (transposed convolution = convolution backward data, + b)
 //   DeconvReluForward: the same, then ReLU
 // plus BiasGrad(dy) -> db (the deconvolution's bias gradient) and RoiAlignForward7 / 14, RoiAlignBackward7 / 14
@@ -163,6 +166,7 @@ struct Conv {
   float *src, *weights, *dst, *bias, *scale;
   int stride, pad;
   bool relu;  // ReLU on the output of a forward or transposed-convolution pass
+  bool src_blocked, dst_blocked;  // the layouts src and dst are held in: nChw16c, else NCHW
 };
 
 memory::dims Dims(const int64_t *shape) { return memory::dims(shape, shape + 4); }
@@ -170,6 +174,13 @@ memory::dims Dims(const int64_t *shape) { return memory::dims(shape, shape + 4);
 memory::desc Plain(const memory::dims &dims) {
   return memory::desc(dims, memory::data_type::f32, memory::format_tag::abcd);
 }
+
+memory::desc Blocked(const memory::dims &dims) {
+  return memory::desc(dims, memory::data_type::f32, memory::format_tag::nChw16c);
+}
+
+// How MindSpore holds a convolution's activation tensor.
+memory::desc Held(const memory::dims &dims, bool blocked) { return blocked ? Blocked(dims) : Plain(dims); }
 
 memory::desc Any(const memory::dims &dims) {
   return memory::desc(dims, memory::data_type::f32, memory::format_tag::any);
@@ -183,6 +194,8 @@ Plan MakePlan(Runtime &rt, const Conv &conv, const memory::dims &src, const memo
               const memory::dims &dst) {
   using namespace dnnl;
   memory::dims strides = {conv.stride, conv.stride}, pads = {conv.pad, conv.pad};
+  // a blocked tensor fixes its side's layout; otherwise oneDNN chooses
+  memory::desc src_md = conv.src_blocked ? Blocked(src) : Any(src), dst_md = conv.dst_blocked ? Blocked(dst) : Any(dst);
   primitive_attr attr;
   if (conv.pass == Pass::kForward && conv.relu) {
     post_ops ops;
@@ -190,19 +203,19 @@ Plan MakePlan(Runtime &rt, const Conv &conv, const memory::dims &src, const memo
     attr.set_post_ops(ops);
   }
   auto forward = convolution_forward::primitive_desc(
-      rt.engine, prop_kind::forward_training, algorithm::convolution_direct, Any(src), Any(weights),
-      BiasDesc(weights), Any(dst), strides, pads, pads, attr);
+      rt.engine, prop_kind::forward_training, algorithm::convolution_direct, src_md, Any(weights),
+      BiasDesc(weights), dst_md, strides, pads, pads, attr);
   switch (conv.pass) {
     case Pass::kForward:
       return {convolution_forward(forward), forward.src_desc(), forward.weights_desc(), forward.dst_desc()};
     case Pass::kBackwardData: {
-      auto pd = convolution_backward_data::primitive_desc(rt.engine, algorithm::convolution_direct, Any(src),
-                                                          Any(weights), Any(dst), strides, pads, pads, forward);
+      auto pd = convolution_backward_data::primitive_desc(rt.engine, algorithm::convolution_direct, src_md,
+                                                          Any(weights), dst_md, strides, pads, pads, forward);
       return {convolution_backward_data(pd), pd.diff_src_desc(), pd.weights_desc(), pd.diff_dst_desc()};
     }
     case Pass::kBackwardWeights: {
-      auto pd = convolution_backward_weights::primitive_desc(rt.engine, algorithm::convolution_direct, Any(src),
-                                                             Any(weights), BiasDesc(weights), Any(dst), strides,
+      auto pd = convolution_backward_weights::primitive_desc(rt.engine, algorithm::convolution_direct, src_md,
+                                                             Any(weights), BiasDesc(weights), dst_md, strides,
                                                              pads, pads, forward);
       return {convolution_backward_weights(pd), pd.src_desc(), pd.diff_weights_desc(), pd.diff_dst_desc()};
     }
@@ -272,15 +285,17 @@ int Run(const Conv &conv) {
     std::lock_guard<std::mutex> lock(rt.mutex);
     memory::dims src_dims = Dims(conv.src_shape), weights_dims = Dims(conv.weights_shape);
     memory::dims dst_dims = Dims(conv.dst_shape);
-    std::vector<int64_t> key = {static_cast<int64_t>(conv.pass), conv.stride, conv.pad, conv.relu};
+    std::vector<int64_t> key = {static_cast<int64_t>(conv.pass), conv.stride, conv.pad, conv.relu, conv.src_blocked,
+                                conv.dst_blocked};
     for (const auto *dims : {&src_dims, &weights_dims, &dst_dims}) key.insert(key.end(), dims->begin(), dims->end());
     auto found = rt.plans.find(key);
     if (found == rt.plans.end()) {
       found = rt.plans.emplace(key, MakePlan(rt, conv, src_dims, weights_dims, dst_dims)).first;
     }
     const Plan &plan = found->second;
-    memory src_plain(Plain(src_dims), rt.engine, conv.src), weights_plain(Plain(weights_dims), rt.engine, conv.weights);
-    memory dst_plain(Plain(dst_dims), rt.engine, conv.dst);
+    memory src_plain(Held(src_dims, conv.src_blocked), rt.engine, conv.src);
+    memory weights_plain(Plain(weights_dims), rt.engine, conv.weights);
+    memory dst_plain(Held(dst_dims, conv.dst_blocked), rt.engine, conv.dst);
 
     // The output of the pass is written into the primitive's layout, then reordered into the plain buffer.
     memory *output_plain = nullptr;
@@ -321,10 +336,10 @@ int Run(const Conv &conv) {
 }
 
 // The argument slots of an entry point: params[src], [weights], [dst] are the convolution's 4-d tensors,
-// params[bias] its 1-d bias and params[scale] its 1-d filter scale (-1: none); `inputs` of the nparam are
-// inputs, the rest outputs.
+// params[bias] its 1-d bias, params[scale] its 1-d filter scale and params[layout] its int32 layout flags
+// (-1: none); `inputs` of the nparam are inputs, the rest outputs.
 struct Slots {
-  int inputs, src, weights, dst, bias, scale;
+  int inputs, src, weights, dst, bias, scale, layout;
 };
 
 int Call(Pass pass, Slots slots, bool relu, int stride, int pad, int nparam, void **params, const int *ndims,
@@ -332,12 +347,14 @@ int Call(Pass pass, Slots slots, bool relu, int stride, int pad, int nparam, voi
   int outputs = pass == Pass::kBackwardWeights ? 2 : 1;
   if (nparam != slots.inputs + outputs) return 2;
   for (int i = 0; i < nparam; ++i) {
-    if (ndims[i] != (i == slots.bias || i == slots.scale ? 1 : 4) || std::string(dtypes[i]) != "float32") return 2;
+    bool vector = i == slots.bias || i == slots.scale || i == slots.layout;
+    if (ndims[i] != (vector ? 1 : 4) || std::string(dtypes[i]) != (i == slots.layout ? "int32" : "float32")) return 2;
   }
+  const int32_t *layout = slots.layout < 0 ? nullptr : static_cast<const int32_t *>(params[slots.layout]);
   auto tensor = [&](int slot) { return slot < 0 ? nullptr : static_cast<float *>(params[slot]); };
   return Run(Conv{pass, shapes[slots.src], shapes[slots.weights], shapes[slots.dst], tensor(slots.src),
                   tensor(slots.weights), tensor(slots.dst), tensor(slots.bias), tensor(slots.scale), stride, pad,
-                  relu});
+                  relu, layout != nullptr && layout[0] != 0, layout != nullptr && layout[1] != 0});
 }
 
 // BiasGrad(dy (N, C, H, W)) -> db (C,): dy summed over everything but the channel.
@@ -378,15 +395,16 @@ extern "C" int BiasGrad(int nparam, void **params, int *ndims, int64_t **shapes,
                                          const char **dtypes, void *, void *) {                                      \
     return Call(PASS, Slots{__VA_ARGS__}, RELU, STRIDE, PAD, nparam, params, ndims, shapes, dtypes);                 \
   }
-// Slots: inputs, src, weights, dst, bias, scale.
+// Slots: inputs, src, weights, dst, bias, scale, layout.
 #define CPU_CONV_ENTRY_POINTS(STRIDE, PAD)                                                                           \
-  CPU_CONV_ENTRY_POINT(ConvForward, STRIDE, PAD, Pass::kForward, false, 4, 0, 1, 4, 2, 3)         /* x, w, b, s */   \
-  CPU_CONV_ENTRY_POINT(ConvReluForward, STRIDE, PAD, Pass::kForward, true, 4, 0, 1, 4, 2, 3)                         \
-  CPU_CONV_ENTRY_POINT(ConvBackwardData, STRIDE, PAD, Pass::kBackwardData, false, 4, 4, 1, 0, -1, 3) /* dy, w, x, s */\
-  CPU_CONV_ENTRY_POINT(ConvBackwardWeights, STRIDE, PAD, Pass::kBackwardWeights, false, 4, 0, 4, 1, 5, 3)            \
-  /* x, dy, w, s -> dw, db */                                                                                        \
-  CPU_CONV_ENTRY_POINT(DeconvForward, STRIDE, PAD, Pass::kBackwardData, false, 3, 3, 1, 0, 2, -1) /* x, w, b */      \
-  CPU_CONV_ENTRY_POINT(DeconvReluForward, STRIDE, PAD, Pass::kBackwardData, true, 3, 3, 1, 0, 2, -1)
+  CPU_CONV_ENTRY_POINT(ConvForward, STRIDE, PAD, Pass::kForward, false, 5, 0, 1, 5, 2, 3, 4)      /* x, w, b, s, l */\
+  CPU_CONV_ENTRY_POINT(ConvReluForward, STRIDE, PAD, Pass::kForward, true, 5, 0, 1, 5, 2, 3, 4)                      \
+  CPU_CONV_ENTRY_POINT(ConvBackwardData, STRIDE, PAD, Pass::kBackwardData, false, 5, 5, 1, 0, -1, 3, 4)              \
+  /* dy, w, x, s, l -> dx */                                                                                         \
+  CPU_CONV_ENTRY_POINT(ConvBackwardWeights, STRIDE, PAD, Pass::kBackwardWeights, false, 5, 0, 5, 1, 6, 3, 4)         \
+  /* x, dy, w, s, l -> dw, db */                                                                                     \
+  CPU_CONV_ENTRY_POINT(DeconvForward, STRIDE, PAD, Pass::kBackwardData, false, 3, 3, 1, 0, 2, -1, -1) /* x, w, b */  \
+  CPU_CONV_ENTRY_POINT(DeconvReluForward, STRIDE, PAD, Pass::kBackwardData, true, 3, 3, 1, 0, 2, -1, -1)
 
 CPU_CONV_ENTRY_POINTS(1, 0)
 CPU_CONV_ENTRY_POINTS(1, 1)
@@ -739,4 +757,37 @@ extern "C" int UpsampleAdd(int nparam, void **params, int *, int64_t **shapes, c
 
 extern "C" int UpsampleAddGrad(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
   return UpsampleAddGrad(nparam, params, shapes);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// BlockedToPlain(x) -> y: a (N, C, H, W) tensor held blocked (nChw16c, C a multiple of 16), as NCHW;
+// PlainToBlocked the other way (each is the other's gradient).
+namespace {
+
+int Relayout(bool to_plain, int nparam, void **params, const int *ndims, int64_t **shapes, const char **dtypes) {
+  if (nparam != 2 || ndims[0] != 4 || std::string(dtypes[0]) != "float32" || shapes[0][1] % 16 != 0) return 2;
+  Runtime &rt = GetRuntime();
+  try {
+    std::lock_guard<std::mutex> lock(rt.mutex);
+    memory::dims dims = Dims(shapes[0]);
+    memory from(Held(dims, to_plain), rt.engine, params[0]), to(Held(dims, !to_plain), rt.engine, params[1]);
+    Reorder(rt, from, to, nullptr);
+    rt.stream.wait();
+    return 0;
+  } catch (const std::exception &error) {
+    std::fprintf(stderr, "cpu_kernels: oneDNN failed: %s\n", error.what());
+    return 1;
+  }
+}
+
+}  // namespace
+
+extern "C" int BlockedToPlain(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                              void *) {
+  return Relayout(true, nparam, params, ndims, shapes, dtypes);
+}
+
+extern "C" int PlainToBlocked(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                              void *) {
+  return Relayout(false, nparam, params, ndims, shapes, dtypes);
 }

@@ -165,29 +165,30 @@ def _kernel(name, shape, dtype=lambda *types: types[0], bprop=None):
 
 
 def _backward_weights_kernel(stride, pad):
-    """(x, dy, w, s) -> (dw, db): the weight and bias gradients of conv(x, w * s) + b (w gives dw's shape)."""
-    return _kernel(f"ConvBackwardWeightsS{stride}P{pad}", lambda x, dy, w, s: [w, [w[0]]],
-                   lambda x, dy, w, s: [w, w])
+    """(x, dy, w, s, layout) -> (dw, db): the weight and bias gradients of conv(x, w * s) + b (w gives dw's
+    shape; layout: how x and dy are held, see Conv2d)."""
+    return _kernel(f"ConvBackwardWeightsS{stride}P{pad}", lambda x, dy, w, s, layout: [w, [w[0]]],
+                   lambda x, dy, w, s, layout: [w, w])
 
 
 _relu_gradient = ReluGrad()
 
 
 def _conv_forward(stride, pad, relu):
-    """Convolution with filters scaled per output channel, + bias (+ ReLU): (x, w, b, s) -> conv(x, w * s) + b,
-    with its gradient (none to s)."""
+    """Convolution with filters scaled per output channel, + bias (+ ReLU): (x, w, b, s, layout) ->
+    conv(x, w * s) + b, with its gradient (none to s); layout (2,) int32: whether x and y are held blocked."""
     geometry = f"S{stride}P{pad}"
-    backward_data = _kernel("ConvBackwardData" + geometry, lambda dy, w, x, s: x)
+    backward_data = _kernel("ConvBackwardData" + geometry, lambda dy, w, x, s, layout: x)
     backward_weights = _backward_weights_kernel(stride, pad)
 
-    def shape(x, w, b, s):
+    def shape(x, w, b, s, layout):
         return [x[0], w[0], (x[2] + 2 * pad - w[2]) // stride + 1, (x[3] + 2 * pad - w[3]) // stride + 1]
 
-    def bprop(x, w, b, s, out, dout):
+    def bprop(x, w, b, s, layout, out, dout):
         if relu:
-            dout = _relu_gradient(dout, out)   # from the ReLU's output
-        dw, db = backward_weights(x, dout, w, s)
-        return backward_data(dout, w, x, s), dw, db, ops.zeros_like(s)
+            dout = _relu_gradient(dout, out)   # from the ReLU's output (the same layout: elementwise)
+        dw, db = backward_weights(x, dout, w, s, layout)
+        return backward_data(dout, w, x, s, layout), dw, db, ops.zeros_like(s), ops.zeros_like(layout)
     return _kernel(("ConvReluForward" if relu else "ConvForward") + geometry, shape, bprop=bprop)
 
 
@@ -205,8 +206,9 @@ def _deconv_forward(stride, pad, relu):
         if relu:
             dout = _relu_gradient(dout, out)   # from the ReLU's output
         as_conv = ops.ones((w.shape[0],), ms.float32)               # w as a convolution's filters: w[0] outputs
-        dw, _ = backward_weights(dout, x, w, as_conv)
-        return conv_forward(dout, w, ops.zeros_like(as_conv), as_conv), dw, bias_gradient(dout)
+        plain = ops.zeros((2,), ms.int32)
+        dw, _ = backward_weights(dout, x, w, as_conv, plain)
+        return conv_forward(dout, w, ops.zeros_like(as_conv), as_conv, plain), dw, bias_gradient(dout)
     return _kernel(f"{'DeconvReluForward' if relu else 'DeconvForward'}S{stride}P{pad}", shape, bprop=bprop)
 
 
@@ -215,7 +217,10 @@ class Conv2d(nn.Conv2d):
 
     Beyond nn.Conv2d: `relu(x)` = ReLU(self(x)) and `affine(x, scale, shift, relu)` = [ReLU](conv(x) * scale +
     shift) with per-output-channel scale and shift (a frozen BatchNorm folded in, the layer's bias ignored),
-    each one oneDNN call with the bias and the ReLU fused into it.
+    each one oneDNN call with the bias and the ReLU fused into it. On the kernels, `affine` and `from_blocked`
+    also take and give tensors held blocked (oneDNN's nChw16c under the NCHW shape, channels a multiple of
+    16): a chain of these convolutions skips the reorders to and from NCHW between them; only elementwise
+    operators may touch such a tensor, and `to_plain` / `to_blocked` convert.
     """
 
     def __init__(self, *args, **kwargs):
@@ -225,8 +230,10 @@ class Conv2d(nn.Conv2d):
         self.onednn_relu = None if geometry is None else _conv_forward(*geometry, relu=True)
         self.no_bias = ms.Tensor(np.zeros((self.out_channels,), np.float32))
         self.unit_scale = ms.Tensor(np.ones((self.out_channels,), np.float32))
+        # layout flags (input blocked, output blocked), indexed 2 * input + output
+        self.layouts = tuple(ms.Tensor(np.array(flags, np.int32)) for flags in ((0, 0), (0, 1), (1, 0), (1, 1)))
 
-    def _run(self, x, bias, scale, relu):
+    def _run(self, x, bias, scale, relu, blocked_input=False, blocked_output=False):
         if self.onednn is None:
             weight = self.weight if scale is None else self.weight * scale.reshape(-1, 1, 1, 1)
             output = self.conv2d(x, weight)
@@ -235,7 +242,10 @@ class Conv2d(nn.Conv2d):
             return ops.relu(output) if relu else output
         bias = self.no_bias if bias is None else bias
         scale = self.unit_scale if scale is None else scale
-        return self.onednn_relu(x, self.weight, bias, scale) if relu else self.onednn(x, self.weight, bias, scale)
+        layout = self.layouts[(2 if blocked_input else 0) + (1 if blocked_output else 0)]
+        if relu:
+            return self.onednn_relu(x, self.weight, bias, scale, layout)
+        return self.onednn(x, self.weight, bias, scale, layout)
 
     def construct(self, x):
         return self._run(x, self.bias if self.has_bias else None, None, False)
@@ -243,11 +253,15 @@ class Conv2d(nn.Conv2d):
     def relu(self, x):
         return self._run(x, self.bias if self.has_bias else None, None, True)
 
-    def affine(self, x, scale, shift, relu):
+    def affine(self, x, scale, shift, relu, blocked_input=False, blocked_output=False):
         """[ReLU](conv(x) * scale + shift), scale and shift (out_channels,): the scale is folded into the weights
         (conv(x, w * scale) + shift; on the kernels while they are reordered), so it reaches the weight gradient
         (dw * scale) but gets none itself."""
-        return self._run(x, shift, ops.stop_gradient(scale), relu)
+        return self._run(x, shift, ops.stop_gradient(scale), relu, blocked_input, blocked_output)
+
+    def from_blocked(self, x):
+        """self(x) for an x held blocked (kernels only), as NCHW."""
+        return self._run(x, self.bias if self.has_bias else None, None, False, True, False)
 
 
 class Conv2dTranspose(nn.Conv2dTranspose):
@@ -330,3 +344,21 @@ def upsample_add_kernel():
     def bprop(coarse, lateral, out, dout):
         return backward(dout, coarse), dout
     return _kernel("UpsampleAdd", lambda coarse, lateral: lateral, bprop=bprop)
+
+
+def _relayout_kernel(name, inverse):
+    backward = _kernel(inverse, lambda x: x)
+
+    def bprop(x, out, dout):
+        return (backward(dout),)
+    return _kernel(name, lambda x: x, bprop=bprop)
+
+
+def to_plain():
+    """(N, C, H, W) held blocked -> the same tensor as NCHW (see Conv2d), with its gradient."""
+    return _relayout_kernel("BlockedToPlain", "PlainToBlocked")
+
+
+def to_blocked():
+    """(N, C, H, W) NCHW -> the same tensor held blocked, with its gradient."""
+    return _relayout_kernel("PlainToBlocked", "BlockedToPlain")

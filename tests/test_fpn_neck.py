@@ -1,8 +1,9 @@
 """FPN neck: static output shapes, the top-down wiring against NumPy, init and parameter count."""
 import numpy as np
 import pytest
-from mindspore import Tensor
+from mindspore import Tensor, nn
 
+from src import cpu_kernels
 from src.config import load_config
 from src.maskrcnn.fpn_neck import FeatPyramidNeck
 
@@ -32,7 +33,7 @@ def narrow():
 
 @pytest.fixture(scope="module")
 def neck_run(narrow):
-    """Runs the neck once with random laterals and identity 3x3 convs; returns (feats, laterals, outputs)."""
+    """Runs the neck once with random laterals and identity 3x3 convs; returns (feats, laterals, outputs, neck)."""
     rng = np.random.RandomState(0)
     neck = FeatPyramidNeck(narrow)
     lateral_w, lateral_b = [], []
@@ -51,16 +52,16 @@ def neck_run(narrow):
     feats = [rng.randn(2, c, h, w).astype(np.float32)
              for c, (h, w) in zip(narrow.fpn.fpn_in_channels, narrow.feature_shapes)]
     outs = neck(tuple(Tensor(f) for f in feats))
-    return feats, (lateral_w, lateral_b), [o.asnumpy() for o in outs]
+    return feats, (lateral_w, lateral_b), [o.asnumpy() for o in outs], neck
 
 
 def test_outputs_have_the_static_feature_shapes(narrow, neck_run):
-    _, _, outs = neck_run
+    _, _, outs, _ = neck_run
     assert [o.shape for o in outs] == [(2, narrow.fpn.fpn_out_channels, h, w) for h, w in narrow.feature_shapes]
 
 
 def test_top_down_pathway_matches_numpy(neck_run):
-    feats, (lateral_w, lateral_b), outs = neck_run
+    feats, (lateral_w, lateral_b), outs, _ = neck_run
     for level, (got, want) in enumerate(zip(outs, numpy_neck(feats, lateral_w, lateral_b))):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"P{level + 2}")
 
@@ -93,3 +94,27 @@ def test_parameter_names_and_count(tiny):
     assert {p.name for p in params} == {f"{kind}.{i}.{leaf}" for kind in ("lateral_convs", "fpn_convs")
                                         for i in levels for leaf in ("weight", "bias")}
     assert sum(int(np.prod(p.shape)) for p in params) == analytic_fpn_count(tiny) == 3_344_384
+
+
+class _BlockedInputs(nn.Cell):
+    """The neck fed the c's held blocked, as the backbone hands them over on our CPU kernels."""
+
+    def __init__(self, neck):
+        super().__init__()
+        self.neck = neck
+        self.to_blocked = cpu_kernels.to_blocked()
+
+    def construct(self, feats):
+        return self.neck((self.to_blocked(feats[0]), self.to_blocked(feats[1]), self.to_blocked(feats[2]),
+                          self.to_blocked(feats[3])))
+
+
+def test_blocked_inputs_give_the_same_pyramid(narrow, neck_run):
+    feats, _, outs, plain_neck = neck_run
+    neck = FeatPyramidNeck(narrow)
+    for mine, theirs in zip(neck.get_parameters(), plain_neck.get_parameters()):
+        mine.set_data(Tensor(theirs.asnumpy()))
+    neck.blocked_inputs = True
+    blocked_outs = _BlockedInputs(neck)(tuple(Tensor(f) for f in feats))
+    for mine, theirs in zip(blocked_outs, outs):
+        np.testing.assert_allclose(mine.asnumpy(), theirs, rtol=1e-5, atol=1e-5)

@@ -39,6 +39,7 @@ class FeatPyramidNeck(nn.Cell):
         self.level_sizes = tuple(tuple(size) for size in cfg.feature_shapes[:self.num_inputs])
         self.p6_pool = nn.MaxPool2d(kernel_size=1, stride=P6_STRIDE)
         self.upsample_add = cpu_kernels.upsample_add_kernel()      # on CPU: one pass, no resize operator
+        self.blocked_inputs = False     # set by the owner: the c's are held blocked (cpu_kernels.Conv2d)
 
     def _merge(self, coarse, lateral, size):
         """lateral + the nearest upsampling of the coarser merged map to the lateral's size."""
@@ -47,7 +48,10 @@ class FeatPyramidNeck(nn.Cell):
         return lateral + ops.interpolate(coarse, size=size, mode="nearest")
 
     def construct(self, feats):
-        laterals = [self.lateral_convs[i](feats[i]) for i in range(self.num_inputs)]
+        if self.blocked_inputs:
+            laterals = [self.lateral_convs[i].from_blocked(feats[i]) for i in range(self.num_inputs)]
+        else:
+            laterals = [self.lateral_convs[i](feats[i]) for i in range(self.num_inputs)]
         merged = [laterals[self.num_inputs - 1]]                 # coarsest first while going down
         for i in range(self.num_inputs - 2, -1, -1):
             merged.append(self._merge(merged[-1], laterals[i], self.level_sizes[i]))     # (B, out, h_i, w_i)

@@ -108,6 +108,9 @@ class MaskRcnnResnet50(nn.Cell):
         self.cfg = cfg
         self.backbone = ResNet50(cfg)
         self.neck = FeatPyramidNeck(cfg)
+        # the FPN's lateral convolutions read the stages' blocked outputs directly (src/cpu_kernels.py)
+        self.backbone.blocked_outputs = self.neck.blocked_inputs = self.backbone.blocked and all(
+            conv.onednn is not None for conv in self.neck.lateral_convs)
         self.rpn = RPN(cfg)
         self.rcnn_cls = RcnnCls(cfg)
         self.rcnn_mask = RcnnMask(cfg)

@@ -42,6 +42,7 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal, initializer
 
+from src import cpu_kernels
 from src.cpu_kernels import Conv2d
 
 IMAGE_CHANNELS = 3                  # RGB
@@ -50,6 +51,7 @@ STEM_KERNEL, STEM_STRIDE = 7, 2
 STEM_POOL_KERNEL, STEM_POOL_STRIDE = 3, 2
 STAGE_STRIDE = 2                    # stages 2..4 halve the resolution in their first block
 GROUP_NORM_GROUPS = 32              # Wu and He 2018
+BLOCK_CHANNELS = 16                 # a blocked (nChw16c) tensor's channels come in groups of 16
 
 
 def _zero_pad(x, pad: int):
@@ -94,12 +96,12 @@ def _frozen_norm_affine(norm):
     return scale, norm.beta - norm.moving_mean * scale
 
 
-def _conv_norm(conv, norm, x, relu, fold):
+def _conv_norm(conv, norm, x, relu, fold, blocked_input=False, blocked_output=False):
     """[ReLU](norm(conv(x))); fold: the norm is a frozen BatchNorm and the conv runs on our kernels, which then
-    apply it (and the ReLU) inside the convolution."""
+    apply it (and the ReLU) inside the convolution, with x and the output held blocked if so flagged."""
     if fold:
         scale, shift = _frozen_norm_affine(norm)
-        return conv.affine(x, scale, shift, relu)
+        return conv.affine(x, scale, shift, relu, blocked_input, blocked_output)
     out = norm(conv(x))
     return ops.relu(out) if relu else out
 
@@ -129,15 +131,18 @@ class Bottleneck(nn.Cell):
                                                  _norm(out_channels, norm, freeze_norm)])
 
         self.fold = _can_fold(self.conv1, norm, freeze_norm)
+        self.blocked_input = self.blocked = False     # set by ResNet50: x / everything else held blocked
+        self.channels = (in_channels, mid_channels, out_channels)
 
     def construct(self, x):
         identity = x
         if self.has_downsample:
-            identity = _conv_norm(self.downsample[0], self.downsample[1], x, False, self.fold)
-        out = _conv_norm(self.conv1, self.bn1, x, True, self.fold)
-        out = _conv_norm(self.conv2, self.bn2, out, True, self.fold)
-        out = _conv_norm(self.conv3, self.bn3, out, False, self.fold)
-        return ops.relu(out + identity)
+            identity = _conv_norm(self.downsample[0], self.downsample[1], x, False, self.fold, self.blocked_input,
+                                  self.blocked)
+        out = _conv_norm(self.conv1, self.bn1, x, True, self.fold, self.blocked_input, self.blocked)
+        out = _conv_norm(self.conv2, self.bn2, out, True, self.fold, self.blocked, self.blocked)
+        out = _conv_norm(self.conv3, self.bn3, out, False, self.fold, self.blocked, self.blocked)
+        return ops.relu(out + identity)                        # elementwise: fine on blocked tensors
 
 
 class ResNet50(nn.Cell):
@@ -167,6 +172,17 @@ class ResNet50(nn.Cell):
                       for i in range(depth)]
             stages.append(nn.SequentialCell(blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        # On our kernels with every norm folded, the stages pass blocked tensors (cpu_kernels.Conv2d), from the
+        # first block's convolutions on; the outputs are converted to NCHW unless the owner sets blocked_outputs
+        # (the FPN reads them blocked).
+        blocks = [block for stage in stages for block in stage]
+        self.blocked = self.fold_stem and all(block.fold and all(c % BLOCK_CHANNELS == 0 for c in block.channels)
+                                              for block in blocks)
+        self.blocked_outputs = False
+        for index, block in enumerate(blocks):
+            block.blocked = self.blocked
+            block.blocked_input = self.blocked and index > 0
+        self.to_plain = cpu_kernels.to_plain() if self.blocked else None
 
         if self.frozen_stages >= 1:
             for cell in [self.conv1, self.bn1] + stages[:self.frozen_stages]:
@@ -184,4 +200,6 @@ class ResNet50(nn.Cell):
         c3 = self._freeze_output(self.layer2(c2), 2)             # (B, 512, H/8, W/8)
         c4 = self._freeze_output(self.layer3(c3), 3)             # (B, 1024, H/16, W/16)
         c5 = self._freeze_output(self.layer4(c4), 4)             # (B, 2048, H/32, W/32)
+        if self.blocked and not self.blocked_outputs:
+            return self.to_plain(c2), self.to_plain(c3), self.to_plain(c4), self.to_plain(c5)
         return c2, c3, c4, c5
