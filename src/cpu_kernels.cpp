@@ -1,25 +1,24 @@
 // CPU kernels for MindSpore graphs (ops.Custom, func_type "aot"): convolutions run by the oneDNN library that
-// MindSpore itself ships (mindspore/lib/libdnnl.so.3), and RoIAlign over an FPN pyramid (at the end).
+// MindSpore itself ships (mindspore/lib/libdnnl.so.3), then RoIAlign over an FPN pyramid, the mask targets, the
+// max-IoU assigner, the FPN merge and layout conversion, each in its section below.
 //
 // Why: MindSpore's own CPU Conv2D gives oneDNN plain OIHW weights. With plain weights oneDNN's AVX-512 code path
 // ends in a reference loop (~1 GFLOP/s), so it had to be capped at AVX2 (im2col + AVX2 GEMM, ~190 GFLOP/s).
 // Here oneDNN chooses the weight and activation layouts itself ("any"), which selects its AVX-512 kernels; the
-// NCHW tensors MindSpore holds are reordered in and out around each call.
+// NCHW tensors MindSpore holds are reordered in and out around each call, except where a chain of our
+// convolutions passes oneDNN's blocked nChw16c tensors under their NCHW shape (the ResNet stages; only
+// elementwise MindSpore operators touch them in between).
 //
-// Entry points, each for stride S in {1, 2} and padding P in {0..3} on every side (e.g. ConvForwardS2P1); tensors
-// are float32, NCHW / OIHW, biases (O,):
-//   ConvForward(x, w, b, s) -> y = conv(x, w * s) + b    ConvReluForward: the same, then ReLU (fused into oneDNN)
-//   ConvBackwardData(dy, w, x, s) -> dx                  (x gives dx's shape only)
-//   ConvBackwardWeights(x, dy, w, s) -> dw, db           (w gives dw's shape only; db = dy summed per channel)
-// where s (O,) scales each output channel's filter (a frozen BatchNorm folded in; ones otherwise), applied while
-// the weights are reordered anyway, and a last input `layout` (2,) int32 says whether x (and dx) and y (and dy)
-// are held NCHW (0) or in oneDNN's blocked nChw16c layout (1): a chain of our convolutions (the ResNet) passes
-// blocked tensors, under their NCHW shape, with no reorder between them (only elementwise MindSpore operators
-// may touch them); BlockedToPlain / PlainToBlocked convert;
-//   DeconvForward(x, w, b) -> y                     (transposed convolution = convolution backward data, + b)
+// Convolution entry points, each for stride S in {1, 2} and padding P in {0..3} on every side (e.g.
+// ConvForwardS2P1); tensors are float32 NCHW / OIHW, biases and scales (O,), and `l` (2,) int32 says whether x
+// (and dx) and y (and dy) are held NCHW (0) or blocked (1):
+//   ConvForward(x, w, b, s, l) -> y = conv(x, w * s) + b     ConvReluForward: the same, then ReLU (a post-op)
+//   ConvBackwardData(dy, w, x, s, l) -> dx                    (x gives dx's shape only)
+//   ConvBackwardWeights(x, dy, w, s, l) -> dw, db             (w gives dw's shape only; db = dy summed per channel)
+//   DeconvForward(x, w, b) -> y (NCHW)                        (transposed convolution = backward data, + b)
 //   DeconvReluForward: the same, then ReLU
-// plus BiasGrad(dy) -> db (the deconvolution's bias gradient) and RoiAlignForward7 / 14, RoiAlignBackward7 / 14
-// (see RoiProblem).
+// where s scales each output channel's filter (a frozen BatchNorm folded in; ones otherwise), applied while the
+// weights are reordered anyway; plus BiasGrad(dy) -> db, the deconvolution's bias gradient.
 #include <oneapi/dnnl/dnnl.hpp>
 #include <oneapi/dnnl/dnnl_threadpool.hpp>
 #include <sched.h>

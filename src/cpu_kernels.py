@@ -1,14 +1,17 @@
 """CPU kernels of our own (`cpu_kernels.cpp`): convolutions on oneDNN's AVX-512 kernels as drop-in nn.Conv2d /
-nn.Conv2dTranspose, and RoIAlign read straight from the NCHW pyramid maps.
+nn.Conv2dTranspose, RoIAlign read straight from the NCHW pyramid maps, and the step's other hot spots (mask
+targets, max-IoU assignment, the FPN merge).
 
 MindSpore's own CPU Conv2D passes oneDNN plain OIHW weights, which leaves it AVX2 at best (AVX-512 falls to a
 reference loop, hence the ISA cap in `src/__init__.py`); ours let oneDNN pick its layouts, 1.4-3.7x faster per
-convolution (bench/bench_conv.py). The RoIAlign kernel replaces roi_align.py's gather table (transposes, a
-materialised gather and its scatter-add gradient). Built once per source version into build/cpu_kernels/ with
-g++ against MindSpore's bundled libdnnl and oneDNN's headers (the `onednn-devel` wheel, fetched by pip). The
-layers keep nn.Conv2d's parameters, so checkpoints do not change. Everything falls back to MindSpore's
-operators when the device is not CPU, when the library cannot be built (a warning says why), when
-MASKRCNN_CPU_KERNELS=mindspore, or inside `mindspore_kernels()` (export: MINDIR/ONNX hold standard operators).
+convolution (bench/bench_conv.py), run bias, ReLU and a folded frozen BatchNorm inside the call, and can hand
+oneDNN's blocked tensors from one convolution to the next (Conv2d). The RoIAlign kernel replaces roi_align.py's
+gather table (transposes, a materialised gather and its scatter-add gradient). Built once per source version
+into build/cpu_kernels/ with g++ against MindSpore's bundled libdnnl and oneDNN's headers (the `onednn-devel`
+wheel, fetched by pip). The layers keep nn.Conv2d's parameters, so checkpoints do not change. Everything falls
+back to MindSpore's operators when the device is not CPU, when the library cannot be built (a warning says
+why), when MASKRCNN_CPU_KERNELS=mindspore, or inside `mindspore_kernels()` (export: MINDIR/ONNX hold standard
+operators).
 """
 import contextlib
 import hashlib

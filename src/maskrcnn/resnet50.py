@@ -35,6 +35,10 @@ Goyal et al. 2017; Fixup, Zhang et al. 2019):
   from above are non-zero), and the earlier convs of the branch get one as soon as it moves.
 Frozen stages keep their Kaiming branches: they never learn, and a random branch is a richer fixed
 feature than an identity.
+
+On our CPU kernels (src/cpu_kernels.py) a frozen BatchNorm and the ReLU after it run inside their
+convolution, and when every block folds, the stages hand each other oneDNN's blocked tensors (the outputs
+are converted back to NCHW unless `blocked_outputs` is set by an owner that reads them blocked, the FPN).
 """
 import math
 
@@ -107,6 +111,7 @@ def _conv_norm(conv, norm, x, relu, fold, blocked_input=False, blocked_output=Fa
 
 
 def _can_fold(conv, kind, frozen):
+    """Whether `_conv_norm` may fold: a frozen BatchNorm after a convolution on our kernels."""
     return frozen and kind != "group" and conv.onednn is not None
 
 
@@ -176,8 +181,7 @@ class ResNet50(nn.Cell):
         # first block's convolutions on; the outputs are converted to NCHW unless the owner sets blocked_outputs
         # (the FPN reads them blocked).
         blocks = [block for stage in stages for block in stage]
-        self.blocked = self.fold_stem and all(block.fold and all(c % BLOCK_CHANNELS == 0 for c in block.channels)
-                                              for block in blocks)
+        self.blocked = all(block.fold and all(c % BLOCK_CHANNELS == 0 for c in block.channels) for block in blocks)
         self.blocked_outputs = False
         for index, block in enumerate(blocks):
             block.blocked = self.blocked
