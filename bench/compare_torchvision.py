@@ -21,8 +21,9 @@ then matched to our recipe: frozen BatchNorm everywhere and stem + layer1 frozen
 
 Timings: training = forward + backward + SGD step, inference = the whole detector on a batch of 2, reported
 per image, with the number of detections each model made (untrained models differ there: see
-EQUAL_WORK_OVERRIDES; ours is also timed with every detection slot valid). The first call (our graph compilation; torchvision's allocator warm-up) is reported apart, then
-the median over --steps calls. The table is printed and written between markers into --results.
+EQUAL_WORK_OVERRIDES; ours is also timed with every detection slot valid). The first call (our graph
+compilation; torchvision's allocator warm-up) is reported apart, then the median over --steps calls. The
+table is printed and written between markers into --results.
 """
 import argparse
 import json
