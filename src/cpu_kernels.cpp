@@ -245,11 +245,12 @@ void Reorder(Runtime &rt, const memory &from, const memory &to, const float *sca
                                         {DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC, scales}});
 }
 
-// The plain NCHW tensor itself when the primitive wants that layout and nothing is scaled, else a reordered copy.
-memory Inbound(Runtime &rt, Slot slot, const memory::desc &wanted, const memory &plain, const float *scale = nullptr) {
-  if (wanted == plain.get_desc() && scale == nullptr) return plain;
+// The tensor as MindSpore holds it when the primitive wants that layout and nothing is scaled, else a reordered
+// copy.
+memory Inbound(Runtime &rt, Slot slot, const memory::desc &wanted, const memory &held, const float *scale = nullptr) {
+  if (wanted == held.get_desc() && scale == nullptr) return held;
   memory copy = Scratch(rt, slot, wanted);
-  Reorder(rt, plain, copy, scale);
+  Reorder(rt, held, copy, scale);
   return copy;
 }
 
@@ -292,38 +293,38 @@ int Run(const Conv &conv) {
       found = rt.plans.emplace(key, MakePlan(rt, conv, src_dims, weights_dims, dst_dims)).first;
     }
     const Plan &plan = found->second;
-    memory src_plain(Held(src_dims, conv.src_blocked), rt.engine, conv.src);
-    memory weights_plain(Plain(weights_dims), rt.engine, conv.weights);
-    memory dst_plain(Held(dst_dims, conv.dst_blocked), rt.engine, conv.dst);
+    memory src_held(Held(src_dims, conv.src_blocked), rt.engine, conv.src);
+    memory weights_held(Plain(weights_dims), rt.engine, conv.weights);
+    memory dst_held(Held(dst_dims, conv.dst_blocked), rt.engine, conv.dst);
 
-    // The output of the pass is written into the primitive's layout, then reordered into the plain buffer.
-    memory *output_plain = nullptr;
+    // The output of the pass is written into the primitive's layout, then reordered into the held buffer.
+    memory *output_held = nullptr;
     const memory::desc *output_desc = nullptr;
     Slot output_slot;
     std::unordered_map<int, memory> args;
     if (conv.pass == Pass::kForward) {
-      args[DNNL_ARG_SRC] = Inbound(rt, kSrcSlot, plan.src, src_plain);
-      args[DNNL_ARG_WEIGHTS] = Inbound(rt, kWeightsSlot, plan.weights, weights_plain, conv.scale);
+      args[DNNL_ARG_SRC] = Inbound(rt, kSrcSlot, plan.src, src_held);
+      args[DNNL_ARG_WEIGHTS] = Inbound(rt, kWeightsSlot, plan.weights, weights_held, conv.scale);
       args[DNNL_ARG_BIAS] = memory(BiasDesc(weights_dims), rt.engine, conv.bias);
-      output_plain = &dst_plain, output_desc = &plan.dst, output_slot = kDstSlot;
+      output_held = &dst_held, output_desc = &plan.dst, output_slot = kDstSlot;
     } else if (conv.pass == Pass::kBackwardData) {
-      args[DNNL_ARG_DIFF_DST] = Inbound(rt, kDstSlot, plan.dst, dst_plain);
-      args[DNNL_ARG_WEIGHTS] = Inbound(rt, kWeightsSlot, plan.weights, weights_plain, conv.scale);
-      output_plain = &src_plain, output_desc = &plan.src, output_slot = kSrcSlot;
+      args[DNNL_ARG_DIFF_DST] = Inbound(rt, kDstSlot, plan.dst, dst_held);
+      args[DNNL_ARG_WEIGHTS] = Inbound(rt, kWeightsSlot, plan.weights, weights_held, conv.scale);
+      output_held = &src_held, output_desc = &plan.src, output_slot = kSrcSlot;
     } else {
-      args[DNNL_ARG_SRC] = Inbound(rt, kSrcSlot, plan.src, src_plain);
-      args[DNNL_ARG_DIFF_DST] = Inbound(rt, kDstSlot, plan.dst, dst_plain);
+      args[DNNL_ARG_SRC] = Inbound(rt, kSrcSlot, plan.src, src_held);
+      args[DNNL_ARG_DIFF_DST] = Inbound(rt, kDstSlot, plan.dst, dst_held);
       args[DNNL_ARG_DIFF_BIAS] = memory(BiasDesc(weights_dims), rt.engine, conv.bias);
-      output_plain = &weights_plain, output_desc = &plan.weights, output_slot = kWeightsSlot;
+      output_held = &weights_held, output_desc = &plan.weights, output_slot = kWeightsSlot;
     }
     const float *output_scale = conv.pass == Pass::kBackwardWeights ? conv.scale : nullptr;  // d(w * s)/dw = s
-    memory output = *output_desc == output_plain->get_desc() && output_scale == nullptr
-                        ? *output_plain : Scratch(rt, output_slot, *output_desc);
+    memory output = *output_desc == output_held->get_desc() && output_scale == nullptr
+                        ? *output_held : Scratch(rt, output_slot, *output_desc);
     int output_arg = conv.pass == Pass::kForward ? DNNL_ARG_DST
                      : conv.pass == Pass::kBackwardData ? DNNL_ARG_DIFF_SRC : DNNL_ARG_DIFF_WEIGHTS;
     args[output_arg] = output;
     plan.primitive.execute(rt.stream, args);
-    if (output.get() != output_plain->get()) Reorder(rt, output, *output_plain, output_scale);
+    if (output.get() != output_held->get()) Reorder(rt, output, *output_held, output_scale);
     rt.stream.wait();
     if (conv.pass == Pass::kBackwardData && conv.bias != nullptr) AddBias(rt, conv.src, conv.src_shape, conv.bias,
                                                                            conv.relu);
@@ -351,9 +352,14 @@ int Call(Pass pass, Slots slots, bool relu, int stride, int pad, int nparam, voi
   }
   const int32_t *layout = slots.layout < 0 ? nullptr : static_cast<const int32_t *>(params[slots.layout]);
   auto tensor = [&](int slot) { return slot < 0 ? nullptr : static_cast<float *>(params[slot]); };
+  // A scale of ones (every layer without a folded norm) is no scale: the weights then skip the scaled reorder.
+  float *scale = tensor(slots.scale);
+  if (scale != nullptr && std::all_of(scale, scale + shapes[slots.weights][0], [](float s) { return s == 1.0f; })) {
+    scale = nullptr;
+  }
   return Run(Conv{pass, shapes[slots.src], shapes[slots.weights], shapes[slots.dst], tensor(slots.src),
-                  tensor(slots.weights), tensor(slots.dst), tensor(slots.bias), tensor(slots.scale), stride, pad,
-                  relu, layout != nullptr && layout[0] != 0, layout != nullptr && layout[1] != 0});
+                  tensor(slots.weights), tensor(slots.dst), tensor(slots.bias), scale, stride, pad, relu,
+                  layout != nullptr && layout[0] != 0, layout != nullptr && layout[1] != 0});
 }
 
 // BiasGrad(dy (N, C, H, W)) -> db (C,): dy summed over everything but the channel.

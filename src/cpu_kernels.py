@@ -215,6 +215,10 @@ def _deconv_forward(stride, pad, relu):
     return _kernel(f"{'DeconvReluForward' if relu else 'DeconvForward'}S{stride}P{pad}", shape, bprop=bprop)
 
 
+# A convolution's layout flags (input held blocked, output held blocked), indexed 2 * input + output.
+_LAYOUTS = tuple(ms.Tensor(np.array(flags, np.int32)) for flags in ((0, 0), (0, 1), (1, 0), (1, 1)))
+
+
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (same arguments, parameters and checkpoints) on the oneDNN kernels when `enabled()`.
 
@@ -233,8 +237,6 @@ class Conv2d(nn.Conv2d):
         self.onednn_relu = None if geometry is None else _conv_forward(*geometry, relu=True)
         self.no_bias = ms.Tensor(np.zeros((self.out_channels,), np.float32))
         self.unit_scale = ms.Tensor(np.ones((self.out_channels,), np.float32))
-        # layout flags (input blocked, output blocked), indexed 2 * input + output
-        self.layouts = tuple(ms.Tensor(np.array(flags, np.int32)) for flags in ((0, 0), (0, 1), (1, 0), (1, 1)))
 
     def _run(self, x, bias, scale, relu, blocked_input=False, blocked_output=False):
         if self.onednn is None:
@@ -245,7 +247,7 @@ class Conv2d(nn.Conv2d):
             return ops.relu(output) if relu else output
         bias = self.no_bias if bias is None else bias
         scale = self.unit_scale if scale is None else scale
-        layout = self.layouts[(2 if blocked_input else 0) + (1 if blocked_output else 0)]
+        layout = _LAYOUTS[(2 if blocked_input else 0) + (1 if blocked_output else 0)]
         if relu:
             return self.onednn_relu(x, self.weight, bias, scale, layout)
         return self.onednn(x, self.weight, bias, scale, layout)
