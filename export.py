@@ -17,8 +17,8 @@ from typing import Tuple
 
 import numpy as np
 
-from src import cpu_kernels
 from src.config import Config, config_from_args
+from src.ops import backend
 from src.util import build_inference_net, run_script, setup_context
 
 FORMAT_SUFFIX = {"MINDIR": ".mindir", "AIR": ".air", "ONNX": ".onnx"}
@@ -68,7 +68,7 @@ def export_model(cfg: Config, ckpt_file: str, file_format: str, file_name: str, 
     os.makedirs(directory, exist_ok=True)
 
     setup_context(device_target)
-    with cpu_kernels.mindspore_kernels():      # exported graphs hold standard operators only
+    with backend.use_mindspore_kernels():      # exported graphs hold standard operators only
         net = build_inference_net(cfg, ckpt_file)
     inputs = [ms.Tensor(array) for array in export_inputs(cfg)]
     staging = os.path.join(directory, f".{os.path.basename(target)[:-len(suffix)]}.partial{os.getpid()}")

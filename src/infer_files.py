@@ -24,8 +24,8 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from src import cpu_kernels
 from src.config import Config, config_from_args
+from src.ops import backend
 from src.util import setup_context, write_bytes_atomic
 
 IMAGE_DIR = "image"
@@ -157,7 +157,7 @@ def main(argv=None) -> None:
     args, cfg = config_from_args(parser, argv)
     # The exported graph holds MindSpore's own Conv2D. Set here, not in run_mindir: the cap is per process, and
     # in a caller's process it would leak into the environment of the processes it starts.
-    cpu_kernels.cap_isa_for_mindspore_kernels()
+    backend.cap_isa_for_mindspore_kernels()
     setup_context("CPU")
     count, seconds = run_mindir(args.mindir_path, args.input_dir, args.result_dir, cfg)
     print(f"inferred {count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):.2f} images/s)")
