@@ -9,9 +9,9 @@ from mindspore import nn
 from src.config import load_config
 from src.maskrcnn.anchor_generator import generate_anchors
 from src.maskrcnn.bbox_assign_sample import (RPN_STREAM, RCNN_STREAM, BboxAssignSample, FixedCountSampler,
-from src.ops import backend
                                              MaxIoUAssigner, random_keys, rpn_num_pos)
 from src.maskrcnn.bbox_assign_sample_stage2 import BboxAssignSampleForRcnn
+from src.ops import backend
 
 SEED = 1234
 

@@ -28,7 +28,7 @@ def test_upsample_add_matches_nearest_interpolate_and_its_gradient(coarse_hw, fi
     coarse = ms.Tensor(rng.standard_normal((2, 3) + coarse_hw).astype(np.float32))
     lateral = ms.Tensor(rng.standard_normal((2, 3) + fine_hw).astype(np.float32))
     weights = ms.Tensor(rng.standard_normal((2, 3) + fine_hw).astype(np.float32))
-        fast = UpsampleAdd()
+    fast = UpsampleAdd()
     with backend.use_mindspore_kernels():
         reference = UpsampleAdd()
     assert fast.uses_kernel and not reference.uses_kernel
