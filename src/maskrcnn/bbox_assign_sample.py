@@ -1,7 +1,8 @@
 """Max-IoU assignment and fixed-count random sampling shared by both stages, and the stage-1 (RPN) wrapper.
 
-`MaxIoUAssigner` (the op src/ops/max_iou_assign.py) and `FixedCountSampler` are the one core; `BboxAssignSample` (anchors, here) and
-`BboxAssignSampleForRcnn` (proposals + GT boxes, bbox_assign_sample_stage2.py) only adapt inputs/outputs.
+`MaxIoUAssigner` (the op src/ops/max_iou_assign.py) and `FixedCountSampler` are the one core;
+`BboxAssignSample` (anchors, here) and `BboxAssignSampleForRcnn` (proposals + GT boxes,
+bbox_assign_sample_stage2.py) only adapt inputs/outputs.
 
 Sampling randomness is a pure function of (seed, image index, stage stream, candidate index): an in-graph
 integer hash gives every candidate a uniform key and the sampler keeps the top keys. There is no RNG

@@ -2,15 +2,15 @@
 // MindSpore itself ships (mindspore/lib/libdnnl.so.3).
 //
 // Why: MindSpore's own CPU Conv2D gives oneDNN plain OIHW weights. With plain weights oneDNN's AVX-512 code path
-// ends in a reference loop (~1 GFLOP/s), so it had to be capped at AVX2 (im2col + AVX2 GEMM, ~190 GFLOP/s).
+// ends in a reference loop, so it has to be capped at AVX2 (im2col + AVX2 GEMM; bench/bench_conv.py measures both).
 // Here oneDNN chooses the weight and activation layouts itself ("any"), which selects its AVX-512 kernels; the
 // NCHW tensors MindSpore holds are reordered in and out around each call, except where a chain of our
 // convolutions passes oneDNN's blocked nChw16c tensors under their NCHW shape (the ResNet stages; only
 // elementwise MindSpore operators touch them in between).
 //
-// Convolution entry points, each for every stride S and padding P on every side of MASKRCNN_CONV_GEOMETRIES
-// (constants.h; e.g. ConvForwardS2P1); tensors are float32 NCHW / OIHW, biases and scales (O,), and `l` (2,) int32 says whether x
-// (and dx) and y (and dy) are held NCHW (0) or blocked (1):
+// Convolution entry points, one per stride S and padding P (on every side) of MASKRCNN_CONV_GEOMETRIES (constants.h;
+// e.g. ConvForwardS2P1); tensors are float32 NCHW / OIHW, biases and scales (O,), and `l` (2,) int32 says whether
+// x (and dx) and y (and dy) are held NCHW (0) or blocked (1):
 //   ConvForward(x, w, b, s, l) -> y = conv(x, w * s) + b     ConvReluForward: the same, then ReLU (a post-op)
 //   ConvBackwardData(dy, w, x, s, l) -> dx                    (x gives dx's shape only)
 //   ConvBackwardWeights(x, dy, w, s, l) -> dw, db             (w gives dw's shape only; db = dy summed per channel)
