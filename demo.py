@@ -29,6 +29,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from src import atomic_io
 from src.config import ConfigError, load_config, parse_overrides
 from src.synthetic import STYLES
 
@@ -199,9 +200,7 @@ def make_dataset(args, cfg) -> None:
         reusable = False
     if not reusable:
         make_synthetic_coco(cfg.data.coco_root, args.images, args.val_images, args.seed, style=args.style)
-        with open(stamp_path + ".tmp", "w", encoding="utf-8") as handle:
-            json.dump(wanted, handle)
-        os.replace(stamp_path + ".tmp", stamp_path)
+        atomic_io.write_json(stamp_path, wanted)
     print(f"synthetic set ({args.style}): {args.images} train + {args.val_images} val images in {cfg.data.coco_root}",
           flush=True)
     for is_training in (True, False):
@@ -309,8 +308,7 @@ def evaluate(out: str, checkpoint: str, cfg, overrides) -> dict:
             if len(summary) % 13 == 0:
                 summary.append(f"{next(iou_type)}:\n")
             summary.append(line)
-    from src.util import write_bytes_atomic
-    write_bytes_atomic(os.path.join(eval_dir, COCO_SUMMARY_TEXT), "".join(summary).encode("utf-8"))
+    atomic_io.write_bytes(os.path.join(eval_dir, COCO_SUMMARY_TEXT), "".join(summary).encode("utf-8"))
     with open(os.path.join(eval_dir, "eval_metrics.json"), "r", encoding="utf-8") as handle:
         return json.load(handle)
 
@@ -361,8 +359,7 @@ def run(args, overrides, cfg) -> dict:
                "bbox_AP": metrics["bbox"]["AP"], "segm_AP": metrics["segm"]["AP"],
                "load_average": list(os.getloadavg()), "checkpoint": checkpoint, "mindir": mindir,
                "loss_curve": curve, "predictions": pictures}
-    from src.util import write_json_atomic
-    write_json_atomic(os.path.join(args.out, SUMMARY_FILE), summary)
+    atomic_io.write_json(os.path.join(args.out, SUMMARY_FILE), summary)
     return summary
 
 

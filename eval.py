@@ -17,8 +17,11 @@ import numpy as np
 from tqdm import tqdm
 
 from src.config import Config, config_from_args
-from src.util import (build_inference_net, check_image_coverage, detections_from_outputs, detections_to_coco,
-                      label_to_category_ids, load_coco, run_script, score_and_save, setup_context)
+from src.cli import check_output_dirs, run_script
+from src.coco_eval import (check_image_coverage, detections_to_coco, label_to_category_ids, load_coco,
+                           score_and_save)
+from src.detections import detections_from_outputs
+from src.inference import build_inference_net, setup_context
 
 # detect(batch) -> (boxes, scores, labels, valid, masks), each with the batch as first axis
 Detector = Callable[[Dict[str, np.ndarray]], Sequence[np.ndarray]]

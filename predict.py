@@ -17,8 +17,11 @@ import cv2
 import numpy as np
 
 from src.config import Config, config_from_args
-from src.util import (Detections, build_inference_net, detections_from_outputs, read_image_input, run_script,
-                      setup_context, write_bytes_atomic, write_json_atomic)
+from src import atomic_io
+from src.cli import check_output_dirs, run_script
+from src.detections import Detections, detections_from_outputs
+from src.image_input import read_image_input
+from src.inference import build_inference_net, setup_context
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 PREDICTIONS_FILE = "predictions.json"
@@ -106,11 +109,11 @@ def predict(cfg: Config, checkpoint_path: str, source: str, out_dir: str, score_
         ok, encoded = cv2.imencode(".png", draw_detections(rgb, detections, cfg.data.classes))
         if not ok:
             raise ValueError(f"cannot encode the picture of '{path}'")
-        write_bytes_atomic(picture, encoded.tobytes())
+        atomic_io.write_bytes(picture, encoded.tobytes())
         records.append({"image": path, "picture": picture, "height": int(rgb.shape[0]), "width": int(rgb.shape[1]),
                         "detections": detections_json(detections, cfg.data.classes)})
         print(f"{path}: {len(detections)} detections -> {picture}")
-    write_json_atomic(os.path.join(out_dir, PREDICTIONS_FILE), records)
+    atomic_io.write_json(os.path.join(out_dir, PREDICTIONS_FILE), records)
     return records
 
 

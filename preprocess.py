@@ -15,7 +15,9 @@ from tqdm import tqdm
 
 from src.config import Config, config_from_args
 from src.infer_files import write_inputs
-from src.util import load_coco, read_image_input, run_script
+from src.cli import run_script
+from src.coco_eval import load_coco
+from src.image_input import read_image_input
 
 
 def preprocess(cfg: Config, data_path: str, ann_file: str, output_dir: str) -> int:

@@ -48,6 +48,7 @@ from tqdm import tqdm
 import mindspore.dataset as ds
 from mindspore.mindrecord import FileWriter
 
+from src import atomic_io
 from src.config import Config
 
 logger = logging.getLogger(__name__)
@@ -411,7 +412,7 @@ def data_to_mindrecord(cfg: Config, is_training: bool) -> List[str]:
                 os.replace(os.path.join(staging, os.path.basename(path) + suffix), path + suffix)
         manifest = {"fingerprint": fingerprint, "records": num_records, "images_listed": len(tasks),
                     "skipped": dict(sorted(skips.counts.items())), "files": [os.path.basename(f) for f in files]}
-        _atomic_write_json(manifest_path(cfg, is_training), manifest)
+        atomic_io.write_json(manifest_path(cfg, is_training), manifest, indent=1)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -446,13 +447,6 @@ def _write_shards(base: str, tasks: List[ImageTask], cfg: Config, is_training: b
         raise DatasetError(f"{source}: no image could be converted ({skips.summary()})")
     writer.commit()
     return num_records
-
-
-def _atomic_write_json(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=1)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- geometry of one sample

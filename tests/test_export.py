@@ -16,7 +16,7 @@ pytest_plugins = ["inference_fixtures"]
 def sample_input(narrow_model):
     """A real synthetic val image through the eval transform: (image (1,3,H,W), image_shape (1,4))."""
     from src.dataset import EvalTransform
-    from src.util import read_image_input
+    from src.image_input import read_image_input
 
     data_path, _ = val_paths(narrow_model.cfg)
     name = sorted(os.listdir(data_path))[0]
@@ -27,7 +27,7 @@ def sample_input(narrow_model):
 @pytest.fixture(scope="module")
 def cell_outputs(narrow_model, sample_input):
     import mindspore as ms
-    from src.util import build_inference_net
+    from src.inference import build_inference_net
 
     net = build_inference_net(narrow_model.cfg, narrow_model.checkpoint)
     return [out.asnumpy() for out in net(*(ms.Tensor(a) for a in sample_input))]

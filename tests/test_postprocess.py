@@ -20,7 +20,7 @@ from preprocess import preprocess
 from src.config import load_config
 from src.infer_files import (OUTPUT_NAMES, keep_valid_rows, list_image_ids, output_path, read_inputs,
                              read_outputs, run_mindir, write_inputs, write_outputs)
-from src.util import load_coco
+from src.coco_eval import load_coco
 
 pytest_plugins = ["inference_fixtures"]
 

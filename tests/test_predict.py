@@ -9,7 +9,7 @@ import pytest
 
 from inference_helpers import ROOT, config_cli_args, run_python, val_paths
 from predict import PREDICTIONS_FILE, class_colour, detections_json, draw_detections, list_images, predict
-from src.util import Detections
+from src.detections import Detections
 
 pytest_plugins = ["inference_fixtures"]
 CLASSES = ["background", "rectangle", "ellipse", "triangle", "star"]
