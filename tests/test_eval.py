@@ -9,8 +9,8 @@ import pytest
 from eval import detect_dataset, mindrecord_image_ids, pad_batch
 from inference_helpers import (GroundTruthDetector, config_cli_args, narrow_config, roi_mask, run_python,
                                val_paths)
-from src.util import (check_image_coverage, evaluate_coco, label_to_category_ids, load_coco, paste_masks,
-                      score_and_save)
+from src.coco_eval import check_image_coverage, evaluate_coco, label_to_category_ids, load_coco, score_and_save
+from src.mask_paste import paste_masks
 
 pytest_plugins = ["inference_fixtures"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
