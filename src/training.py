@@ -208,7 +208,7 @@ def train(options: RunOptions, cfg: Config, build_model: Optional[Callable[[Conf
 
     net = (build_model or MaskRcnnResnet50)(cfg)
     net.set_train(True)
-    state, resume = start_state(args, net, ckpt_dir, steps_per_epoch, is_main)
+    state, resume = start_state(options, net, ckpt_dir, steps_per_epoch, is_main)
     if is_main:
         print(f"{model_summary(net, cfg)}; batch {tr.batch_size} per device x {group_size} device(s), "
               f"{steps_per_epoch} steps per epoch", flush=True)

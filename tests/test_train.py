@@ -117,6 +117,19 @@ def test_resume_continues_exactly_where_the_run_stopped(full_run, tiny_mindrecor
     assert summary(tmp_path)["steps_this_run"] == 9 - first_resumed
 
 
+def test_resume_cuts_the_logs_back_to_the_checkpoint_so_each_step_is_logged_once(full_run, tiny_mindrecord,
+                                                                                  tmp_path, capsys):
+    resume_from(full_run, "maskrcnn-1_4.ckpt", tmp_path)         # killed during step 7, last checkpoint step 4
+    for name in ("loss_0.log", "metrics.jsonl"):
+        lines = open(os.path.join(full_run, name)).read().splitlines(keepends=True)
+        (tmp_path / name).write_text("".join(lines[:6]) + lines[6][:12])      # with the torn line of step 7
+    assert training_run(tiny_mindrecord, tmp_path, "--epoch_size", 2, resume="auto") == 0
+    positions = [RECIPE_LINE.match(line).group(1, 2) for line in open(tmp_path / "loss_0.log").read().splitlines()]
+    assert positions == [(str(e), str(s)) for e in (1, 2) for s in range(1, STEPS_PER_EPOCH + 1)]
+    assert [json.loads(row)["global_step"] for row in open(tmp_path / "metrics.jsonl")] == list(range(1, 9))
+    assert "dropped 3 lines logged after global step 4" in capsys.readouterr().out
+
+
 def test_max_steps_stops_and_saves_and_a_finished_run_has_nothing_to_do(tiny_mindrecord, tmp_path, capsys):
     assert training_run(tiny_mindrecord, tmp_path, "--keep_checkpoint_max", 1, max_steps=3) == 0
     assert checkpoint_names(tmp_path) == ["maskrcnn-1_3.ckpt"]
@@ -165,6 +178,31 @@ def test_bad_values_are_rejected_before_any_data_is_touched(tmp_path, capsys, ov
     assert info.value.code == 2
     assert key in capsys.readouterr().err
     assert not mindrecord.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option", ["--output_dir", "--mindrecord_dir", "--save_checkpoint_path"])
+@pytest.mark.parametrize("under", [False, True])
+def test_an_output_path_that_is_a_file_is_one_line_before_any_work(tmp_path, capsys, option, under):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    bad = blocker / "sub" if under else blocker
+    mindrecord, out = tmp_path / "mindrecord", tmp_path / "out"
+    code = train.main(["--config", "tiny", "--coco_root", str(tmp_path / "nowhere"), "--mindrecord_dir", str(mindrecord),
+                       "--output_dir", str(out), option, str(bad)], build_model=contract_model)
+    assert code == train.EXIT_BAD_PATH
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"'{bad}'" in err[0]
+    assert (f"lies under the file '{blocker}'" if under else "is a file, not a directory") in err[0]
+    assert not mindrecord.exists() and not out.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_output_dir_that_is_not_writable_is_one_line(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    code = train.main(["--config", "tiny", "--coco_root", str(tmp_path / "nowhere"), "--output_dir",
+                       str(locked / "out")], build_model=contract_model)
+    assert code == train.EXIT_BAD_PATH and "is not writable" in capsys.readouterr().err
 
 
 def test_script_options_set_config_keys():
