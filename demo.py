@@ -30,6 +30,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from src import atomic_io
+from src.cli import output_dir_problem
 from src.config import ConfigError, load_config, parse_overrides
 from src.synthetic import STYLES
 
@@ -365,6 +366,10 @@ def run(args, overrides, cfg) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, overrides, cfg = parse_args(argv)
+    problem = output_dir_problem(args.out, "--out")
+    if problem:
+        print(f"ERROR: {problem}", file=sys.stderr)
+        return 2
     try:
         summary = run(args, overrides, cfg)
     except DemoError as err:
