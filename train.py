@@ -19,6 +19,7 @@ from src.checkpoint import CheckpointError, find_checkpoints
 from src.cli import output_dir_problem
 from src.config import Config, ConfigError, config_from_args, set_value, validate
 from src.training import COMM_BACKENDS, RunOptions, checkpoint_dir, train
+
 # script option -> config key it sets (the script option wins over a config override of the same key)
 OPTION_KEYS = {"device_target": "train.device_target", "dataset": "data.dataset",
                "mindrecord_dir": "data.mindrecord_dir", "coco_root": "data.coco_root", "seed": "train.seed"}

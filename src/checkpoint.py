@@ -7,8 +7,8 @@ A training checkpoint is one MindSpore .ckpt holding
     ``adam_m.<name>`` and ``adam_v.<name>``,
   - the position in training: ``training_state.{epoch, step_in_epoch, global_step, steps_per_epoch}``,
 and ends with MindSpore's CRC trailer, so a truncated or damaged file is detected before use. Files are
-written to a temporary name in the same directory and moved into place with os.replace, so a reader (or
-a resumed run) never sees a partial checkpoint.
+written through src.atomic_io (a staging name in the same directory, moved into place), so a reader (or a
+resumed run) never sees a partial checkpoint.
 """
 from __future__ import annotations
 
