@@ -15,7 +15,7 @@ from typing import Dict
 
 from tqdm import tqdm
 
-from src.cli import run_script
+from src.cli import check_output_dirs, run_script
 from src.coco_eval import check_image_coverage, detections_to_coco, label_to_category_ids, load_coco, score_and_save
 from src.config import Config, config_from_args
 from src.detections import detections_from_outputs
@@ -48,6 +48,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ann_file", required=True, help="COCO instances JSON of the images")
     parser.add_argument("--output_dir", default=".", help="where detections.json and eval_metrics.json go")
     args, cfg = config_from_args(parser, argv)
+    check_output_dirs({"--output_dir": args.output_dir})
     postprocess(cfg, args.result_dir, args.input_dir, args.ann_file, args.output_dir)
 
 

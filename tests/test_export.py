@@ -8,6 +8,7 @@ import pytest
 from export import _unsupported_op, export_inputs, export_model
 from inference_helpers import ROOT, run_python, val_paths
 from mindspore_hub_conf import create_network
+from src.config import load_config
 
 pytest_plugins = ["inference_fixtures"]
 
@@ -127,3 +128,10 @@ def test_hub_selects_presets_and_rejects_bad_requests():
         create_network("fasterrcnn")
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['pretrained'\]"):
         create_network("maskrcnn", config="tiny", pretrained=True)
+
+
+def test_an_export_path_under_a_file_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    with pytest.raises(ValueError, match=f"the directory of --file_name '{blocker / 'out'}' lies under the file"):
+        export_model(load_config("tiny"), str(tmp_path / "missing.ckpt"), "MINDIR", str(blocker / "out" / "m"), "CPU")
