@@ -39,7 +39,7 @@ DEFAULT_SIZE = "128x192"
 DEFAULT_STYLE = "simple"           # scenes a from-scratch ResNet50 learns within the budget (docs/demo_results.md)
 VAL_IMAGES = 50
 PREDICT_IMAGES = 4
-PREDICT_SCORE_THR = 0.25           # shows short runs too; a 30-minute run: best per image 0.78-0.998
+PREDICT_SCORE_THR = 0.25           # low enough that short runs show detections too (docs/demo_results.md)
 CALIBRATION_STEPS = 6              # first step compiles; the median of the rest is the step time
 MIN_WARMUP_FRACTION = 10           # warmup <= 1/10 of the schedule: the cosine then ends below 3 % of base_lr
 # Time kept for what follows training, in units measured by the calibration run:
