@@ -1,0 +1,268 @@
+"""ImageTasks -> sharded MindRecord (layout in src.data.records), sealed by a manifest.
+
+Conversion is streamed (bounded windows of images handed to a worker pool), written into a hidden
+temporary directory next to the output, moved into place when complete, and sealed by a manifest written
+last: shard files without a matching manifest are never reused. Bad input either raises DatasetError
+before anything is written (configuration-level problems) or is skipped, counted and logged per image,
+with a summary stored in the manifest (see the SKIP_* reasons in src.data.annotations).
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from tqdm import tqdm
+
+from mindspore.mindrecord import FileWriter
+
+from src.config import Config
+from src.data.annotations import (CLIPPED_BOX, SKIP_CORRUPT_IMAGE, SKIP_DEGENERATE_MASK, SKIP_EMPTY_BOX,
+                                  SKIP_MISSING_IMAGE, SKIP_NO_ANNOTATION, SKIP_OVER_MAX, SKIP_SIZE_MISMATCH,
+                                  ImageTask, SkipLog, coco_tasks, txt_tasks)
+from src.data.records import (ANNOTATION_WIDTH, MASK_SEPARATOR, RECORD_FORMAT_VERSION, RECORD_SCHEMA, DatasetError,
+                              decode_image)
+
+logger = logging.getLogger(__name__)
+
+FILE_PREFIX = {True: "MaskRcnn_train.mindrecord", False: "MaskRcnn_eval.mindrecord"}
+MANIFEST_SUFFIX = ".manifest.json"
+MIN_BOX_SIZE = 1.0                           # boxes narrower or lower than this (pixels, after clipping) are skipped
+CONVERT_WINDOW = 32                          # images in flight per conversion worker: bounds memory
+
+
+# ---------------------------------------------------------------- one image -> one record (workers)
+
+def _instance_rle(segmentation, box: List[float], height: int, width: int):
+    """Compressed RLE of one instance, or None if the polygons are degenerate or the mask is empty."""
+    if segmentation is None:                                   # TXT data: the filled box
+        x1, y1, x2, y2 = box
+        rle = mask_utils.frPyObjects([[x1, y1, x2, y1, x2, y2, x1, y2]], height, width)[0]
+    elif isinstance(segmentation, dict):
+        if list(segmentation.get("size", [])) != [height, width]:
+            return None
+        rle = (mask_utils.frPyObjects(segmentation, height, width)
+               if isinstance(segmentation.get("counts"), list) else dict(segmentation))
+        if isinstance(rle["counts"], str):
+            rle["counts"] = rle["counts"].encode("ascii")
+    else:
+        polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        if not polygons:
+            return None
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    return rle if mask_utils.area(rle) > 0 else None
+
+
+def encode_record(task: ImageTask, is_training: bool, max_instances: int):
+    """One image -> (record dict or None, Counter of skip reasons, [log messages])."""
+    counts: collections.Counter = collections.Counter()
+    messages: List[Tuple[str, str]] = []
+
+    def skip(reason: str, detail: str = "", amount: int = 1):
+        counts[reason] += amount
+        messages.append((reason, f"{task.path}{': ' + detail if detail else ''}"))
+
+    try:
+        with open(task.path, "rb") as handle:
+            raw = handle.read()
+    except OSError as err:
+        skip(SKIP_MISSING_IMAGE, err.strerror or str(err))
+        return None, counts, messages
+    image = decode_image(raw)
+    if image is None:
+        skip(SKIP_CORRUPT_IMAGE, "cannot be decoded (truncated or not an image)")
+        return None, counts, messages
+    height, width = image.shape[:2]
+    if task.size is not None and task.size != (height, width):
+        skip(SKIP_SIZE_MISMATCH, f"annotation says {task.size}, file is {(height, width)}")
+        return None, counts, messages
+
+    rows, rles = [], []
+    for box, label, crowd, segmentation in zip(task.boxes, task.labels, task.iscrowd, task.segmentations):
+        clipped = np.clip(box, 0.0, [width, height, width, height])
+        if clipped[2] - clipped[0] < MIN_BOX_SIZE or clipped[3] - clipped[1] < MIN_BOX_SIZE:
+            skip(SKIP_EMPTY_BOX, f"box {box}")
+            continue
+        if not np.allclose(clipped, box):
+            counts[CLIPPED_BOX] += 1
+        rle = _instance_rle(segmentation, clipped.tolist(), height, width)
+        if rle is None:
+            skip(SKIP_DEGENERATE_MASK, f"instance with box {box}")
+            continue
+        rows.append([*clipped, label, crowd])
+        rles.append(rle["counts"])
+
+    annotation = np.asarray(rows, np.float32).reshape(-1, ANNOTATION_WIDTH)
+    targets = np.flatnonzero(annotation[:, 5] == 0)
+    if targets.size > max_instances:
+        skip(SKIP_OVER_MAX, f"{targets.size} instances, keeping the first {max_instances}",
+             amount=int(targets.size - max_instances))
+        keep = np.sort(np.concatenate([np.flatnonzero(annotation[:, 5] != 0), targets[:max_instances]]))
+        annotation, rles = annotation[keep], [rles[i] for i in keep]
+    if is_training and not (annotation[:, 5] == 0).any():
+        skip(SKIP_NO_ANNOTATION)
+        return None, counts, messages
+    record = {"image": raw, "image_id": int(task.image_id), "num_instances": len(rles),
+              "annotation": annotation.astype("<f4").tobytes(), "masks": MASK_SEPARATOR.join(rles)}
+    return record, counts, messages
+
+
+# ---------------------------------------------------------------- conversion driver
+
+def mindrecord_files(cfg: Config, is_training: bool) -> List[str]:
+    """The shard paths a conversion writes (whether or not they exist yet).
+
+    Named as MindSpore's FileWriter names them: a single shard has no index suffix.
+    """
+    base = os.path.join(cfg.data.mindrecord_dir, FILE_PREFIX[is_training])
+    if cfg.data.mindrecord_shards == 1:
+        return [base]
+    return [f"{base}{i}" for i in range(cfg.data.mindrecord_shards)]
+
+
+def manifest_path(cfg: Config, is_training: bool) -> str:
+    return os.path.join(cfg.data.mindrecord_dir, FILE_PREFIX[is_training] + MANIFEST_SUFFIX)
+
+
+def load_manifest(cfg: Config, is_training: bool) -> Optional[dict]:
+    """The manifest of a finished conversion (source, settings, record count, skip counts), or None."""
+    path = manifest_path(cfg, is_training)
+    if not os.path.isfile(path):
+        return None
+    with open(path, "r", encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _fingerprint(cfg: Config, is_training: bool) -> dict:
+    """Everything that changes the records; a manifest with a different fingerprint is stale."""
+    d = cfg.data
+    if d.dataset == "coco":
+        data_type = d.train_data_type if is_training else d.val_data_type
+        source = os.path.join(d.coco_root, d.instance_set.format(data_type))
+        images = os.path.join(d.coco_root, data_type)
+    else:
+        source, images = d.anno_path, d.image_dir
+    stat = os.stat(source) if os.path.isfile(source) else None
+    return {"format_version": RECORD_FORMAT_VERSION, "dataset": d.dataset, "training": is_training,
+            "source": os.path.abspath(source), "source_size": stat and stat.st_size,
+            "source_mtime_ns": stat and stat.st_mtime_ns, "image_dir": os.path.abspath(images),
+            "classes": list(d.classes), "max_instance_count": d.max_instance_count,
+            "shards": d.mindrecord_shards}
+
+
+def _reusable(cfg: Config, is_training: bool, fingerprint: dict) -> bool:
+    manifest = load_manifest(cfg, is_training)
+    if manifest is None:
+        return False
+    files = mindrecord_files(cfg, is_training)
+    complete = all(os.path.isfile(f) and os.path.isfile(f + ".db") for f in files)
+    if manifest.get("fingerprint") != fingerprint or not complete:
+        logger.info("existing MindRecord under %s is stale or incomplete; converting again",
+                    cfg.data.mindrecord_dir)
+        return False
+    return True
+
+
+def _remove_outputs(cfg: Config, is_training: bool) -> None:
+    """Drop the manifest first, so a conversion interrupted from here on never looks finished."""
+    for path in [manifest_path(cfg, is_training)] + [
+            p for f in mindrecord_files(cfg, is_training) for p in (f, f + ".db")]:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def _iter_windows(tasks: Sequence[ImageTask], window: int):
+    for start in range(0, len(tasks), window):
+        yield tasks[start:start + window]
+
+
+def _encoded_windows(tasks: Sequence[ImageTask], is_training: bool, max_instances: int, workers: int):
+    """Yield lists of encode_record results, a bounded window of images at a time, in task order.
+
+    Threads, not processes: the work is file reads and cv2.imdecode, which release the GIL, and forking a
+    process that already runs MindSpore threads can deadlock (spawning re-imports MindSpore per worker).
+    """
+    window = CONVERT_WINDOW * workers
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        for part in _iter_windows(tasks, window):
+            yield list(pool.map(lambda task: encode_record(task, is_training, max_instances), part))
+
+
+def data_to_mindrecord(cfg: Config, is_training: bool) -> List[str]:
+    """Convert cfg.data (COCO or TXT) to `mindrecord_shards` MindRecord files; reuse finished ones."""
+    d = cfg.data
+    files = mindrecord_files(cfg, is_training)
+    fingerprint = _fingerprint(cfg, is_training)
+    if _reusable(cfg, is_training, fingerprint):
+        logger.info("reusing %d complete MindRecord files %s*", len(files), os.path.join(
+            d.mindrecord_dir, FILE_PREFIX[is_training]))
+        return files
+
+    skips = SkipLog()
+    if d.dataset == "coco":
+        tasks, source = coco_tasks(cfg, is_training, skips)
+    else:
+        tasks, source = txt_tasks(cfg)
+    if not tasks:
+        raise DatasetError(f"{source}: no images listed")
+
+    os.makedirs(d.mindrecord_dir, exist_ok=True)
+    _remove_outputs(cfg, is_training)
+    staging = tempfile.mkdtemp(prefix=f".{FILE_PREFIX[is_training]}.partial-", dir=d.mindrecord_dir)
+    try:
+        num_records = _write_shards(os.path.join(staging, FILE_PREFIX[is_training]), tasks, cfg, is_training,
+                                    skips, source)
+        for path in files:
+            for suffix in ("", ".db"):
+                os.replace(os.path.join(staging, os.path.basename(path) + suffix), path + suffix)
+        manifest = {"fingerprint": fingerprint, "records": num_records, "images_listed": len(tasks),
+                    "skipped": dict(sorted(skips.counts.items())), "files": [os.path.basename(f) for f in files]}
+        _atomic_write_json(manifest_path(cfg, is_training), manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    logger.info("wrote %d of %d images from %s to %d MindRecord shards (%s)", num_records, len(tasks), source,
+                len(files), skips.summary())
+    return files
+
+
+def _write_shards(base: str, tasks: List[ImageTask], cfg: Config, is_training: bool,
+                  skips: SkipLog, source: str) -> int:
+    writer = FileWriter(base, shard_num=cfg.data.mindrecord_shards, overwrite=True)
+    writer.add_schema(RECORD_SCHEMA, "maskrcnn")
+    num_records = 0
+    progress = tqdm(total=len(tasks), desc=f"MindRecord {'train' if is_training else 'eval'}", unit="img")
+    try:
+        for results in _encoded_windows(tasks, is_training, cfg.data.max_instance_count,
+                                        cfg.data.convert_workers):
+            records = []
+            for record, counts, messages in results:
+                skips.counts.update(counts)
+                for reason, message in messages:
+                    skips.log(reason, message)
+                if record is not None:
+                    records.append(record)
+            if records:
+                writer.write_raw_data(records)
+                num_records += len(records)
+            progress.update(len(results))
+    finally:
+        progress.close()
+    if num_records == 0:
+        raise DatasetError(f"{source}: no image could be converted ({skips.summary()})")
+    writer.commit()
+    return num_records
+
+
+def _atomic_write_json(path: str, payload: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=1)
+    os.replace(tmp, path)
