@@ -2,7 +2,9 @@
 import logging
 import os
 import shutil
+import subprocess
 
+import cv2
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
@@ -17,7 +19,7 @@ from src.data.annotations import (CLIPPED_BOX, SKIP_CORRUPT_IMAGE, SKIP_DEGENERA
                                   SKIP_SIZE_MISMATCH)
 from src.data.conversion import FILE_PREFIX, data_to_mindrecord, load_manifest, manifest_path
 from src.data.pipeline import create_maskrcnn_dataset
-from src.data.records import DatasetError, decode_instances
+from src.data.records import DatasetError, decode_image, decode_instances
 
 
 def _prefixed(directory, is_training=True):
@@ -92,14 +94,13 @@ def test_single_shard_conversion_holds_every_record(tmp_path, tiny_mindrecord):
     assert len(raw_records(files)) == len(raw_records(tiny_mindrecord.train_files))
 
 
-def test_complete_conversion_is_reused(tiny_mindrecord, caplog):
+def test_complete_conversion_is_reused(tiny_mindrecord, capsys):
     cfg = tiny_mindrecord.cfg
     stamps = [os.stat(f).st_mtime_ns for f in tiny_mindrecord.train_files]
-    with caplog.at_level(logging.INFO, logger="src.data"):
-        files = data_to_mindrecord(cfg, True)
+    files = data_to_mindrecord(cfg, True)
     assert files == tiny_mindrecord.train_files
     assert [os.stat(f).st_mtime_ns for f in files] == stamps
-    assert "reusing" in caplog.text
+    assert "MindRecord train: reused 8 of 8 images" in capsys.readouterr().out
 
 
 def test_changed_settings_or_missing_manifest_force_a_new_conversion(tmp_path, tiny_mindrecord):
@@ -141,6 +142,96 @@ def test_interrupted_conversion_leaves_nothing_that_looks_finished(tmp_path, tin
     monkeypatch.setattr(conversion, "encode_record", real_encode)
     files = data_to_mindrecord(changed, True)
     assert len(raw_records(files)) == load_manifest(changed, True)["records"] == 8
+
+
+# ---------------------------------------------------------------- reuse, rebuild, stale partial output
+
+def _copy_of(synthetic_coco, tmp_path):
+    root = tmp_path / "coco"
+    shutil.copytree(synthetic_coco, root)
+    return root, data_cfg(root, tmp_path / "mr")
+
+
+def test_fixed_images_rebuild_the_mindrecord(tmp_path, synthetic_coco, capsys):
+    root, cfg = _copy_of(synthetic_coco, tmp_path)
+    image = root / "train2017" / read_json(root / TRAIN_JSON)["images"][0]["file_name"]
+    shutil.move(image, tmp_path / "aside.jpg")
+    data_to_mindrecord(cfg, True)
+    assert "converted 7 of 8 images" in capsys.readouterr().out
+
+    shutil.move(tmp_path / "aside.jpg", image)                      # the user restores the image
+    files = data_to_mindrecord(cfg, True)
+    out = capsys.readouterr().out
+    assert "image files changed" in out and "converted 8 of 8 images" in out
+    assert len(raw_records(files)) == 8
+
+    data_to_mindrecord(cfg, True)
+    assert "reused 8 of 8 images" in capsys.readouterr().out
+
+    stat = os.stat(image)                                           # replaced in place: same name, new time
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
+    data_to_mindrecord(cfg, True)
+    assert "image files changed" in capsys.readouterr().out
+
+
+def test_changed_annotation_file_rebuilds_the_mindrecord(tmp_path, synthetic_coco, capsys):
+    root, cfg = _copy_of(synthetic_coco, tmp_path)
+    data_to_mindrecord(cfg, True)
+    coco = read_json(root / TRAIN_JSON)
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != coco["images"][0]["id"]]
+    write_json(root / TRAIN_JSON, coco)
+    capsys.readouterr()
+    data_to_mindrecord(cfg, True)
+    out = capsys.readouterr().out
+    assert "annotation file changed" in out and "converted 7 of 8 images" in out
+
+
+def test_zero_byte_image_is_skipped_naming_it(tmp_path, synthetic_coco, caplog):
+    root, cfg = _copy_of(synthetic_coco, tmp_path)
+    empty = root / "train2017" / read_json(root / TRAIN_JSON)["images"][1]["file_name"]
+    empty.write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="src.data"):
+        files = data_to_mindrecord(cfg, True)
+    assert load_manifest(cfg, True)["skipped"] == {SKIP_CORRUPT_IMAGE: 1}
+    assert len(raw_records(files)) == 7
+    assert f"{empty}: empty file" in caplog.text
+    assert decode_image(b"") is None
+
+
+def test_counts_are_printed_on_conversion_and_on_reuse(broken_conversion, capsys):
+    cfg, _, _, expected = broken_conversion
+    data_to_mindrecord(cfg, True)
+    out = capsys.readouterr().out
+    assert "MindRecord train: reused 4 of 8 images" in out
+    for reason in (SKIP_MISSING_IMAGE, SKIP_CORRUPT_IMAGE, SKIP_SIZE_MISMATCH, SKIP_NO_ANNOTATION):
+        assert f"{reason} {expected[reason]}" in out
+    for reason in (SKIP_EMPTY_BOX, SKIP_DEGENERATE_MASK, SKIP_ORPHAN_ANNOTATION, SKIP_OVER_MAX, CLIPPED_BOX):
+        assert f"{reason} {expected[reason]}" in out
+
+
+def _dead_pid():
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_partial_output_of_a_dead_process_is_removed(tmp_path, tiny_mindrecord):
+    cfg = with_overrides(tiny_mindrecord.cfg, **{"data.mindrecord_dir": str(tmp_path)})
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        dead_train = tmp_path / f".{FILE_PREFIX[True]}.partial-{_dead_pid()}-k1ll3d"
+        dead_eval = tmp_path / f".{FILE_PREFIX[False]}.partial-{_dead_pid()}-k1ll3d"
+        running = tmp_path / f".{FILE_PREFIX[True]}.partial-{live.pid}-w0rk1n"
+        for folder in (dead_train, dead_eval, running):
+            folder.mkdir()
+            (folder / FILE_PREFIX[True]).write_bytes(b"half a shard")
+        data_to_mindrecord(cfg, True)
+        assert not dead_train.exists() and not dead_eval.exists()
+        assert (running / FILE_PREFIX[True]).exists()
+        assert sorted(p for p in os.listdir(tmp_path) if ".partial-" in p) == [running.name]
+    finally:
+        live.kill()
+        live.wait()
 
 
 # ---------------------------------------------------------------- bad input
@@ -270,7 +361,7 @@ def txt_dataset(synthetic_coco, tmp_path_factory):
         items, labels = [], []
         for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False)):
             x, y, w, h = (int(round(v)) for v in ann["bbox"])
-            items.append(f"{x},{y},{x + w},{y + h},{ann['category_id'] - 1}")
+            items.append(f"{x},{y},{x + w},{y + h},{ann['category_id']}")
             labels.append(ann["category_id"])
         lines.append(" ".join([f"train2017/{coco.imgs[image_id]['file_name']}"] + items))
         expected[len(lines)] = labels
@@ -293,7 +384,7 @@ def test_txt_converts_and_trains_with_box_masks(txt_dataset):
     for line_no, labels in expected.items():
         rows, _ = decode_instances(records[line_no]["num_instances"], records[line_no]["annotation"],
                                    records[line_no]["masks"])
-        assert rows[:, 4].tolist() == labels                        # cls is 0-based over classes[1:]
+        assert rows[:, 4].tolist() == labels                        # cls indexes data.classes (ModelZoo)
     for sample in samples_of(batches_of(create_maskrcnn_dataset(cfg, files, True, 2))):
         for box, mask in zip(sample["box"][sample["valid_num"]], sample["mask"][sample["valid_num"]]):
             filled = np.zeros_like(mask)
@@ -304,16 +395,44 @@ def test_txt_converts_and_trains_with_box_masks(txt_dataset):
     assert load_manifest(cfg, False) is None and len(raw_records(data_to_mindrecord(cfg, False))) == len(expected) + 1
 
 
-@pytest.mark.parametrize("bad_line, message", [
-    ("train2017/a.jpg 1,2,3,4", "x1,y1,x2,y2,cls"),
-    ("train2017/a.jpg 1,2,3,four,0", "x1,y1,x2,y2,cls"),
-    ("train2017/a.jpg 1,2,3,4,4", "class 4 out of range"),
-])
-def test_malformed_txt_line_names_file_and_line(tmp_path, bad_line, message):
+def _txt_cfg(tmp_path, lines):
+    """A TXT set of two real 60x80 images (train2017/a.jpg, b.jpg) and the given lines."""
+    (tmp_path / "train2017").mkdir(exist_ok=True)
+    for name in ("a.jpg", "b.jpg"):
+        cv2.imwrite(str(tmp_path / "train2017" / name), np.full((60, 80, 3), 120, np.uint8))
     anno_path = tmp_path / "bad.txt"
-    anno_path.write_text(f"train2017/x.jpg 1,2,30,40,0\n\n{bad_line}\n", encoding="utf-8")
+    anno_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     cfg = load_config("tiny", {"data.dataset": "other", "data.image_dir": str(tmp_path),
                                "data.anno_path": str(anno_path), "data.mindrecord_dir": str(tmp_path / "mr")})
-    with pytest.raises(DatasetError, match=f"{anno_path}:3: .*{message}"):
+    return cfg, anno_path
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ("train2017/a.jpg 1,2,3,4", "x1,y1,x2,y2,cls"),
+    ("train2017/a.jpg 1,2,3,four,1", "x1,y1,x2,y2,cls"),
+    ("train2017/a.jpg 1,2,30,40,0", "class 0 is the background"),
+    ("train2017/a.jpg 1,2,30,40,5", "class 5 is past data.classes"),
+    ("train2017/a.jpg 30,2,10,40,1", "x2 <= x1"),
+    ("train2017/a.jpg 1,40,30,40,1", "y2 <= y1"),
+    ("train2017/missing.jpg 1,2,30,40,1", "image file .*missing.jpg does not exist"),
+])
+def test_bad_txt_line_stops_naming_file_and_line(tmp_path, bad_line, message):
+    cfg, anno_path = _txt_cfg(tmp_path, ["train2017/a.jpg 1,2,30,40,1", "", bad_line])
+    with pytest.raises(DatasetError, match=f"^{anno_path}:3: .*{message}"):
         data_to_mindrecord(cfg, True)
     assert not os.path.exists(tmp_path / "mr")
+
+
+def test_every_bad_txt_line_is_counted_in_the_error(tmp_path):
+    cfg, anno_path = _txt_cfg(tmp_path, ["train2017/a.jpg 1,2,30,40,0", "train2017/b.jpg 1,2,30,40,1",
+                                         "train2017/c.jpg", "train2017/b.jpg 9,9,1,1,2"])
+    with pytest.raises(DatasetError, match=f"^{anno_path}:1: .*and 2 more bad lines"):
+        data_to_mindrecord(cfg, True)
+
+
+def test_txt_skip_messages_name_file_and_line(tmp_path, caplog):
+    cfg, anno_path = _txt_cfg(tmp_path, ["train2017/a.jpg 1,2,30,40,1", "train2017/b.jpg 200,2,230,40,2"])
+    with caplog.at_level(logging.WARNING, logger="src.data"):
+        data_to_mindrecord(cfg, True)
+    assert load_manifest(cfg, True)["skipped"] == {SKIP_EMPTY_BOX: 1, SKIP_NO_ANNOTATION: 1}
+    assert f"{anno_path}:2 " in caplog.text and f"{anno_path}:1" not in caplog.text

@@ -3,10 +3,12 @@
 Label conventions:
 - COCO: categories are matched BY NAME to `cfg.data.classes`; label = index in that list (1..C-1). A
   category name that is not in the list is an error (filter the annotation file to train on a subset).
-- TXT ("other"): `path x1,y1,x2,y2,cls ...`, cls = 0-based index into the foreground classes
-  `cfg.data.classes[1:]` (label = cls + 1; the ModelZoo README does not say, and 0 is our padding label).
-  The image path is relative to `cfg.data.image_dir`; paths cannot contain spaces. TXT data has no masks:
-  each instance's mask is its filled box.
+- TXT ("other"): `path x1,y1,x2,y2,cls ...`, cls = the label itself, an index into `cfg.data.classes`
+  (1..C-1; 0 is the background), as in the ModelZoo. The image path is relative to `cfg.data.image_dir`;
+  paths cannot contain spaces. TXT data has no masks: each instance's mask is its filled box. A line that
+  is wrong in itself (syntax, class, box with x2 <= x1 or y2 <= y1, image file that does not exist) stops
+  the conversion before anything is written; what only the image shows (undecodable, box outside it) is
+  skipped like COCO input, the message naming file:line.
 - iscrowd regions are stored but are never training targets: the training pipeline drops them.
 """
 from __future__ import annotations
@@ -37,24 +39,45 @@ SKIP_OVER_MAX = "instances beyond max_instance_count"
 CLIPPED_BOX = "box clipped to the image"
 
 
+IMAGE_REASONS = (SKIP_MISSING_IMAGE, SKIP_CORRUPT_IMAGE, SKIP_SIZE_MISMATCH, SKIP_NO_ANNOTATION)
+
+
 class SkipLog:
-    """Counts skipped input by reason and logs the first MAX_LOGGED_PER_REASON cases of each."""
+    """Counts skipped input by reason; keeps the first MAX_LOGGED_PER_REASON messages of each until flush().
+
+    Messages wait for flush() so that parsing an annotation file only to find the MindRecord up to date
+    repeats no warnings.
+    """
 
     def __init__(self):
         self.counts: collections.Counter = collections.Counter()
-        self._logged: collections.Counter = collections.Counter()
+        self._noted: collections.Counter = collections.Counter()
+        self._pending: List[Tuple[str, str]] = []
 
     def add(self, reason: str, message: str, amount: int = 1) -> None:
         self.counts[reason] += amount
-        self.log(reason, message)
+        self.note(reason, message)
 
-    def log(self, reason: str, message: str) -> None:
-        if self._logged[reason] < MAX_LOGGED_PER_REASON:
+    def note(self, reason: str, message: str) -> None:
+        if self._noted[reason] < MAX_LOGGED_PER_REASON:
+            self._pending.append((reason, message))
+        self._noted[reason] += 1
+
+    def flush(self) -> None:
+        for reason, message in self._pending:
             logger.warning("skipped (%s): %s", reason, message)
-        self._logged[reason] += 1
+        self._pending.clear()
 
-    def summary(self) -> str:
-        return ", ".join(f"{reason}: {n}" for reason, n in sorted(self.counts.items())) or "nothing skipped"
+
+def describe_skips(counts: Dict[str, int]) -> str:
+    """'skipped images: reason n, ...; skipped or changed annotations: reason n, ...' or 'nothing skipped'."""
+    def listed(reasons):
+        return ", ".join(f"{reason} {counts[reason]}" for reason in reasons)
+    images = [r for r in IMAGE_REASONS if counts.get(r)]
+    others = sorted(r for r in counts if r not in IMAGE_REASONS and counts[r])
+    parts = ([f"skipped images: {listed(images)}"] if images else []) + (
+        [f"skipped or changed annotations: {listed(others)}"] if others else [])
+    return "; ".join(parts) or "nothing skipped"
 
 
 @dataclass
@@ -67,6 +90,10 @@ class ImageTask:
     labels: List[int] = field(default_factory=list)
     iscrowd: List[int] = field(default_factory=list)
     segmentations: List[object] = field(default_factory=list)       # COCO polygons / RLE; None = filled box
+    origin: str = ""                         # where the annotation file lists the image ("file:line" for TXT)
+
+    def where(self) -> str:
+        return f"{self.origin} ({self.path})" if self.origin else self.path
 
 
 def coco_tasks(cfg: Config, is_training: bool, skips: SkipLog) -> Tuple[List[ImageTask], str]:
@@ -123,34 +150,54 @@ def _require(entry: dict, keys: Sequence[str], where: str) -> None:
 
 
 def txt_tasks(cfg: Config) -> Tuple[List[ImageTask], str]:
-    """Parse the whole TXT first, so a malformed line fails before any output is written."""
+    """Parse and check the whole TXT first, so a bad line stops before any output is written."""
     d = cfg.data
     if not os.path.isfile(d.anno_path):
         raise DatasetError(f"TXT annotation file not found: '{d.anno_path}' (data.anno_path)")
-    num_foreground = d.num_classes - 1
-    tasks = []
+    tasks, errors = [], []
     with open(d.anno_path, "r", encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             fields = line.split()
             if not fields:
                 continue
-            task = ImageTask(line_no, os.path.join(d.image_dir, fields[0]), None)
-            for item in fields[1:]:
-                parts = item.split(",")
-                try:
-                    if len(parts) != 5:
-                        raise ValueError
-                    x1, y1, x2, y2 = (float(v) for v in parts[:4])
-                    cls = int(parts[4])
-                except ValueError:
-                    raise DatasetError(f"{d.anno_path}:{line_no}: expected 'x1,y1,x2,y2,cls' items after the "
-                                       f"image path, got '{item}'") from None
-                if not 0 <= cls < num_foreground:
-                    raise DatasetError(f"{d.anno_path}:{line_no}: class {cls} out of range 0..{num_foreground - 1} "
-                                       f"(0-based index into data.classes[1:])")
-                task.boxes.append([x1, y1, x2, y2])
-                task.labels.append(cls + 1)
-                task.iscrowd.append(0)
-                task.segmentations.append(None)
-            tasks.append(task)
+            where = f"{d.anno_path}:{line_no}"
+            try:
+                tasks.append(_txt_line(fields, where, line_no, d.image_dir, len(d.classes)))
+            except DatasetError as err:
+                errors.append(str(err))
+    if errors:
+        more = f" (and {len(errors) - 1} more bad line{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        raise DatasetError(f"{errors[0]}{more}; fix or remove the line (README: the \"other\" TXT format)")
     return tasks, d.anno_path
+
+
+def _txt_line(fields: List[str], where: str, line_no: int, image_dir: str, num_classes: int) -> ImageTask:
+    """One non-empty TXT line -> ImageTask; DatasetError names `where` (file:line) and what is wrong."""
+    task = ImageTask(line_no, os.path.join(image_dir, fields[0]), None, origin=where)
+    if not os.path.isfile(task.path):
+        raise DatasetError(f"{where}: image file {task.path} does not exist (paths are relative to "
+                           f"data.image_dir)")
+    for item in fields[1:]:
+        parts = item.split(",")
+        try:
+            if len(parts) != 5:
+                raise ValueError
+            x1, y1, x2, y2 = (float(v) for v in parts[:4])
+            cls = int(parts[4])
+        except ValueError:
+            raise DatasetError(f"{where}: expected 'x1,y1,x2,y2,cls' items after the image path, "
+                               f"got '{item}'") from None
+        if cls == 0:
+            raise DatasetError(f"{where}: class 0 is the background; object classes are 1..{num_classes - 1} "
+                               f"(the index into data.classes)")
+        if not 0 < cls < num_classes:
+            raise DatasetError(f"{where}: class {cls} is past data.classes; object classes are "
+                               f"1..{num_classes - 1} (the index into data.classes)")
+        if x2 <= x1 or y2 <= y1:
+            raise DatasetError(f"{where}: box '{item}' has {'x2 <= x1' if x2 <= x1 else 'y2 <= y1'}; boxes are "
+                               f"x1,y1,x2,y2 with x1 < x2 and y1 < y2")
+        task.boxes.append([x1, y1, x2, y2])
+        task.labels.append(cls)
+        task.iscrowd.append(0)
+        task.segmentations.append(None)
+    return task

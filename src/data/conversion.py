@@ -1,18 +1,23 @@
 """ImageTasks -> sharded MindRecord (layout in src.data.records), sealed by a manifest.
 
 Conversion is streamed (bounded windows of images handed to a worker pool), written into a hidden
-temporary directory next to the output, moved into place when complete, and sealed by a manifest written
-last: shard files without a matching manifest are never reused. Bad input either raises DatasetError
-before anything is written (configuration-level problems) or is skipped, counted and logged per image,
-with a summary stored in the manifest (see the SKIP_* reasons in src.data.annotations).
+temporary directory next to the output (named with the writer's pid, so a later run can tell a killed
+conversion's leftovers from a live one), moved into place when complete, and sealed by a manifest written
+last: shard files without a matching manifest are never reused. The manifest's fingerprint covers
+everything the records depend on (annotation file, every listed image's size and modification time, the
+settings that change records); any difference rebuilds. Bad input either raises DatasetError before
+anything is written (configuration-level problems, bad TXT lines) or is skipped, counted and logged per
+image (see the SKIP_* reasons in src.data.annotations). Every call prints one line: converted or reused,
+with the image counts and the skip counts.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import hashlib
 import json
-import logging
 import os
+import re
 import shutil
 import tempfile
 from typing import List, Optional, Sequence, Tuple
@@ -26,16 +31,19 @@ from mindspore.mindrecord import FileWriter
 from src.config import Config
 from src.data.annotations import (CLIPPED_BOX, SKIP_CORRUPT_IMAGE, SKIP_DEGENERATE_MASK, SKIP_EMPTY_BOX,
                                   SKIP_MISSING_IMAGE, SKIP_NO_ANNOTATION, SKIP_OVER_MAX, SKIP_SIZE_MISMATCH,
-                                  ImageTask, SkipLog, coco_tasks, txt_tasks)
+                                  ImageTask, SkipLog, coco_tasks, describe_skips, txt_tasks)
 from src.data.records import (ANNOTATION_WIDTH, MASK_SEPARATOR, RECORD_FORMAT_VERSION, RECORD_SCHEMA, DatasetError,
                               decode_image)
-
-logger = logging.getLogger(__name__)
 
 FILE_PREFIX = {True: "MaskRcnn_train.mindrecord", False: "MaskRcnn_eval.mindrecord"}
 MANIFEST_SUFFIX = ".manifest.json"
 MIN_BOX_SIZE = 1.0                           # boxes narrower or lower than this (pixels, after clipping) are skipped
 CONVERT_WINDOW = 32                          # images in flight per conversion worker: bounds memory
+PARTIAL_PATTERN = re.compile(r"^\.MaskRcnn_(train|eval)\.mindrecord\.partial-(\d+)-")   # .<prefix>.partial-<pid>-
+# what a changed fingerprint key means to the user, for the "rebuilding" line
+CHANGE_NAMES = {"source": "annotation file changed", "source_size": "annotation file changed",
+                "source_mtime_ns": "annotation file changed", "images": "image files changed",
+                "image_files": "image files changed", "format_version": "record format changed"}
 
 
 # ---------------------------------------------------------------- one image -> one record (workers)
@@ -67,13 +75,16 @@ def encode_record(task: ImageTask, is_training: bool, max_instances: int):
 
     def skip(reason: str, detail: str = "", amount: int = 1):
         counts[reason] += amount
-        messages.append((reason, f"{task.path}{': ' + detail if detail else ''}"))
+        messages.append((reason, f"{task.where()}{': ' + detail if detail else ''}"))
 
     try:
         with open(task.path, "rb") as handle:
             raw = handle.read()
     except OSError as err:
         skip(SKIP_MISSING_IMAGE, err.strerror or str(err))
+        return None, counts, messages
+    if not raw:
+        skip(SKIP_CORRUPT_IMAGE, "empty file (0 bytes)")
         return None, counts, messages
     image = decode_image(raw)
     if image is None:
@@ -140,33 +151,67 @@ def load_manifest(cfg: Config, is_training: bool) -> Optional[dict]:
         return json.load(handle)
 
 
-def _fingerprint(cfg: Config, is_training: bool) -> dict:
+def _fingerprint(cfg: Config, is_training: bool, source: str, tasks: Sequence[ImageTask]) -> dict:
     """Everything that changes the records; a manifest with a different fingerprint is stale."""
     d = cfg.data
-    if d.dataset == "coco":
-        data_type = d.train_data_type if is_training else d.val_data_type
-        source = os.path.join(d.coco_root, d.instance_set.format(data_type))
-        images = os.path.join(d.coco_root, data_type)
-    else:
-        source, images = d.anno_path, d.image_dir
-    stat = os.stat(source) if os.path.isfile(source) else None
+    stat = os.stat(source)
     return {"format_version": RECORD_FORMAT_VERSION, "dataset": d.dataset, "training": is_training,
-            "source": os.path.abspath(source), "source_size": stat and stat.st_size,
-            "source_mtime_ns": stat and stat.st_mtime_ns, "image_dir": os.path.abspath(images),
+            "source": os.path.abspath(source), "source_size": stat.st_size, "source_mtime_ns": stat.st_mtime_ns,
+            "images": len(tasks), "image_files": _image_files_digest(tasks),
             "classes": list(d.classes), "max_instance_count": d.max_instance_count,
             "shards": d.mindrecord_shards}
 
 
-def _reusable(cfg: Config, is_training: bool, fingerprint: dict) -> bool:
+def _image_files_digest(tasks: Sequence[ImageTask]) -> str:
+    """SHA-256 over every listed image's absolute path, size and mtime ("-" if missing): a fixed, added
+    or replaced image changes it, without reading the images."""
+    digest = hashlib.sha256()
+    for task in tasks:
+        try:
+            stat = os.stat(task.path)
+            state = f"{stat.st_size} {stat.st_mtime_ns}"
+        except OSError:
+            state = "-"
+        digest.update(f"{os.path.abspath(task.path)}\t{state}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def _stale_reason(cfg: Config, is_training: bool, fingerprint: dict) -> Optional[str]:
+    """Why the existing MindRecord cannot be reused, or None if it can."""
     manifest = load_manifest(cfg, is_training)
     if manifest is None:
+        return "no finished conversion"
+    if not all(os.path.isfile(f) and os.path.isfile(f + ".db") for f in mindrecord_files(cfg, is_training)):
+        return "shard files missing"
+    old = manifest.get("fingerprint", {})
+    changed = sorted({CHANGE_NAMES.get(key, f"setting {key} changed")
+                      for key in set(old) | set(fingerprint) if old.get(key) != fingerprint.get(key)})
+    return ", ".join(changed) or None
+
+
+def _remove_stale_partials(directory: str) -> None:
+    """Remove the hidden staging folders of conversions whose process is gone (killed mid-conversion)."""
+    if not os.path.isdir(directory):
+        return
+    for name in sorted(os.listdir(directory)):
+        match = PARTIAL_PATTERN.match(name)
+        if match is None:
+            continue
+        pid = int(match.group(2))
+        # our own pid can only be a dead process's that had it before us: conversions run one at a time
+        if pid == os.getpid() or not _process_alive(pid):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+            print(f"removed {os.path.join(directory, name)}: partial output of a conversion that did not finish "
+                  f"(process {pid} is gone)", flush=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
-    files = mindrecord_files(cfg, is_training)
-    complete = all(os.path.isfile(f) and os.path.isfile(f + ".db") for f in files)
-    if manifest.get("fingerprint") != fingerprint or not complete:
-        logger.info("existing MindRecord under %s is stale or incomplete; converting again",
-                    cfg.data.mindrecord_dir)
-        return False
+    except PermissionError:                  # exists, owned by another user
+        return True
     return True
 
 
@@ -196,15 +241,11 @@ def _encoded_windows(tasks: Sequence[ImageTask], is_training: bool, max_instance
 
 
 def data_to_mindrecord(cfg: Config, is_training: bool) -> List[str]:
-    """Convert cfg.data (COCO or TXT) to `mindrecord_shards` MindRecord files; reuse finished ones."""
+    """Convert cfg.data (COCO or TXT) to `mindrecord_shards` MindRecord files; reuse finished, up-to-date ones."""
     d = cfg.data
+    split = "train" if is_training else "eval"
     files = mindrecord_files(cfg, is_training)
-    fingerprint = _fingerprint(cfg, is_training)
-    if _reusable(cfg, is_training, fingerprint):
-        logger.info("reusing %d complete MindRecord files %s*", len(files), os.path.join(
-            d.mindrecord_dir, FILE_PREFIX[is_training]))
-        return files
-
+    _remove_stale_partials(d.mindrecord_dir)
     skips = SkipLog()
     if d.dataset == "coco":
         tasks, source = coco_tasks(cfg, is_training, skips)
@@ -212,10 +253,20 @@ def data_to_mindrecord(cfg: Config, is_training: bool) -> List[str]:
         tasks, source = txt_tasks(cfg)
     if not tasks:
         raise DatasetError(f"{source}: no images listed")
+    fingerprint = _fingerprint(cfg, is_training, source, tasks)
+    stale = _stale_reason(cfg, is_training, fingerprint)
+    if stale is None:
+        manifest = load_manifest(cfg, is_training)
+        print(f"MindRecord {split}: reused {manifest['records']} of {manifest['images_listed']} images "
+              f"({os.path.join(d.mindrecord_dir, FILE_PREFIX[is_training])}*, up to date with {source}); "
+              f"{describe_skips(manifest['skipped'])}", flush=True)
+        return files
 
+    print(f"MindRecord {split}: converting {source} ({stale})", flush=True)
+    skips.flush()
     os.makedirs(d.mindrecord_dir, exist_ok=True)
     _remove_outputs(cfg, is_training)
-    staging = tempfile.mkdtemp(prefix=f".{FILE_PREFIX[is_training]}.partial-", dir=d.mindrecord_dir)
+    staging = tempfile.mkdtemp(prefix=f".{FILE_PREFIX[is_training]}.partial-{os.getpid()}-", dir=d.mindrecord_dir)
     try:
         num_records = _write_shards(os.path.join(staging, FILE_PREFIX[is_training]), tasks, cfg, is_training,
                                     skips, source)
@@ -228,8 +279,9 @@ def data_to_mindrecord(cfg: Config, is_training: bool) -> List[str]:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
-    logger.info("wrote %d of %d images from %s to %d MindRecord shards (%s)", num_records, len(tasks), source,
-                len(files), skips.summary())
+    print(f"MindRecord {split}: converted {num_records} of {len(tasks)} images from {source} into {len(files)} "
+          f"shards {os.path.join(d.mindrecord_dir, FILE_PREFIX[is_training])}*; {describe_skips(skips.counts)}",
+          flush=True)
     return files
 
 
@@ -246,9 +298,10 @@ def _write_shards(base: str, tasks: List[ImageTask], cfg: Config, is_training: b
             for record, counts, messages in results:
                 skips.counts.update(counts)
                 for reason, message in messages:
-                    skips.log(reason, message)
+                    skips.note(reason, message)
                 if record is not None:
                     records.append(record)
+            skips.flush()
             if records:
                 writer.write_raw_data(records)
                 num_records += len(records)
@@ -256,7 +309,7 @@ def _write_shards(base: str, tasks: List[ImageTask], cfg: Config, is_training: b
     finally:
         progress.close()
     if num_records == 0:
-        raise DatasetError(f"{source}: no image could be converted ({skips.summary()})")
+        raise DatasetError(f"{source}: no image could be converted ({describe_skips(skips.counts)})")
     writer.commit()
     return num_records
 

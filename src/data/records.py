@@ -25,7 +25,9 @@ RECORD_SCHEMA = {
 RECORD_COLUMNS = list(RECORD_SCHEMA)
 ANNOTATION_WIDTH = 6                         # x1, y1, x2, y2, label, iscrowd
 MASK_SEPARATOR = b"\n"                       # never occurs in compressed RLE (characters 48..111)
-RECORD_FORMAT_VERSION = 1                    # bump when the layout above changes: old files are rebuilt
+# Bump when the layout above or the meaning of a field changes: older files are rebuilt.
+# 2: TXT class numbers are label indices into data.classes (ModelZoo), no longer 0-based foreground indices.
+RECORD_FORMAT_VERSION = 2
 
 
 class DatasetError(ValueError):
@@ -34,7 +36,12 @@ class DatasetError(ValueError):
 
 def decode_image(raw: bytes) -> Optional[np.ndarray]:
     """Encoded bytes -> (h, w, 3) uint8 RGB, or None if undecodable. EXIF rotation is ignored, as in COCO."""
-    image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if not raw:
+        return None                          # imdecode raises on an empty buffer instead of returning None
+    try:
+        image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error:                        # some malformed headers raise rather than return None
+        return None
     return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
