@@ -174,6 +174,14 @@ def test_fixed_images_rebuild_the_mindrecord(tmp_path, synthetic_coco, capsys):
     assert "image files changed" in capsys.readouterr().out
 
 
+def test_reuse_does_not_parse_the_annotation_file(tiny_mindrecord, monkeypatch, capsys):
+    def no_parsing(*args):
+        raise AssertionError("parsed the annotation file")
+    monkeypatch.setattr(conversion, "coco_tasks", no_parsing)
+    assert data_to_mindrecord(tiny_mindrecord.cfg, False) == tiny_mindrecord.val_files
+    assert "MindRecord eval: reused 4 of 4 images" in capsys.readouterr().out
+
+
 def test_changed_annotation_file_rebuilds_the_mindrecord(tmp_path, synthetic_coco, capsys):
     root, cfg = _copy_of(synthetic_coco, tmp_path)
     data_to_mindrecord(cfg, True)

@@ -96,10 +96,18 @@ class ImageTask:
         return f"{self.origin} ({self.path})" if self.origin else self.path
 
 
+def annotation_file(cfg: Config, is_training: bool) -> str:
+    """The file the images and their objects are listed in: COCO JSON of the split, or the TXT file."""
+    d = cfg.data
+    if d.dataset != "coco":
+        return d.anno_path
+    return os.path.join(d.coco_root, d.instance_set.format(d.train_data_type if is_training else d.val_data_type))
+
+
 def coco_tasks(cfg: Config, is_training: bool, skips: SkipLog) -> Tuple[List[ImageTask], str]:
     d = cfg.data
     data_type = d.train_data_type if is_training else d.val_data_type
-    anno_file = os.path.join(d.coco_root, d.instance_set.format(data_type))
+    anno_file = annotation_file(cfg, is_training)
     if not os.path.isfile(anno_file):
         raise DatasetError(f"COCO annotation file not found: {anno_file} (check data.coco_root / "
                            f"data.instance_set / data.{'train' if is_training else 'val'}_data_type)")

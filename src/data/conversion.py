@@ -31,7 +31,8 @@ from mindspore.mindrecord import FileWriter
 from src.config import Config
 from src.data.annotations import (CLIPPED_BOX, SKIP_CORRUPT_IMAGE, SKIP_DEGENERATE_MASK, SKIP_EMPTY_BOX,
                                   SKIP_MISSING_IMAGE, SKIP_NO_ANNOTATION, SKIP_OVER_MAX, SKIP_SIZE_MISMATCH,
-                                  ImageTask, SkipLog, coco_tasks, describe_skips, txt_tasks)
+                                  ImageTask, SkipLog, annotation_file, coco_tasks, describe_skips,
+                                  txt_tasks)
 from src.data.records import (ANNOTATION_WIDTH, MASK_SEPARATOR, RECORD_FORMAT_VERSION, RECORD_SCHEMA, DatasetError,
                               decode_image)
 
@@ -151,34 +152,43 @@ def load_manifest(cfg: Config, is_training: bool) -> Optional[dict]:
         return json.load(handle)
 
 
-def _fingerprint(cfg: Config, is_training: bool, source: str, tasks: Sequence[ImageTask]) -> dict:
+def _fingerprint(cfg: Config, is_training: bool, source: str, image_paths: Sequence[str]) -> dict:
     """Everything that changes the records; a manifest with a different fingerprint is stale."""
     d = cfg.data
     stat = os.stat(source)
     return {"format_version": RECORD_FORMAT_VERSION, "dataset": d.dataset, "training": is_training,
             "source": os.path.abspath(source), "source_size": stat.st_size, "source_mtime_ns": stat.st_mtime_ns,
-            "images": len(tasks), "image_files": _image_files_digest(tasks),
+            "images": len(image_paths), "image_files": _image_files_digest(image_paths),
             "classes": list(d.classes), "max_instance_count": d.max_instance_count,
             "shards": d.mindrecord_shards}
 
 
-def _image_files_digest(tasks: Sequence[ImageTask]) -> str:
-    """SHA-256 over every listed image's absolute path, size and mtime ("-" if missing): a fixed, added
-    or replaced image changes it, without reading the images."""
+def _image_files_digest(image_paths: Sequence[str]) -> str:
+    """SHA-256 over every listed image's path, size and mtime ("-" if missing): a fixed, added or replaced
+    image changes it, without reading the images."""
     digest = hashlib.sha256()
-    for task in tasks:
+    for path in image_paths:
         try:
-            stat = os.stat(task.path)
+            stat = os.stat(path)
             state = f"{stat.st_size} {stat.st_mtime_ns}"
         except OSError:
             state = "-"
-        digest.update(f"{os.path.abspath(task.path)}\t{state}\n".encode("utf-8", "surrogateescape"))
+        digest.update(f"{path}\t{state}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
-def _stale_reason(cfg: Config, is_training: bool, fingerprint: dict) -> Optional[str]:
-    """Why the existing MindRecord cannot be reused, or None if it can."""
-    manifest = load_manifest(cfg, is_training)
+def _up_to_date(cfg: Config, is_training: bool, source: str, manifest: Optional[dict]) -> bool:
+    """Whether the finished conversion still matches, checked from the image list its manifest keeps, so
+    reuse never parses the annotation file (COCO train: hundreds of MB of JSON, on every rank)."""
+    if manifest is None or "image_paths" not in manifest or not os.path.isfile(source):
+        return False
+    if not all(os.path.isfile(f) and os.path.isfile(f + ".db") for f in mindrecord_files(cfg, is_training)):
+        return False
+    return _fingerprint(cfg, is_training, source, manifest["image_paths"]) == manifest.get("fingerprint")
+
+
+def _stale_reason(cfg: Config, is_training: bool, manifest: Optional[dict], fingerprint: dict) -> str:
+    """Why the existing MindRecord is not up to date (after _up_to_date said so)."""
     if manifest is None:
         return "no finished conversion"
     if not all(os.path.isfile(f) and os.path.isfile(f + ".db") for f in mindrecord_files(cfg, is_training)):
@@ -186,7 +196,7 @@ def _stale_reason(cfg: Config, is_training: bool, fingerprint: dict) -> Optional
     old = manifest.get("fingerprint", {})
     changed = sorted({CHANGE_NAMES.get(key, f"setting {key} changed")
                       for key in set(old) | set(fingerprint) if old.get(key) != fingerprint.get(key)})
-    return ", ".join(changed) or None
+    return ", ".join(changed) or "input files changed while being checked"
 
 
 def _remove_stale_partials(directory: str) -> None:
@@ -246,6 +256,11 @@ def data_to_mindrecord(cfg: Config, is_training: bool) -> List[str]:
     split = "train" if is_training else "eval"
     files = mindrecord_files(cfg, is_training)
     _remove_stale_partials(d.mindrecord_dir)
+    manifest = load_manifest(cfg, is_training)
+    if _up_to_date(cfg, is_training, annotation_file(cfg, is_training), manifest):
+        _print_reused(cfg, is_training, manifest)
+        return files
+
     skips = SkipLog()
     if d.dataset == "coco":
         tasks, source = coco_tasks(cfg, is_training, skips)
@@ -253,16 +268,10 @@ def data_to_mindrecord(cfg: Config, is_training: bool) -> List[str]:
         tasks, source = txt_tasks(cfg)
     if not tasks:
         raise DatasetError(f"{source}: no images listed")
-    fingerprint = _fingerprint(cfg, is_training, source, tasks)
-    stale = _stale_reason(cfg, is_training, fingerprint)
-    if stale is None:
-        manifest = load_manifest(cfg, is_training)
-        print(f"MindRecord {split}: reused {manifest['records']} of {manifest['images_listed']} images "
-              f"({os.path.join(d.mindrecord_dir, FILE_PREFIX[is_training])}*, up to date with {source}); "
-              f"{describe_skips(manifest['skipped'])}", flush=True)
-        return files
-
-    print(f"MindRecord {split}: converting {source} ({stale})", flush=True)
+    image_paths = [os.path.abspath(task.path) for task in tasks]
+    fingerprint = _fingerprint(cfg, is_training, source, image_paths)
+    print(f"MindRecord {split}: converting {source} ({_stale_reason(cfg, is_training, manifest, fingerprint)})",
+          flush=True)
     skips.flush()
     os.makedirs(d.mindrecord_dir, exist_ok=True)
     _remove_outputs(cfg, is_training)
@@ -274,7 +283,8 @@ def data_to_mindrecord(cfg: Config, is_training: bool) -> List[str]:
             for suffix in ("", ".db"):
                 os.replace(os.path.join(staging, os.path.basename(path) + suffix), path + suffix)
         manifest = {"fingerprint": fingerprint, "records": num_records, "images_listed": len(tasks),
-                    "skipped": dict(sorted(skips.counts.items())), "files": [os.path.basename(f) for f in files]}
+                    "skipped": dict(sorted(skips.counts.items())), "files": [os.path.basename(f) for f in files],
+                    "image_paths": image_paths}
         _atomic_write_json(manifest_path(cfg, is_training), manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -283,6 +293,13 @@ def data_to_mindrecord(cfg: Config, is_training: bool) -> List[str]:
           f"shards {os.path.join(d.mindrecord_dir, FILE_PREFIX[is_training])}*; {describe_skips(skips.counts)}",
           flush=True)
     return files
+
+
+def _print_reused(cfg: Config, is_training: bool, manifest: dict) -> None:
+    base = os.path.join(cfg.data.mindrecord_dir, FILE_PREFIX[is_training])
+    print(f"MindRecord {'train' if is_training else 'eval'}: reused {manifest['records']} of "
+          f"{manifest['images_listed']} images ({base}*, up to date with {manifest['fingerprint']['source']}); "
+          f"{describe_skips(manifest['skipped'])}", flush=True)
 
 
 def _write_shards(base: str, tasks: List[ImageTask], cfg: Config, is_training: bool,
