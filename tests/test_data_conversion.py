@@ -3,6 +3,8 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
+import time
 
 import cv2
 import numpy as np
@@ -240,6 +242,41 @@ def test_stale_partial_output_of_a_dead_process_is_removed(tmp_path, tiny_mindre
     finally:
         live.kill()
         live.wait()
+
+
+KILLED_CONVERSION = """
+import sys, time
+import src.data.conversion as conversion
+from data_helpers import data_cfg
+
+real = conversion.encode_record
+def slow(task, *args):
+    if task.image_id > 2:
+        time.sleep(600)                  # killed here, mid-conversion
+    return real(task, *args)
+conversion.encode_record = slow
+conversion.data_to_mindrecord(data_cfg(sys.argv[1], sys.argv[2]), True)
+"""
+
+
+def test_conversion_killed_with_sigkill_is_cleaned_up_and_redone(tmp_path, synthetic_coco, capsys):
+    mindrecord_dir = tmp_path / "mr"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.path.dirname(__file__)]), GLOG_v="3")
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CONVERSION, synthetic_coco, str(mindrecord_dir)], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (mindrecord_dir.is_dir() and any(".partial-" in p for p in os.listdir(mindrecord_dir))):
+            assert child.poll() is None and time.monotonic() < deadline, "the conversion never started"
+            time.sleep(0.2)
+    finally:
+        child.kill()
+        child.wait()
+    assert [p for p in os.listdir(mindrecord_dir) if ".partial-" in p]          # what a kill leaves
+    cfg = data_cfg(synthetic_coco, mindrecord_dir)
+    files = data_to_mindrecord(cfg, True)
+    assert os.listdir(mindrecord_dir) and not [p for p in os.listdir(mindrecord_dir) if ".partial-" in p]
+    assert f"process {child.pid} is gone" in capsys.readouterr().out
+    assert len(raw_records(files)) == load_manifest(cfg, True)["records"] == 8
 
 
 # ---------------------------------------------------------------- bad input
