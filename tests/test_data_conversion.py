@@ -1,4 +1,5 @@
 """COCO / TXT -> MindRecord conversion (src/data/annotations.py, src/data/conversion.py)."""
+import fcntl
 import logging
 import os
 import shutil
@@ -226,22 +227,26 @@ def _dead_pid():
 
 
 def test_stale_partial_output_of_a_dead_process_is_removed(tmp_path, tiny_mindrecord):
+    """Folders without a lock file go by the pid in their name; a held lock means alive whatever the pid
+    (another pid namespace or host)."""
     cfg = with_overrides(tiny_mindrecord.cfg, **{"data.mindrecord_dir": str(tmp_path)})
     live = subprocess.Popen(["sleep", "60"])
+    dead_train = tmp_path / f".{FILE_PREFIX[True]}.partial-{_dead_pid()}-k1ll3d"
+    dead_eval = tmp_path / f".{FILE_PREFIX[False]}.partial-{_dead_pid()}-k1ll3d"
+    running = tmp_path / f".{FILE_PREFIX[True]}.partial-{live.pid}-w0rk1n"
+    locked = tmp_path / f".{FILE_PREFIX[True]}.partial-{_dead_pid()}-l0ck3d"
+    for folder in (dead_train, dead_eval, running, locked):
+        folder.mkdir()
+        (folder / FILE_PREFIX[True]).write_bytes(b"half a shard")
     try:
-        dead_train = tmp_path / f".{FILE_PREFIX[True]}.partial-{_dead_pid()}-k1ll3d"
-        dead_eval = tmp_path / f".{FILE_PREFIX[False]}.partial-{_dead_pid()}-k1ll3d"
-        running = tmp_path / f".{FILE_PREFIX[True]}.partial-{live.pid}-w0rk1n"
-        for folder in (dead_train, dead_eval, running):
-            folder.mkdir()
-            (folder / FILE_PREFIX[True]).write_bytes(b"half a shard")
-        data_to_mindrecord(cfg, True)
-        assert not dead_train.exists() and not dead_eval.exists()
-        assert (running / FILE_PREFIX[True]).exists()
-        assert sorted(p for p in os.listdir(tmp_path) if ".partial-" in p) == [running.name]
+        with open(locked / conversion.LOCK_NAME, "w", encoding="utf-8") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data_to_mindrecord(cfg, True)
     finally:
         live.kill()
         live.wait()
+    assert sorted(p for p in os.listdir(tmp_path) if ".partial-" in p) == sorted([running.name, locked.name])
+    assert (running / FILE_PREFIX[True]).exists() and (locked / FILE_PREFIX[True]).exists()
 
 
 KILLED_CONVERSION = """

@@ -1,8 +1,8 @@
 """ImageTasks -> sharded MindRecord (layout in src.data.records), sealed by a manifest.
 
 Conversion is streamed (bounded windows of images handed to a worker pool), written into a hidden
-temporary directory next to the output (named with the writer's pid, so a later run can tell a killed
-conversion's leftovers from a live one), moved into place when complete, and sealed by a manifest written
+temporary directory next to the output (named with the writer's pid and locked while it runs, so a later
+run can tell a killed conversion's leftovers from a live one), moved into place when complete, and sealed by a manifest written
 last: shard files without a matching manifest are never reused. The manifest's fingerprint covers
 everything the records depend on (annotation file, every listed image's size and modification time, the
 settings that change records); any difference rebuilds. Bad input either raises DatasetError before
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -40,7 +42,10 @@ FILE_PREFIX = {True: "MaskRcnn_train.mindrecord", False: "MaskRcnn_eval.mindreco
 MANIFEST_SUFFIX = ".manifest.json"
 MIN_BOX_SIZE = 1.0                           # boxes narrower or lower than this (pixels, after clipping) are skipped
 CONVERT_WINDOW = 32                          # images in flight per conversion worker: bounds memory
-PARTIAL_PATTERN = re.compile(r"^\.MaskRcnn_(train|eval)\.mindrecord\.partial-(\d+)-")   # .<prefix>.partial-<pid>-
+PARTIAL_INFIX = ".partial-"                  # staging folder: .<file prefix>.partial-<pid>-<random>
+PARTIAL_PATTERN = re.compile(r"^\.(?:%s)%s(\d+)-" % ("|".join(map(re.escape, FILE_PREFIX.values())),
+                                                    re.escape(PARTIAL_INFIX)))
+LOCK_NAME = "writer.lock"                    # flock-ed by the converting process for as long as it runs
 # what a changed fingerprint key means to the user, for the "rebuilding" line
 CHANGE_NAMES = {"source": "annotation file changed", "source_size": "annotation file changed",
                 "source_mtime_ns": "annotation file changed", "images": "image files changed",
@@ -177,12 +182,16 @@ def _image_files_digest(image_paths: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
+def _shards_complete(cfg: Config, is_training: bool) -> bool:
+    return all(os.path.isfile(f) and os.path.isfile(f + ".db") for f in mindrecord_files(cfg, is_training))
+
+
 def _up_to_date(cfg: Config, is_training: bool, source: str, manifest: Optional[dict]) -> bool:
     """Whether the finished conversion still matches, checked from the image list its manifest keeps, so
     reuse never parses the annotation file (COCO train: hundreds of MB of JSON, on every rank)."""
     if manifest is None or "image_paths" not in manifest or not os.path.isfile(source):
         return False
-    if not all(os.path.isfile(f) and os.path.isfile(f + ".db") for f in mindrecord_files(cfg, is_training)):
+    if not _shards_complete(cfg, is_training):
         return False
     return _fingerprint(cfg, is_training, source, manifest["image_paths"]) == manifest.get("fingerprint")
 
@@ -191,7 +200,7 @@ def _stale_reason(cfg: Config, is_training: bool, manifest: Optional[dict], fing
     """Why the existing MindRecord is not up to date (after _up_to_date said so)."""
     if manifest is None:
         return "no finished conversion"
-    if not all(os.path.isfile(f) and os.path.isfile(f + ".db") for f in mindrecord_files(cfg, is_training)):
+    if not _shards_complete(cfg, is_training):
         return "shard files missing"
     old = manifest.get("fingerprint", {})
     changed = sorted({CHANGE_NAMES.get(key, f"setting {key} changed")
@@ -199,23 +208,47 @@ def _stale_reason(cfg: Config, is_training: bool, manifest: Optional[dict], fing
     return ", ".join(changed) or "input files changed while being checked"
 
 
+@contextlib.contextmanager
+def _staging_dir(directory: str, prefix: str):
+    """A hidden folder for the shards being written, locked while this process lives, removed at the end."""
+    staging = tempfile.mkdtemp(prefix=f".{prefix}{PARTIAL_INFIX}{os.getpid()}-", dir=directory)
+    lock = open(os.path.join(staging, LOCK_NAME), "w", encoding="utf-8")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        lock.close()
+
+
 def _remove_stale_partials(directory: str) -> None:
-    """Remove the hidden staging folders of conversions whose process is gone (killed mid-conversion)."""
+    """Remove the staging folders of conversions that are no longer running (killed mid-conversion)."""
     if not os.path.isdir(directory):
         return
     for name in sorted(os.listdir(directory)):
         match = PARTIAL_PATTERN.match(name)
-        if match is None:
+        path = os.path.join(directory, name)
+        if match is None or _writer_alive(path, int(match.group(1))):
             continue
-        pid = int(match.group(2))
-        # our own pid can only be a dead process's that had it before us: conversions run one at a time
-        if pid == os.getpid() or not _process_alive(pid):
-            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-            print(f"removed {os.path.join(directory, name)}: partial output of a conversion that did not finish "
-                  f"(process {pid} is gone)", flush=True)
+        shutil.rmtree(path, ignore_errors=True)
+        print(f"removed {path}: partial output of a conversion that did not finish (process {match.group(1)} "
+              f"is gone)", flush=True)
 
 
-def _process_alive(pid: int) -> bool:
+def _writer_alive(staging: str, pid: int) -> bool:
+    """The writer's lock tells, whatever the pid namespace or host; without a lock file (killed before it
+    was made) the pid does, and our own pid is then a dead process's: conversions run one at a time."""
+    try:
+        with open(os.path.join(staging, LOCK_NAME), "r", encoding="utf-8") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            return False
+    except FileNotFoundError:
+        pass
+    if pid == os.getpid():
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -275,8 +308,7 @@ def data_to_mindrecord(cfg: Config, is_training: bool) -> List[str]:
     skips.flush()
     os.makedirs(d.mindrecord_dir, exist_ok=True)
     _remove_outputs(cfg, is_training)
-    staging = tempfile.mkdtemp(prefix=f".{FILE_PREFIX[is_training]}.partial-{os.getpid()}-", dir=d.mindrecord_dir)
-    try:
+    with _staging_dir(d.mindrecord_dir, FILE_PREFIX[is_training]) as staging:
         num_records = _write_shards(os.path.join(staging, FILE_PREFIX[is_training]), tasks, cfg, is_training,
                                     skips, source)
         for path in files:
@@ -286,8 +318,6 @@ def data_to_mindrecord(cfg: Config, is_training: bool) -> List[str]:
                     "skipped": dict(sorted(skips.counts.items())), "files": [os.path.basename(f) for f in files],
                     "image_paths": image_paths}
         _atomic_write_json(manifest_path(cfg, is_training), manifest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
     print(f"MindRecord {split}: converted {num_records} of {len(tasks)} images from {source} into {len(files)} "
           f"shards {os.path.join(d.mindrecord_dir, FILE_PREFIX[is_training])}*; {describe_skips(skips.counts)}",
