@@ -214,7 +214,10 @@ def _staging_dir(directory: str, prefix: str):
     staging = tempfile.mkdtemp(prefix=f".{prefix}{PARTIAL_INFIX}{os.getpid()}-", dir=directory)
     lock = open(os.path.join(staging, LOCK_NAME), "w", encoding="utf-8")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:                      # a filesystem without locks: the pid in the name decides
+            pass
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -236,16 +239,16 @@ def _remove_stale_partials(directory: str) -> None:
 
 
 def _writer_alive(staging: str, pid: int) -> bool:
-    """The writer's lock tells, whatever the pid namespace or host; without a lock file (killed before it
-    was made) the pid does, and our own pid is then a dead process's: conversions run one at a time."""
+    """The writer's lock tells, whatever the pid namespace or host; without a usable lock file (killed before
+    it was made, a filesystem without locks) the pid does, and our own pid is then a dead process's:
+    conversions run one at a time."""
     try:
         with open(os.path.join(staging, LOCK_NAME), "r", encoding="utf-8") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return False
-    except FileNotFoundError:
+    except BlockingIOError:
+        return True
+    except OSError:
         pass
     if pid == os.getpid():
         return False
