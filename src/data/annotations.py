@@ -37,16 +37,14 @@ SKIP_EMPTY_BOX = "zero-area or out-of-image box"
 SKIP_DEGENERATE_MASK = "degenerate polygon or empty mask"
 SKIP_OVER_MAX = "instances beyond max_instance_count"
 CLIPPED_BOX = "box clipped to the image"
-
-
 IMAGE_REASONS = (SKIP_MISSING_IMAGE, SKIP_CORRUPT_IMAGE, SKIP_SIZE_MISMATCH, SKIP_NO_ANNOTATION)
 
 
 class SkipLog:
     """Counts skipped input by reason; keeps the first MAX_LOGGED_PER_REASON messages of each until flush().
 
-    Messages wait for flush() so that parsing an annotation file only to find the MindRecord up to date
-    repeats no warnings.
+    Messages wait for flush(), so that the annotation file's warnings follow the line saying why the
+    conversion runs.
     """
 
     def __init__(self):
