@@ -90,7 +90,8 @@ def coverage_fix(cfg: Config) -> str:
 
 
 def evaluate(cfg: Config, checkpoint_path: str, ann_file: str, output_dir: str) -> Dict[str, dict]:
-    from src.dataset import create_maskrcnn_dataset, data_to_mindrecord
+    from src.data.conversion import data_to_mindrecord
+    from src.data.pipeline import create_maskrcnn_dataset
 
     coco_gt = load_coco(ann_file)
     category_ids = label_to_category_ids(coco_gt.dataset["categories"], cfg.data.classes, ann_file)

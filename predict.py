@@ -96,7 +96,7 @@ def predict(cfg: Config, checkpoint_path: str, source: str, out_dir: str, score_
     Files that cannot be read or decoded are skipped with a message; it is an error only when none could.
     """
     from mindspore import Tensor
-    from src.dataset import EvalTransform
+    from src.data.transforms import EvalTransform
 
     if not 0.0 <= score_thr <= 1.0:
         raise ValueError(f"--score_thr must be in [0, 1], got {score_thr}")

@@ -22,7 +22,7 @@ from src.image_input import read_image_input
 
 def preprocess(cfg: Config, data_path: str, ann_file: str, output_dir: str) -> int:
     """Returns the number of images written."""
-    from src.dataset import EvalTransform
+    from src.data.transforms import EvalTransform
 
     if not os.path.isdir(data_path):
         raise FileNotFoundError(f"image directory '{data_path}' does not exist")

@@ -87,7 +87,7 @@ def path_problem(args, cfg: Config) -> str:
 
 def main(argv: Optional[Sequence[str]] = None, build_model: Optional[Callable] = None) -> int:
     """`build_model(cfg)` replaces MaskRcnnResnet50 (tests pass small models)."""
-    from src.dataset import DatasetError
+    from src.data.records import DatasetError
     from src.network_define import NonFiniteLossError
 
     args, cfg = parse_args(argv)

@@ -7,11 +7,11 @@ import numpy as np
 def read_image_input(path: str, transform):
     """Image file -> (RGB (h, w, 3) uint8, image (1, 3, H, W) float32, image_shape (1, 4) float32).
 
-    `transform` is the eval pipeline's src.dataset.EvalTransform, so predict.py and preprocess.py feed the
+    `transform` is the eval pipeline's src.data.transforms.EvalTransform, so predict.py and preprocess.py feed the
     network exactly what eval.py does. An unreadable, empty or undecodable file is a ValueError or
     FileNotFoundError naming it.
     """
-    from src.dataset import decode_image
+    from src.data.records import decode_image
 
     try:
         with open(path, "rb") as handle:

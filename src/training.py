@@ -65,7 +65,7 @@ def wait_for_all_ranks() -> None:
 
 def prepare_mindrecord(cfg: Config, rank: int, group_size: int):
     """Convert the training set on rank 0 if needed; the other ranks then reuse the finished files."""
-    from src.dataset import data_to_mindrecord
+    from src.data.conversion import data_to_mindrecord
     if rank == 0:
         files = data_to_mindrecord(cfg, is_training=True)
     if group_size > 1:
@@ -188,7 +188,7 @@ def start_state(options: RunOptions, net: nn.Cell, ckpt_dir: str, steps_per_epoc
 
 def train(options: RunOptions, cfg: Config, build_model: Optional[Callable[[Config], nn.Cell]] = None) -> int:
     """Run (or continue) training; `build_model` defaults to MaskRcnnResnet50 (tests pass small models)."""
-    from src.dataset import create_maskrcnn_dataset
+    from src.data.pipeline import create_maskrcnn_dataset
     from src.maskrcnn.mask_rcnn_r50 import LOSS_NAMES, MaskRcnnResnet50, model_summary
     from src.network_define import build_train_step, open_step_monitor
 

@@ -21,7 +21,7 @@ def _val_ann_file(cfg):
 
 
 def _run(cfg, files, detector, batch_size):
-    from src.dataset import create_maskrcnn_dataset
+    from src.data.pipeline import create_maskrcnn_dataset
 
     coco_gt = load_coco(_val_ann_file(cfg))
     category_ids = label_to_category_ids(coco_gt.dataset["categories"], cfg.data.classes)
