@@ -187,7 +187,7 @@ def run_child(stage: str, argv: List[str], capture: Optional[List[str]] = None) 
 def make_dataset(args, cfg) -> None:
     """Synthetic COCO set (reused when made with the same options and generator code) and its train/eval
     MindRecords."""
-    from src.data.conversion import data_to_mindrecord
+    from src.dataset import data_to_mindrecord
     from src.synthetic import generator_fingerprint, make_synthetic_coco
 
     stamp_path = os.path.join(cfg.data.coco_root, SYNTHETIC_STAMP)
@@ -225,7 +225,7 @@ def read_train_summary(out: str) -> dict:
 def train(args, overrides, cfg, started: float, facts: dict) -> str:
     """Train (calibrate, then budget-sized segments; or exactly --steps); returns the final checkpoint path."""
     from src.checkpoint import find_checkpoints
-    from src.data.conversion import load_manifest
+    from src.dataset import load_manifest
 
     steps_per_epoch = load_manifest(cfg, True)["records"] // cfg.train.batch_size
     metrics = os.path.join(args.out, "metrics.jsonl")
