@@ -5,7 +5,7 @@ logit map per class (torchvision's names: mask_fcn1..4, conv5_mask, mask_fcn_log
 normal (fan_out) for the convs and the deconv, N(0, 0.001) for the logits so every mask starts at p ~ 0.5.
 
 Mask targets use the coordinate convention of box_ops (continuous input pixels, pixel (i, j) covers
-[j, j+1) x [i, i+1), no "+1" on widths), the one util.paste_masks inverts at evaluation: target cell
+[j, j+1) x [i, i+1), no "+1" on widths), the one mask_paste.paste_masks inverts at evaluation: target cell
 (u, v) of a RoI (x1, y1, x2, y2) averages 2x2 bilinear samples of its (w/28 x h/28) bin, i.e. the
 aligned RoIAlign of the GT mask at stride 1, thresholded at 0.5 (the op src/ops/mask_targets.py).
 """
