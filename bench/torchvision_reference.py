@@ -90,7 +90,8 @@ def synthetic_state(shapes, seed=SEED):
         elif leaf == "bias":
             value = rng.normal(0.0, 0.1, shape)
             if name.endswith("box_predictor.cls_score.bias"):
-                value[list(COCO_UNUSED_SLOTS)] = UNUSED_SLOT_LOGIT
+                if shape[0] == NUM_SLOTS:
+                    value[list(COCO_UNUSED_SLOTS)] = UNUSED_SLOT_LOGIT
                 value[0] = BACKGROUND_LOGIT
         else:
             value = rng.normal(0.0, _weight_scale(name, shape), shape)
