@@ -42,7 +42,6 @@ CLASSIFIER_MODULES = ("fc", "end_point")
 DROPPED_LEAVES = ("num_batches_tracked",)
 OPTIMIZER_ENTRIES = ("learning_rate", "global_step", "momentum")
 OPTIMIZER_PREFIXES = ("moments.", "accum.", "stat.")
-MAX_NAMES_IN_ERROR = 10
 # training scripts (torchvision's references, ours) wrap the weights in a dict under one of these keys
 STATE_DICT_KEYS = ("state_dict", "model")
 
@@ -76,6 +75,24 @@ COCO_SLOTS = 91                     # background + the 90 category ids of the 20
 FRESH_STATE = {"sample_seed": np.array(0, np.int32)}
 
 
+def grouped_names(names: Sequence[str]) -> List[str]:
+    """Every name, the leaves of one module folded together in first-seen order, so that an error can name
+    each tensor and stay short: ['a.b.weight', 'a.b.bias', 'c'] -> ['a.b.{weight,bias}', 'c']."""
+    leaves: Dict[str, List[str]] = {}
+    for name in names:
+        module, _, leaf = name.rpartition(".")
+        leaves.setdefault(module, []).append(leaf)
+    out = []
+    for module, names_of_module in leaves.items():
+        if not module:
+            out.extend(names_of_module)
+        elif len(names_of_module) == 1:
+            out.append(f"{module}.{names_of_module[0]}")
+        else:
+            out.append(f"{module}.{{{','.join(names_of_module)}}}")
+    return out
+
+
 class ConversionError(ValueError):
     """The source does not hold the expected network; the message names the tensors."""
 
@@ -97,17 +114,16 @@ class ConversionReport:
 
     def problems(self) -> str:
         def listing(names):
-            more = f" ... (+{len(names) - MAX_NAMES_IN_ERROR})" if len(names) > MAX_NAMES_IN_ERROR else ""
-            return ", ".join(names[:MAX_NAMES_IN_ERROR]) + more
+            return ", ".join(names)
         where = "backbone" if self.kind == KIND_BACKBONE else "model"
         parts = []
         if self.missing:
-            parts.append(f"missing {len(self.missing)}: {listing(self.missing)}")
+            parts.append(f"missing {len(self.missing)}: {listing(grouped_names(self.missing))}")
         if self.mismatched:
             parts.append(f"shape mismatch {len(self.mismatched)}: " + listing(
                 [f"{name} {src} in source vs {dst} in {where}" for name, src, dst in self.mismatched]))
         if self.unexpected:
-            parts.append(f"unexpected {len(self.unexpected)}: {listing(self.unexpected)}")
+            parts.append(f"unexpected {len(self.unexpected)}: {listing(grouped_names(self.unexpected))}")
         if any(name.rsplit(".", 1)[0] in CLASS_ROWS for name, _, _ in self.mismatched):
             parts.append(f"class layers need one slot per class of data.classes ({self.class_mapping}), or "
                          f"torchvision's {COCO_SLOTS} COCO slots with the COCO classes (configs/coco.yaml)")

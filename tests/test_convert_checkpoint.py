@@ -17,7 +17,7 @@ from bench.torchvision_reference import COCO_UNUSED_SLOTS, synthetic_state
 from src.checkpoint import load_model_weights, load_pretrained, read_checkpoint, write_checkpoint_atomic
 from src.config import load_config
 from src.convert_checkpoint import (BACKBONE_PREFIX, COCO_CATEGORY_IDS, ConversionError, backbone_shapes,
-                                    convert_checkpoint, main, read_source)
+                                    convert_checkpoint, grouped_names, main, read_source)
 from src.maskrcnn.mask_rcnn_r50 import MaskRcnnResnet50
 from src.maskrcnn.resnet50 import ResNet50
 
@@ -267,6 +267,28 @@ def test_detector_problems_are_named_and_nothing_is_written(tmp_path):
     assert "unexpected 1: roi_heads.keypoint_head.0.0.weight" in message
     assert "91 slots in source, 5 classes in data.classes" in message
     assert not out.exists()
+
+
+def test_every_problem_tensor_is_named_leaves_folded_per_module(tmp_path):
+    """A Keypoint R-CNN's extra head and a Faster R-CNN's missing mask branch: more than a screenful of names,
+    each one in the error, the leaves of one module written once."""
+    cfg = load_config("tiny")
+    source = synthetic_state(torchvision_shapes(num_slots=cfg.num_classes))
+    for name in [n for n in source if n.startswith("roi_heads.mask_")]:
+        del source[name]
+    extra = {f"roi_heads.keypoint_head.{i}.0.{leaf}": np.zeros(1, np.float32) for i in range(8)
+             for leaf in ("weight", "bias")}
+    source.update(extra)
+    src, out = str(tmp_path / "keypoint.npz"), tmp_path / "maskrcnn.ckpt"
+    np.savez(src, **source)
+    with pytest.raises(ConversionError) as info:
+        convert_checkpoint(src, str(out), cfg)
+    message = str(info.value)
+    assert "missing 12: rcnn_mask.mask_fcn1.{weight,bias}, rcnn_mask.mask_fcn2.{weight,bias}" in message
+    assert "rcnn_mask.conv5_mask.{weight,bias}, rcnn_mask.mask_fcn_logits.{weight,bias}" in message
+    assert "unexpected 16: " + ", ".join(f"roi_heads.keypoint_head.{i}.0.{{weight,bias}}" for i in range(8)) in message
+    assert "\n" not in message and not out.exists()
+    assert grouped_names(["a.b.weight", "c", "a.b.bias", "d.e"]) == ["a.b.{weight,bias}", "c", "d.e"]
 
 
 # ---------------------------------------------------------------- the converted weights compute torchvision's tensors
