@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from src.config import Config, config_from_args
+from src.config import Config, config_from_args, resolved_paths
 from src.util import (build_inference_net, check_image_coverage, detections_from_outputs, detections_to_coco,
                       label_to_category_ids, load_coco, run_script, score_and_save, setup_context)
 
@@ -107,6 +107,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ann_file", required=True, help="COCO instances JSON of the eval images")
     parser.add_argument("--output_dir", default="eval", help="where detections.json and eval_metrics.json go")
     args, cfg = config_from_args(parser, argv)
+    print(resolved_paths(cfg), flush=True)
     evaluate(cfg, args.checkpoint_path, args.ann_file, args.output_dir)
 
 

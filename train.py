@@ -24,7 +24,8 @@ from mindspore import Tensor, nn
 
 from src.checkpoint import (CheckpointError, CheckpointManager, TrainingState, find_checkpoints,
                             format_load_report, load_pretrained, load_resume_point)
-from src.config import Config, ConfigError, config_from_args, set_value, validate
+from src.config import Config, ConfigError, config_from_args, resolved_paths, set_value, validate
+from src.device import AUTO, set_device
 from src.lr_schedule import dynamic_lr
 
 COMM_BACKENDS = {"Ascend": "hccl", "GPU": "nccl", "CPU": "mccl"}
@@ -44,7 +45,8 @@ def _flag(value: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device_target", choices=sorted(COMM_BACKENDS), help="sets train.device_target")
+    parser.add_argument("--device_target", choices=[AUTO, *sorted(COMM_BACKENDS)],
+                        help="sets train.device_target (auto: Ascend, then GPU, then CPU)")
     parser.add_argument("--dataset", choices=("coco", "other"), help="sets data.dataset")
     parser.add_argument("--mindrecord_dir", help="sets data.mindrecord_dir (converted on first use)")
     parser.add_argument("--coco_root", help="sets data.coco_root")
@@ -91,12 +93,8 @@ def init_devices(cfg: Config, distributed: bool):
 
     Returns (rank, group_size).
     """
-    ms.set_context(mode=ms.GRAPH_MODE)
     device_id = os.getenv("DEVICE_ID")
-    if device_id is not None:
-        ms.set_device(cfg.train.device_target, int(device_id))
-    elif ms.get_context("device_target") != cfg.train.device_target:   # set_device fails once kernels ran
-        ms.set_device(cfg.train.device_target)
+    cfg.train.device_target = set_device(cfg.train.device_target, None if device_id is None else int(device_id))
     if not distributed:
         return 0, 1
     from mindspore.communication import get_group_size, get_rank, init
@@ -299,6 +297,7 @@ def main(argv: Optional[Sequence[str]] = None,
     from src.network_define import NonFiniteLossError
 
     args, cfg = parse_args(argv)
+    print(resolved_paths(cfg), flush=True)
     os.makedirs(args.output_dir, exist_ok=True)
     try:
         return train(args, cfg, build_model)

@@ -22,6 +22,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+if not __package__:                 # run as a file: python src/convert_checkpoint.py
+    import _file_run  # noqa: F401
+
 from src.config import Config, config_from_args, load_config
 
 BACKBONE_PREFIX = "backbone."
