@@ -296,6 +296,8 @@ def main(argv: Optional[Sequence[str]] = None,
     from src.dataset import DatasetError
     from src.network_define import NonFiniteLossError
 
+    if os.getenv("MS_ROLE") == "MS_SCHED" and os.getenv("MSRUN_NODE_RANK", "0") != "0":
+        return 0    # msrun starts a scheduler wherever master_addr is local; the job's is node 0's
     args, cfg = parse_args(argv)
     print(resolved_paths(cfg), flush=True)
     os.makedirs(args.output_dir, exist_ok=True)

@@ -674,4 +674,5 @@ def recipe_yaml() -> str:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description="Print the recipe defaults as YAML (configs/coco.yaml).").parse_args()
     print(recipe_yaml(), end="")
