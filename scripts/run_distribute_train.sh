@@ -24,8 +24,9 @@ usage() {
          "[PRETRAINED_CKPT|none] [-- extra train.py arguments]" >&2
     exit 2
 }
-positive() {    # name value minimum
-    [[ "$2" =~ ^[0-9]+$ ]] && [ "$2" -ge "$3" ] || { echo "error: $1 needs an integer >= $3, got '$2'" >&2; usage; }
+integer() {    # name value minimum(0|1)
+    [[ "$2" =~ ^[0-9]+$ ]] && [ "$2" -ge "$3" ] && return
+    echo "error: $1 needs a $( [ "$3" = 0 ] && echo non-negative || echo positive ) integer, got '$2'" >&2; usage
 }
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -39,11 +40,11 @@ if [ "$1" = "--workers" ]; then
             --workers|--nodes|--node_rank|--master_addr|--master_port)
                 [ $# -ge 2 ] || usage
                 case "$1" in
-                    --workers) workers="$2"; positive --workers "$2" 1 ;;
-                    --nodes) nodes="$2"; positive --nodes "$2" 1 ;;
-                    --node_rank) node_rank="$2"; positive --node_rank "$2" 0 ;;
+                    --workers) workers="$2"; integer --workers "$2" 1 ;;
+                    --nodes) nodes="$2"; integer --nodes "$2" 1 ;;
+                    --node_rank) node_rank="$2"; integer --node_rank "$2" 0 ;;
                     --master_addr) master_addr="$2" ;;
-                    --master_port) master_port="$2"; positive --master_port "$2" 1 ;;
+                    --master_port) master_port="$2"; integer --master_port "$2" 1 ;;
                 esac
                 shift 2 ;;
             *) break ;;

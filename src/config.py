@@ -475,13 +475,13 @@ def _seed_notice(name: str, target: str) -> None:
 
 def _parse_seed_value(value):
     """A command-line seed value in the seed's Python notation: '(28, 28)', "dict(type='RoIAlign', ...)"."""
-    if not isinstance(value, str):
-        return value
-    text = value.strip()
+    text = value.strip() if isinstance(value, str) else ""
     if text.startswith("dict(") and text.endswith(")"):
         text = "{" + re.sub(r"(\w+)\s*=", r"\1: ", text[5:-1]) + "}"
     elif text.startswith("(") and text.endswith(")"):
         text = "[" + text[1:-1] + "]"
+    else:
+        return value
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -493,12 +493,12 @@ def _seed_assignments(cfg: Config, name: str, value) -> Optional[List[Tuple[str,
     for a derived name or a value this implementation cannot take."""
     if name in SEED_KEYS:
         _seed_notice(name, SEED_KEYS[name])
-        return [(SEED_KEYS[name], value)]
+        return [(SEED_KEYS[name], _parse_seed_value(value))]
     if name in SEED_DERIVED:
         raise ConfigError(f"config key '{name}' (ModelZoo) is derived, not set: it is {SEED_DERIVED[name]}")
     if name in SEED_FIXED:
         fixed, why = SEED_FIXED[name]
-        parsed = _parse_seed_value(value)
+        parsed = yaml.safe_load(value) if isinstance(value, str) else value
         if not (parsed == fixed and (isinstance(fixed, float) or type(parsed) is type(fixed))):
             raise ConfigError(f"config key '{name}' (ModelZoo) can only be {fixed!r} here ({why}), got {value!r}")
         print(f"config: ModelZoo key '{name}' = {fixed!r} is this implementation's only setting ({why})",

@@ -34,7 +34,7 @@ def choose_device(requested: str = AUTO, probe: Callable[[str], bool] = is_avail
 
 
 def describe(requested: str, chosen: str) -> str:
-    how = "auto: best available of Ascend, GPU, CPU" if requested == AUTO else "forced by --device_target"
+    how = "auto: best available of Ascend, GPU, CPU" if requested == AUTO else "as requested by device_target"
     return f"device: {chosen} ({how})"
 
 

@@ -82,10 +82,12 @@ def test_scripts_run_under_dash_in_every_documented_form(script, form, checkout)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--workers", "0"], "--workers needs an integer >= 1, got '0'"),
+    (["--workers", "0"], "--workers needs a positive integer, got '0'"),
     (["--workers", "1", "--nodes", "2"], "--nodes 2 needs --master_addr"),
     (["--workers", "1", "--nodes", "2", "--node_rank", "2", "--master_addr", "h"], "--node_rank must be below"),
-    (["--workers", "1", "--master_port", "x"], "--master_port needs an integer >= 1, got 'x'"),
+    (["--workers", "1", "--nodes", "2", "--node_rank", "-1", "--master_addr", "h"],
+     "--node_rank needs a non-negative integer, got '-1'"),
+    (["--workers", "1", "--master_port", "x"], "--master_port needs a positive integer, got 'x'"),
     (["no_table.json"], "RANK_TABLE_FILE 'no_table.json' does not exist"),
 ])
 def test_distribute_script_checks_the_multi_node_options(args, message, checkout):
