@@ -188,3 +188,43 @@ def test_standalone_script_trains_under_dash_from_scripts_dir(checkout, tiny_min
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert len((out / "loss_0.log").read_text().splitlines()) == 1
     assert "device: CPU (auto" in (out / "log").read_text()
+
+
+@pytest.mark.slow
+def test_msrun_on_two_hosts_trains_as_two_workers_on_one(checkout, tiny_mindrecord, tmp_path):
+    """Two "hosts" on the loopback (two msrun launches of one worker each, --nodes 2) give the losses of
+    one launch of two workers: same ranks, same shards, same all-reduced gradients."""
+    extra = ["--", *config_cli_args(tiny_mindrecord.cfg), "--max_steps", "2", "--save_checkpoint", "false"]
+    env = dict(os.environ, GLOG_v="3", DEVICE_TARGET="CPU")
+    one_host = tmp_path / "one_host"
+    one_host.mkdir()
+    single = subprocess.run(["bash", os.path.join(checkout, "scripts", "run_distribute_train.sh"), "--workers", "2",
+                             "--master_port", str(_free_port()), "none", *extra],
+                            cwd=one_host, env=env, capture_output=True, text=True, timeout=1500)
+    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
+
+    port = str(_free_port())
+    launches = []
+    for node in (0, 1):
+        host = tmp_path / f"host{node}"
+        host.mkdir()
+        launches.append(subprocess.Popen(
+            [dash(), os.path.join(checkout, "scripts", "run_distribute_train.sh"), "--workers", "1", "--nodes", "2",
+             "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port, "none", *extra],
+            cwd=host, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [launch.communicate(timeout=1500)[0] for launch in launches]
+    assert [launch.returncode for launch in launches] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+
+    for rank in (0, 1):
+        together = (one_host / "train_parallel" / f"loss_{rank}.log").read_text()
+        apart = (tmp_path / f"host{rank}" / "train_parallel" / f"loss_{rank}.log").read_text()
+        assert len(together.splitlines()) == 2 and apart == together
+        assert json.loads((tmp_path / f"host{rank}" / "train_parallel" / f"train_summary_{rank}.json")
+                          .read_text())["group_size"] == 2
+
+
+def _free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
