@@ -3,6 +3,9 @@
 The dataclass defaults are the ModelZoo Mask R-CNN recipe (COCO 2017, 1280x768, batch 2, 12 epochs).
 YAML presets in ``configs/`` override a subset of keys; command-line ``--key value`` pairs override
 those. Every value is checked once, here, so that a bad value fails before any data is touched.
+The ModelZoo seed's key names are accepted too, mapped onto ours (SEED_KEYS and the tables after it).
+Relative data paths become absolute when read: config-file values against ROOT, command-line ones against
+the current directory.
 """
 from __future__ import annotations
 
