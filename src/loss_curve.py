@@ -19,7 +19,7 @@ import numpy as np
 if not __package__:                 # run as a file: python src/loss_curve.py
     import _file_run  # noqa: F401
 
-from src.util import write_bytes_atomic
+from src import atomic_io
 
 LR_KEY = "lr"
 STEP_KEY = "global_step"
@@ -92,7 +92,7 @@ def plot_loss_curve(metrics_path: str, png_path: str, loss_names: Sequence[str],
     figure.tight_layout()
     buffer = _png_bytes(figure)
     plt.close(figure)
-    write_bytes_atomic(png_path, buffer)
+    atomic_io.write_bytes(png_path, buffer)
     return png_path
 
 
