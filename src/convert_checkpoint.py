@@ -31,6 +31,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+if not __package__:                 # run as a file: python src/convert_checkpoint.py
+    import _file_run  # noqa: F401
+
 from src.config import COCO_CLASSES, Config, config_from_args, load_config
 
 BACKBONE_PREFIX = "backbone."
