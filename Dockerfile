@@ -4,10 +4,11 @@
 ARG FROM_IMAGE_NAME=python:3.11-slim
 FROM ${FROM_IMAGE_NAME}
 
-# g++ builds src/cpu_kernels.cpp (our CPU convolution and RoIAlign kernels) on first use; without it, CPU runs
-# fall back to MindSpore's slower operators.
+# g++ and oneDNN's headers (requirements-kernels.txt) build our CPU kernels (src/ops/kernels/) when the mounted
+# repository runs `python -m src.ops.build`; without them, CPU runs fall back to MindSpore's slower operators.
 RUN if command -v apt-get >/dev/null && ! command -v g++ >/dev/null; then \
         apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*; fi
-COPY requirements.txt /tmp/maskrcnn/requirements.txt
-RUN python3 -m pip install --no-cache-dir -r /tmp/maskrcnn/requirements.txt && rm -rf /tmp/maskrcnn
+COPY requirements.txt requirements-kernels.txt /tmp/maskrcnn/
+RUN python3 -m pip install --no-cache-dir -r /tmp/maskrcnn/requirements.txt \
+    && python3 -m pip install --no-cache-dir --no-deps -r /tmp/maskrcnn/requirements-kernels.txt && rm -rf /tmp/maskrcnn
 WORKDIR /workspace

@@ -17,10 +17,11 @@ from typing import Tuple
 
 import numpy as np
 
-from src import atomic_io, cpu_kernels
+from src import atomic_io
 from src.cli import check_output_dirs, run_script
 from src.config import Config, config_from_args
 from src.inference import build_inference_net, setup_context
+from src.ops import backend
 
 FORMAT_SUFFIX = {"MINDIR": ".mindir", "AIR": ".air", "ONNX": ".onnx"}
 EXPORT_BATCH = 1
@@ -70,7 +71,7 @@ def export_model(cfg: Config, ckpt_file: str, file_format: str, file_name: str, 
     check_output_dirs({"the directory of --file_name": directory})
     os.makedirs(directory, exist_ok=True)
 
-    with cpu_kernels.mindspore_kernels():      # exported graphs hold standard operators only
+    with backend.use_mindspore_kernels():      # exported graphs hold standard operators only
         net = build_inference_net(cfg, ckpt_file)
     inputs = [ms.Tensor(array) for array in export_inputs(cfg)]
     try:

@@ -1,9 +1,10 @@
-"""Convolution speed on this CPU: MindSpore's own Conv2D (oneDNN capped at AVX2) against src/cpu_kernels's kernels.
+"""Convolution speed on this CPU: MindSpore's own Conv2D (oneDNN capped at AVX2) against ours (src/ops/conv.py).
 
     python bench/bench_conv.py [--repeats 5]
 
 The layers are the model's heaviest convolution shapes at 384x640, batch 2. Each backend runs in its own process
-(oneDNN's ISA cap is per process): "mindspore" with MASKRCNN_CPU_KERNELS=mindspore, "cpu_kernels" with the defaults.
+(oneDNN's ISA cap is per process): "mindspore" with MASKRCNN_CPU_KERNELS=mindspore, "ours" with the defaults
+(the kernels built by `python -m src.ops.build`).
 Prints ms per call (median) for the forward pass and for the gradients (input and weights; MindSpore
 does not run the forward pass for them, a convolution being linear).
 """
@@ -29,7 +30,7 @@ LAYERS = {
     "mask head 3x3 256->256, 96 RoIs": ((96, 256, 14, 14), 256, 3, 1, False),
     "mask head deconv 2x2 256->256, 96 RoIs": ((96, 256, 14, 14), 256, 2, 2, True),
 }
-BACKENDS = ("mindspore", "cpu_kernels")
+BACKENDS = ("mindspore", "ours")
 
 
 def _median_ms(run, repeats):
@@ -47,9 +48,11 @@ def measure(repeats):
     import mindspore as ms
     from mindspore import nn, ops
 
-    from src import cpu_kernels
+    from src.ops import backend, conv
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device("CPU")
+    if not backend.switched_off() and not backend.enabled():
+        sys.exit("the CPU kernels are not built: run python -m src.ops.build")
 
     class Gradients(nn.Cell):
         def __init__(self, layer):
@@ -64,10 +67,9 @@ def measure(repeats):
     results = {}
     for name, (shape, out_channels, kernel, stride, transposed) in LAYERS.items():
         if transposed:
-            layer = cpu_kernels.Conv2dTranspose(shape[1], out_channels, kernel, stride=stride, pad_mode="valid")
+            layer = conv.Conv2dTranspose(shape[1], out_channels, kernel, stride=stride, pad_mode="valid")
         else:
-            layer = cpu_kernels.Conv2d(shape[1], out_channels, kernel, stride=stride, pad_mode="pad",
-                                    padding=kernel // 2)
+            layer = conv.Conv2d(shape[1], out_channels, kernel, stride=stride, pad_mode="pad", padding=kernel // 2)
         x = ms.Tensor(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
         gradients = Gradients(layer)
         forward = _median_ms(lambda: layer(x).asnumpy(), repeats)
@@ -89,18 +91,18 @@ def main():
         env = dict(os.environ)
         env.pop("ONEDNN_MAX_CPU_ISA", None)
         if backend == "mindspore":
-            env["MASKRCNN_CPU_KERNELS"] = "mindspore"
+            env["MASKRCNN_CPU_KERNELS"] = "mindspore"      # src/ops/backend.py ENV_SWITCH
         else:
             env.pop("MASKRCNN_CPU_KERNELS", None)
         out = subprocess.run([sys.executable, __file__, "--backend", backend, "--repeats", str(args.repeats)],
                              env=env, check=True, capture_output=True, text=True).stdout
         results[backend] = json.loads(out.strip().splitlines()[-1])
     print(f"load {os.getloadavg()[0]:.1f}; ms per call, median of {args.repeats}")
-    print("| layer (batch 2 at 384x640) | forward: MindSpore | forward: cpu_kernels | gradients: MindSpore "
-          "| gradients: cpu_kernels | ratio (gradients) |")
+    print("| layer (batch 2 at 384x640) | forward: MindSpore | forward: ours | gradients: MindSpore "
+          "| gradients: ours | ratio (gradients) |")
     print("|---|---|---|---|---|---|")
     for name in LAYERS:
-        (fm, gm), (fc, gc) = results["mindspore"][name], results["cpu_kernels"][name]
+        (fm, gm), (fc, gc) = results["mindspore"][name], results["ours"][name]
         print(f"| {name} | {fm:,.1f} | {fc:,.1f} | {gm:,.1f} | {gc:,.1f} | {gc / gm:.2f} |")
 
 

@@ -69,7 +69,7 @@ def main(argv=None) -> None:
     inputs = os.path.join(work, "preprocess_result")
     preprocess(cfg, os.path.join(root, cfg.data.val_data_type), ann_file, inputs)
     # Its own process, as scripts/run_infer_310.sh runs it: the exported graph holds MindSpore's Conv2D, which
-    # needs oneDNN capped at AVX2 before the process's first oneDNN call (src/cpu_kernels.py).
+    # needs oneDNN capped at AVX2 before the process's first oneDNN call (src/ops/backend.py).
     config_file = os.path.join(work, "config.yaml")
     with open(config_file, "w", encoding="utf-8") as handle:
         yaml.safe_dump(cfg.to_dict(), handle)

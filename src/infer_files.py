@@ -27,10 +27,10 @@ import numpy as np
 if not __package__:                 # run as a file: python src/infer_files.py
     import _file_run  # noqa: F401
 
-from src import cpu_kernels
 from src.config import Config, config_from_args
 from src import atomic_io
 from src.inference import setup_context
+from src.ops import backend
 
 IMAGE_DIR = "image"
 IMAGE_SHAPE_DIR = "image_shape"
@@ -162,7 +162,7 @@ def main(argv=None) -> None:
     args, cfg = config_from_args(parser, argv)
     # The exported graph holds MindSpore's own Conv2D. Set here, not in run_mindir: the cap is per process, and
     # in a caller's process it would leak into the environment of the processes it starts.
-    cpu_kernels.cap_isa_for_mindspore_kernels()
+    backend.cap_isa_for_mindspore_kernels()
     setup_context("CPU")
     count, seconds = run_mindir(args.mindir_path, args.input_dir, args.result_dir, cfg)
     print(f"inferred {count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):.2f} images/s)")

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from mindspore import nn
 
-from src import cpu_kernels
 from src.config import load_config
 from src.maskrcnn.anchor_generator import generate_anchors
 from src.maskrcnn.bbox_assign_sample import (RPN_STREAM, RCNN_STREAM, BboxAssignSample, FixedCountSampler,
                                              MaxIoUAssigner, random_keys, rpn_num_pos)
 from src.maskrcnn.bbox_assign_sample_stage2 import BboxAssignSampleForRcnn
+from src.ops import backend
 from references import np_iou
 
 SEED = 1234
@@ -159,7 +159,7 @@ IMPLEMENTATIONS = ["cpu_kernel", "mindspore_ops"]     # the C++ assigner and the
 class AssignerNet(nn.Cell):
     def __init__(self, num_gts, implementation, pos_thr=0.7, neg_thr=0.3, min_pos=0.3):
         super().__init__()
-        with cpu_kernels.mindspore_kernels() if implementation == "mindspore_ops" else contextlib.nullcontext():
+        with backend.use_mindspore_kernels() if implementation == "mindspore_ops" else contextlib.nullcontext():
             self.assigner = MaxIoUAssigner(pos_thr, neg_thr, min_pos, num_gts)
         assert (self.assigner.kernel is not None) == (implementation == "cpu_kernel")
 

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
-from src import cpu_kernels
 from src.config import load_config
 from src.maskrcnn.fpn_neck import FeatPyramidNeck
+from src.ops.layout import Layout, ToBlocked
 from references import analytic_fpn_count
 
 
@@ -96,7 +96,7 @@ class _BlockedInputs(nn.Cell):
     def __init__(self, neck):
         super().__init__()
         self.neck = neck
-        self.to_blocked = cpu_kernels.to_blocked()
+        self.to_blocked = ToBlocked()
 
     def construct(self, feats):
         return self.neck((self.to_blocked(feats[0]), self.to_blocked(feats[1]), self.to_blocked(feats[2]),
@@ -108,7 +108,8 @@ def test_blocked_inputs_give_the_same_pyramid(narrow, neck_run):
     neck = FeatPyramidNeck(narrow)
     for mine, theirs in zip(neck.get_parameters(), plain_neck.get_parameters()):
         mine.set_data(Tensor(theirs.asnumpy()))
-    neck.blocked_inputs = True
+    for conv in neck.lateral_convs:
+        conv.hold(input_layout=Layout.BLOCKED)
     blocked_outs = _BlockedInputs(neck)(tuple(Tensor(f) for f in feats))
     for mine, theirs in zip(blocked_outs, outs):
         np.testing.assert_allclose(mine.asnumpy(), theirs, rtol=1e-5, atol=1e-5)

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
-from src import cpu_kernels
 from src.config import load_config
 from src.maskrcnn.fpn_neck import FeatPyramidNeck
 from src.maskrcnn.rcnn_cls import RcnnCls
 from src.maskrcnn.rcnn_mask import RcnnMask
 from src.maskrcnn.resnet50 import ResNet50
 from src.maskrcnn.rpn import RPN
+from src.ops import backend
 from references import (analytic_fpn_count, analytic_resnet_count, analytic_rpn_count, learnable_count,
                         numpy_bce_with_logits, numpy_smooth_l1)
 
@@ -168,11 +168,11 @@ def test_mask_head_output_shape(tiny, mask_head):
 def target_net(request, mask_head):
     """Mask targets from the C++ kernel (CPU) and from the RoIAlign table version (other devices)."""
     if request.param == "cpu_kernel":
-        assert mask_head.target_kernel is not None
+        assert mask_head.targets.uses_kernel
         return HeadMethod(mask_head, "mask_targets")
-    with cpu_kernels.mindspore_kernels():
+    with backend.use_mindspore_kernels():
         head = RcnnMask(load_config("tiny", {"rcnn.rcnn_mask_out_channels": 32}))
-    assert head.target_kernel is None
+    assert not head.targets.uses_kernel
     return HeadMethod(head, "mask_targets")
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
-from src import cpu_kernels
 from src.config import load_config
 from src.maskrcnn.resnet50 import ResNet50, _norm
+from src.ops import backend
 from references import MOVING_STATS, analytic_resnet_count, learnable_count
 
 RESNET50_PARAMS_WITHOUT_FC = 25_557_032 - (2048 * 1000 + 1000)     # torchvision resnet50 minus its fc
@@ -214,7 +214,7 @@ def test_frozen_batch_norms_folded_into_the_kernels_give_the_same_features_and_g
     """On our CPU kernels a frozen BatchNorm (and the ReLU after it) runs inside its convolution; MindSpore's
     BatchNorm and ReLU operators must give the same features and gradients."""
     folded = ResNet50(tiny)
-    with cpu_kernels.mindspore_kernels():
+    with backend.use_mindspore_kernels():
         separate = ResNet50(tiny)
     assert folded.fold_stem and folded.layer2[0].fold and not separate.layer2[0].fold
     rng = np.random.default_rng(0)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from mindspore import nn
 
-from src import cpu_kernels
 from src.config import load_config
-from src.maskrcnn.roi_align import MultiLevelRoIAlign, SingleLevelRoIAlign, roi_levels
+from src.maskrcnn.roi_align import MultiLevelRoIAlign, roi_levels
+from src.ops import backend
+from src.ops.roi_align import SingleLevelRoIAlign
 
 CHANNELS = 3
 BATCH = 2
@@ -191,7 +192,7 @@ class PoolWeighted(nn.Cell):
 
 @pytest.mark.parametrize("out_attr", ["roi_out_size", "mask_out_size"])
 def test_cpu_kernel_matches_the_table_implementation(cfg, out_attr):
-    """The CPU kernel (src/cpu_kernels.cpp) and the gather-table version agree on values and map gradients, on RoIs
+    """The CPU kernel (src/ops/kernels/roi_align.cpp) and the gather-table version agree on values and map gradients, on RoIs
     of every level, narrow ones and ones partly outside the image."""
     out = getattr(cfg.roi, out_attr)
     rng = np.random.default_rng(11)
@@ -201,9 +202,9 @@ def test_cpu_kernel_matches_the_table_implementation(cfg, out_attr):
                            np.array([[0, 10, 10, 10.5, 40], [1, -30, -20, 60, 50], [1, width - 20, 5, width + 40, 30]],
                                     np.float32)])
     kernel_pool = MultiLevelRoIAlign(cfg, out)
-    with cpu_kernels.mindspore_kernels():
+    with backend.use_mindspore_kernels():
         table_pool = MultiLevelRoIAlign(cfg, out)
-    assert kernel_pool.kernel is not None and table_pool.kernel is None
+    assert kernel_pool.align.uses_kernel and not table_pool.align.uses_kernel
     got = PoolNet(cfg, out)
     got.pool = kernel_pool
     want = PoolNet(cfg, out)

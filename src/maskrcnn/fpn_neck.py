@@ -1,17 +1,17 @@
 """Feature pyramid neck: backbone C2..C5 -> P2..P6, all with fpn_out_channels channels.
 
 Lateral 1x1 convs bring every level to the same width; the top-down path adds each coarser merged map,
-upsampled by nearest neighbour to the static size of the finer level (cfg.feature_shapes), so graph mode
-sees fixed shapes; a 3x3 conv then smooths each merged map. P6, used only for anchors and proposals, is
+upsampled by nearest neighbour to the static size of the finer level (cfg.feature_shapes: graph mode
+sees fixed shapes); a 3x3 conv then smooths each merged map. P6, used only for anchors and proposals, is
 P5 subsampled by a stride-2 max-pool of kernel 1. Parameter names: ``lateral_convs.{i}.*`` and
 ``fpn_convs.{i}.*`` for C(i+2) / P(i+2).
 """
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import nn
 from mindspore.common.initializer import XavierUniform, initializer
 
-from src import cpu_kernels
-from src.cpu_kernels import Conv2d
+from src.ops.conv import Conv2d
+from src.ops.upsample_add import UpsampleAdd
 
 P6_STRIDE = 2
 
@@ -36,25 +36,14 @@ class FeatPyramidNeck(nn.Cell):
         self.lateral_convs = nn.CellList([_xavier_conv(c, out_channels, 1) for c in in_channels])
         self.fpn_convs = nn.CellList([_xavier_conv(out_channels, out_channels, 3) for _ in in_channels])
         self.num_inputs = len(in_channels)
-        self.level_sizes = tuple(tuple(size) for size in cfg.feature_shapes[:self.num_inputs])
         self.p6_pool = nn.MaxPool2d(kernel_size=1, stride=P6_STRIDE)
-        self.upsample_add = cpu_kernels.upsample_add_kernel()      # on CPU: one pass, no resize operator
-        self.blocked_inputs = False     # set by the owner: the c's are held blocked (cpu_kernels.Conv2d)
-
-    def _merge(self, coarse, lateral, size):
-        """lateral + the nearest upsampling of the coarser merged map to the lateral's size."""
-        if self.upsample_add is not None:
-            return self.upsample_add(coarse, lateral)
-        return lateral + ops.interpolate(coarse, size=size, mode="nearest")
+        self.upsample_add = UpsampleAdd()            # lateral + nearest upsampling of the coarser map to its size
 
     def construct(self, feats):
-        if self.blocked_inputs:
-            laterals = [self.lateral_convs[i].from_blocked(feats[i]) for i in range(self.num_inputs)]
-        else:
-            laterals = [self.lateral_convs[i](feats[i]) for i in range(self.num_inputs)]
+        laterals = [self.lateral_convs[i](feats[i]) for i in range(self.num_inputs)]
         merged = [laterals[self.num_inputs - 1]]                 # coarsest first while going down
         for i in range(self.num_inputs - 2, -1, -1):
-            merged.append(self._merge(merged[-1], laterals[i], self.level_sizes[i]))     # (B, out, h_i, w_i)
+            merged.append(self.upsample_add(merged[-1], laterals[i]))                    # (B, out, h_i, w_i)
         outs = [self.fpn_convs[i](merged[self.num_inputs - 1 - i]) for i in range(self.num_inputs)]
         p6 = self.p6_pool(outs[-1])                              # (B, out, ceil(h5 / 2), ceil(w5 / 2))
         return tuple(outs) + (p6,)

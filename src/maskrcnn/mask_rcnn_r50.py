@@ -20,6 +20,7 @@ from src.maskrcnn.rcnn_mask import RcnnMask
 from src.maskrcnn.resnet50 import ResNet50
 from src.maskrcnn.roi_align import MultiLevelRoIAlign
 from src.maskrcnn.rpn import RPN
+from src.ops import layout
 
 LOSS_NAMES = ("rpn_loss", "rcnn_loss", "rpn_cls_loss", "rpn_reg_loss", "rcnn_cls_loss", "rcnn_reg_loss",
               "rcnn_mask_loss", "total_loss")
@@ -108,9 +109,7 @@ class MaskRcnnResnet50(nn.Cell):
         self.cfg = cfg
         self.backbone = ResNet50(cfg)
         self.neck = FeatPyramidNeck(cfg)
-        # the FPN's lateral convolutions read the stages' blocked outputs directly (src/cpu_kernels.py)
-        self.backbone.blocked_outputs = self.neck.blocked_inputs = self.backbone.blocked and all(
-            conv.onednn is not None for conv in self.neck.lateral_convs)
+        layout.hand_over(self.backbone, self.neck.lateral_convs)      # the only readers of C2..C5
         self.rpn = RPN(cfg)
         self.rcnn_cls = RcnnCls(cfg)
         self.rcnn_mask = RcnnMask(cfg)
@@ -168,8 +167,8 @@ class MaskRcnnResnet50(nn.Cell):
         rois, labels, label_weights, bbox_targets, bbox_weights, pos_gt_index, pos_valid = _stack_fields(
             samples)                                                                  # (B, S, ...)
         batch = rois.shape[0]
-        roi_table = self.box_roi_align.table(feats)                                  # shared by both pools
-        roi_feats = self.box_roi_align.pool(_with_batch_index(rois), roi_table, feats)
+        pyramid = self.box_roi_align.prepare(feats)                                  # shared by both pools
+        roi_feats = self.box_roi_align.pool(_with_batch_index(rois), pyramid)
         cls_logits, deltas = self.rcnn_cls(roi_feats)                                 # (B * rows, C), (.., C, 4)
         rcnn_cls_loss, rcnn_reg_loss = self.rcnn_cls.loss(
             cls_logits, deltas, labels.reshape(-1), label_weights.reshape(-1), bbox_targets.reshape(-1, 4),
@@ -177,14 +176,14 @@ class MaskRcnnResnet50(nn.Cell):
 
         pos_rois, pos_labels = rois[:, :self.num_pos_stage2], labels[:, :self.num_pos_stage2]   # (B, Pn, ...)
         gt_rows = pos_gt_index + ops.arange(batch, dtype=ms.int32)[:, None] * self.num_gts    # into (B*M) masks
-        rcnn_mask_loss = self._mask_loss(roi_table, feats, mask, pos_rois, pos_labels, gt_rows, pos_valid)
+        rcnn_mask_loss = self._mask_loss(pyramid, mask, pos_rois, pos_labels, gt_rows, pos_valid)
         rcnn_loss = rcnn_cls_loss + rcnn_reg_loss + rcnn_mask_loss
         total_loss = rpn_loss + rcnn_loss
         total_loss = ops.depend(total_loss, ops.assign_add(self.sample_seed, ops.ones((), ms.int32)))
         return (rpn_loss, rcnn_loss, rpn_cls_loss, rpn_reg_loss, rcnn_cls_loss, rcnn_reg_loss, rcnn_mask_loss,
                 total_loss)
 
-    def _mask_loss(self, roi_table, feats, mask, pos_rois, pos_labels, gt_rows, pos_valid):
+    def _mask_loss(self, pyramid, mask, pos_rois, pos_labels, gt_rows, pos_valid):
         """rcnn_mask_loss of the positive slots, run chunk by chunk over the batch's slots, used ones first.
 
         pos_rois (B, Pn, 4), pos_labels (B, Pn) int32, gt_rows (B, Pn) int32 row of each slot's GT in the
@@ -205,7 +204,7 @@ class MaskRcnnResnet50(nn.Cell):
             stop = min(start + self.mask_chunk_rows, rows)
             if weights[start] > 0:                                                    # used slots come first
                 chunk_rois = rois[start:stop]
-                mask_feats = self.mask_roi_align.pool(chunk_rois, roi_table, feats)
+                mask_feats = self.mask_roi_align.pool(chunk_rois, pyramid)
                 mask_logits = self.rcnn_mask(mask_feats)                              # (chunk, C, 28, 28)
                 targets = self.rcnn_mask.mask_targets(mask, chunk_rois[:, 1:], gt_rows[start:stop])
                 loss_sum = loss_sum + self.rcnn_mask.loss_sum(mask_logits, labels[start:stop], targets,
@@ -215,8 +214,8 @@ class MaskRcnnResnet50(nn.Cell):
     def _detect(self, feats, cls_scores, bbox_deltas, image_shape):
         proposals, proposal_valid = self.test_proposals(cls_scores, bbox_deltas, self.level_anchors, image_shape)
         batch, num_proposals = proposals.shape[0], proposals.shape[1]
-        roi_table = self.box_roi_align.table(feats)                                  # shared by both pools
-        roi_feats = self.box_roi_align.pool(_with_batch_index(proposals), roi_table, feats)
+        pyramid = self.box_roi_align.prepare(feats)                                  # shared by both pools
+        roi_feats = self.box_roi_align.pool(_with_batch_index(proposals), pyramid)
         cls_logits, deltas = self.rcnn_cls(roi_feats)                                 # (B * P, C), (B * P, C, 4)
         num_classes = cls_logits.shape[1]
         scores = ops.softmax(cls_logits, axis=-1).reshape(batch, num_proposals, num_classes)
@@ -231,7 +230,7 @@ class MaskRcnnResnet50(nn.Cell):
             detections += (self.detections(scores[image], boxes[image], proposal_valid[image]),)
         det_boxes, det_scores, det_labels, det_valid = _stack_fields(detections)     # (B, K, ...)
 
-        mask_feats = self.mask_roi_align.pool(_with_batch_index(det_boxes), roi_table, feats)
+        mask_feats = self.mask_roi_align.pool(_with_batch_index(det_boxes), pyramid)
         mask_logits = self.rcnn_mask(mask_feats)                                      # (B * K, C, 28, 28)
         masks = ops.sigmoid(select_class(mask_logits, det_labels.reshape(-1)))
         masks = masks.reshape(det_boxes.shape[0], det_boxes.shape[1], masks.shape[1], masks.shape[2])

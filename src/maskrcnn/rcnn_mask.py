@@ -5,22 +5,19 @@ logit map per class (torchvision's names: mask_fcn1..4, conv5_mask, mask_fcn_log
 normal (fan_out) for the convs and the deconv, N(0, 0.001) for the logits so every mask starts at p ~ 0.5.
 
 Mask targets use the coordinate convention of box_ops (continuous input pixels, pixel (i, j) covers
-[j, j+1) x [i, i+1), no "+1" on widths), the one util.paste_masks inverts at evaluation: target cell
+[j, j+1) x [i, i+1), no "+1" on widths), the one mask_paste.paste_masks inverts at evaluation: target cell
 (u, v) of a RoI (x1, y1, x2, y2) averages 2x2 bilinear samples of its (w/28 x h/28) bin, i.e. the
-aligned RoIAlign of the GT mask at stride 1 (roi_align.SingleLevelRoIAlign).
+aligned RoIAlign of the GT mask at stride 1, thresholded at 0.5 (the op src/ops/mask_targets.py).
 """
 import mindspore as ms
-import numpy as np
 from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal, Normal
 
-from src import cpu_kernels
-from src.cpu_kernels import Conv2d, Conv2dTranspose
 from src.maskrcnn.rcnn_cls import select_class
-from src.maskrcnn.roi_align import SingleLevelRoIAlign
+from src.ops.conv import Conv2d, Conv2dTranspose
+from src.ops.mask_targets import MaskTargets
 
 LOGITS_INIT_STD = 0.001
-TARGET_THRESHOLD = 0.5
 MASK_STRIDE = 1             # GT masks are at input resolution
 
 
@@ -48,9 +45,7 @@ class RcnnMask(nn.Cell):
         self.mask_fcn_logits = Conv2d(channels, cfg.num_classes, 1, has_bias=True,
                                       weight_init=Normal(LOGITS_INIT_STD), bias_init="zeros")
         self.mask_weight = c.rcnn_loss_mask_weight
-        self.target_align = SingleLevelRoIAlign(c.mask_shape, MASK_STRIDE, cfg.roi.roi_sample_ratio)
-        self.target_kernel = cpu_kernels.mask_targets_kernel(c.mask_shape)    # the same on CPU, from the uint8 masks
-        self.target_settings = ms.Tensor(np.array([cfg.roi.roi_sample_ratio, MASK_STRIDE], np.float32))
+        self.targets = MaskTargets(c.mask_shape, cfg.roi.roi_sample_ratio, MASK_STRIDE)
         self.sigmoid_ce = ops.SigmoidCrossEntropyWithLogits()
 
     def construct(self, mask_feats):
@@ -68,13 +63,8 @@ class RcnnMask(nn.Cell):
         gt_index (R,) int32 = b * M + m of each RoI's GT -> (R, mask_shape, mask_shape) float32 0/1:
         the RoIAlign of the GT mask over the RoI, thresholded at 0.5. No gradient flows.
         """
-        boxes = ops.stop_gradient(ops.concat((ops.cast(gt_index, ms.float32)[:, None], rois), axis=1))   # (R, 5)
-        if self.target_kernel is not None:
-            return self.target_kernel(boxes, self.target_settings, gt_masks)
-        batch, num_gts, height, width = gt_masks.shape
-        masks = gt_masks.reshape(batch * num_gts, 1, height, width)                  # uint8: only taps become float
-        soft = self.target_align(masks, boxes)[:, 0]                                 # (R, 28, 28)
-        return ops.stop_gradient(ops.cast(soft >= TARGET_THRESHOLD, ms.float32))
+        boxes = ops.concat((ops.cast(gt_index, ms.float32)[:, None], rois), axis=1)   # (R, 5)
+        return self.targets(gt_masks, boxes)
 
     def loss_sum(self, mask_logits, labels, mask_targets, weights):
         """Sum over rows of weight * (mean pixel binary cross-entropy on the row's own class map).

@@ -36,9 +36,9 @@ Goyal et al. 2017; Fixup, Zhang et al. 2019):
 Frozen stages keep their Kaiming branches: they never learn, and a random branch is a richer fixed
 feature than an identity.
 
-On our CPU kernels (src/cpu_kernels.py) a frozen BatchNorm and the ReLU after it run inside their
-convolution, and when every block folds, the stages hand each other oneDNN's blocked tensors (the outputs
-are converted back to NCHW unless `blocked_outputs` is set by an owner that reads them blocked, the FPN).
+Where the convolutions fuse it (src/ops/conv.py), a frozen BatchNorm and the ReLU after it run inside their
+convolution, and when every block folds, the stages hand each other oneDNN's blocked tensors (src/ops/layout.py;
+the outputs are converted back to NCHW unless `layout.hand_over` gives them to convolutions that read them so).
 """
 import math
 
@@ -46,8 +46,8 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal, initializer
 
-from src import cpu_kernels
-from src.cpu_kernels import Conv2d
+from src.ops.conv import Conv2d
+from src.ops.layout import Layout, ToPlain
 
 IMAGE_CHANNELS = 3                  # RGB
 BOTTLENECK_EXPANSION = 4            # a bottleneck's 3x3 conv has out_channels / 4 channels
@@ -55,7 +55,6 @@ STEM_KERNEL, STEM_STRIDE = 7, 2
 STEM_POOL_KERNEL, STEM_POOL_STRIDE = 3, 2
 STAGE_STRIDE = 2                    # stages 2..4 halve the resolution in their first block
 GROUP_NORM_GROUPS = 32              # Wu and He 2018
-BLOCK_CHANNELS = 16                 # a blocked (nChw16c) tensor's channels come in groups of 16
 
 
 def _zero_pad(x, pad: int):
@@ -100,19 +99,18 @@ def _frozen_norm_affine(norm):
     return scale, norm.beta - norm.moving_mean * scale
 
 
-def _conv_norm(conv, norm, x, relu, fold, blocked_input=False, blocked_output=False):
-    """[ReLU](norm(conv(x))); fold: the norm is a frozen BatchNorm and the conv runs on our kernels, which then
-    apply it (and the ReLU) inside the convolution, with x and the output held blocked if so flagged."""
+def _conv_norm(conv, norm, x, relu, fold):
+    """[ReLU](norm(conv(x))); fold: the norm is a frozen BatchNorm and the conv fuses it (and the ReLU)."""
     if fold:
         scale, shift = _frozen_norm_affine(norm)
-        return conv.affine(x, scale, shift, relu, blocked_input, blocked_output)
+        return conv.affine(x, scale, shift, relu)
     out = norm(conv(x))
     return ops.relu(out) if relu else out
 
 
 def _can_fold(conv, kind, frozen):
-    """Whether `_conv_norm` may fold: a frozen BatchNorm after a convolution on our kernels."""
-    return frozen and kind != "group" and conv.onednn is not None
+    """Whether `_conv_norm` may fold: a frozen BatchNorm after a convolution that fuses it."""
+    return frozen and kind != "group" and conv.fuses_affine
 
 
 class Bottleneck(nn.Cell):
@@ -136,18 +134,31 @@ class Bottleneck(nn.Cell):
                                                  _norm(out_channels, norm, freeze_norm)])
 
         self.fold = _can_fold(self.conv1, norm, freeze_norm)
-        self.blocked_input = self.blocked = False     # set by ResNet50: x / everything else held blocked
-        self.channels = (in_channels, mid_channels, out_channels)
+
+    def _input_convs(self):
+        return [self.conv1] + ([self.downsample[0]] if self.has_downsample else [])
+
+    def can_run_blocked(self, input_layout):
+        """Whether the block can read x in input_layout and hold everything else blocked."""
+        return self.fold and all(conv.can_hold(input_layout, Layout.BLOCKED) for conv in self._input_convs()) \
+            and all(conv.can_hold(Layout.BLOCKED, Layout.BLOCKED) for conv in (self.conv2, self.conv3))
+
+    def run_blocked(self, input_layout):
+        """Read x in input_layout and hold every other tensor blocked: the add and ReLU between the convolutions
+        are elementwise, the only other operators a blocked tensor may meet."""
+        for conv in self._input_convs():
+            conv.hold(input_layout, Layout.BLOCKED)
+        for conv in (self.conv2, self.conv3):
+            conv.hold(Layout.BLOCKED, Layout.BLOCKED)
 
     def construct(self, x):
         identity = x
         if self.has_downsample:
-            identity = _conv_norm(self.downsample[0], self.downsample[1], x, False, self.fold, self.blocked_input,
-                                  self.blocked)
-        out = _conv_norm(self.conv1, self.bn1, x, True, self.fold, self.blocked_input, self.blocked)
-        out = _conv_norm(self.conv2, self.bn2, out, True, self.fold, self.blocked, self.blocked)
-        out = _conv_norm(self.conv3, self.bn3, out, False, self.fold, self.blocked, self.blocked)
-        return ops.relu(out + identity)                        # elementwise: fine on blocked tensors
+            identity = _conv_norm(self.downsample[0], self.downsample[1], x, False, self.fold)
+        out = _conv_norm(self.conv1, self.bn1, x, True, self.fold)
+        out = _conv_norm(self.conv2, self.bn2, out, True, self.fold)
+        out = _conv_norm(self.conv3, self.bn3, out, False, self.fold)
+        return ops.relu(out + identity)
 
 
 class ResNet50(nn.Cell):
@@ -177,21 +188,30 @@ class ResNet50(nn.Cell):
                       for i in range(depth)]
             stages.append(nn.SequentialCell(blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        # On our kernels with every norm folded, the stages pass blocked tensors (cpu_kernels.Conv2d), from the
-        # first block's convolutions on; the outputs are converted to NCHW unless the owner sets blocked_outputs
-        # (the FPN reads them blocked).
+        # When every block can, the stages pass blocked tensors from the first block's convolutions on; the
+        # outputs are converted to NCHW unless `set_output_layout` says their readers take them blocked.
         blocks = [block for stage in stages for block in stage]
-        self.blocked = all(block.fold and all(c % BLOCK_CHANNELS == 0 for c in block.channels) for block in blocks)
-        self.blocked_outputs = False
-        for index, block in enumerate(blocks):
-            block.blocked = self.blocked
-            block.blocked_input = self.blocked and index > 0
-        self.to_plain = cpu_kernels.to_plain() if self.blocked else None
+        self.blocked = all(block.can_run_blocked(Layout.PLAIN if index == 0 else Layout.BLOCKED)
+                           for index, block in enumerate(blocks))
+        if self.blocked:
+            for index, block in enumerate(blocks):
+                block.run_blocked(Layout.PLAIN if index == 0 else Layout.BLOCKED)
+        self.native_output_layout = Layout.BLOCKED if self.blocked else Layout.PLAIN
+        self.output_layout = Layout.PLAIN
+        self.to_plain = ToPlain() if self.blocked else None
+        self.convert_outputs = self.blocked             # from blocked to plain (a bool: graph mode reads it)
 
         if self.frozen_stages >= 1:
             for cell in [self.conv1, self.bn1] + stages[:self.frozen_stages]:
                 for param in cell.get_parameters():
                     param.requires_grad = False
+
+    def set_output_layout(self, layout):
+        """Give C2..C5 in `layout` (src/ops/layout.hand_over decides): PLAIN, or BLOCKED if the stages run so."""
+        if layout is Layout.BLOCKED and not self.blocked:
+            raise ValueError("the ResNet stages do not run blocked, so they cannot give blocked outputs")
+        self.output_layout = layout
+        self.convert_outputs = self.blocked and layout is Layout.PLAIN
 
     def _freeze_output(self, x, stage_number):
         """Cut the graph after the last frozen stage: nothing below it learns."""
@@ -204,6 +224,6 @@ class ResNet50(nn.Cell):
         c3 = self._freeze_output(self.layer2(c2), 2)             # (B, 512, H/8, W/8)
         c4 = self._freeze_output(self.layer3(c3), 3)             # (B, 1024, H/16, W/16)
         c5 = self._freeze_output(self.layer4(c4), 4)             # (B, 2048, H/32, W/32)
-        if self.blocked and not self.blocked_outputs:
+        if self.convert_outputs:
             return self.to_plain(c2), self.to_plain(c3), self.to_plain(c4), self.to_plain(c5)
         return c2, c3, c4, c5

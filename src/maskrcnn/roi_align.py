@@ -1,35 +1,16 @@
 """RoIAlign over an FPN pyramid: each RoI is pooled from the level its size selects.
 
-Coordinate convention: RoIs are continuous input-pixel boxes (box_ops). Feature cell k of a level with
-stride s covers input pixels [k * s, (k + 1) * s), so its value sits at input coordinate (k + 0.5) * s and
-input coordinate X maps to feature coordinate X / s - 0.5 (the "aligned" RoIAlign of detectron2/torchvision).
-There is no legacy "+1" on the box end; RoIs narrower than one feature cell are widened to one cell, so
-degenerate boxes still give finite, bounded outputs. Each bin averages sample_ratio x sample_ratio
-bilinear samples; a sample more than one cell outside the map counts as zero, one less than a cell
-outside reads the border.
-
-Bilinear sampling is written as a gather: the maps are flattened channels-last into one table of rows
-(one row = the C channels of one cell), and each output bin is a weighted sum of its
-(2 * sample_ratio)^2 taps, one batched (1 x K) @ (K x C) product. A RoI reads only its own level, so a
-multi-level pool costs one level's work, shapes stay static, and the backward is the exact adjoint
-(scatter-add of the same taps). ops.ROIAlign is not used: on CPU it pooled all RoIs on every level at
-~10x the cost, and its gradient kernel ignores roi_end_mode (it spreads the gradient over a box one
-input pixel larger, without the one-cell widening), so it was not the adjoint of the forward pass.
-On CPU, MultiLevelRoIAlign runs the C++ kernel of src/cpu_kernels instead, which reads the NCHW maps
-without a table (tested against this version); the table version serves other devices and export.
+The pooling itself (coordinate convention, CPU kernel or gather version) is the op src/ops/roi_align.py; this
+module holds the level rule and the pools' settings from the config.
 """
 import mindspore as ms
-import numpy as np
 from mindspore import nn, ops
 
-from src import cpu_kernels
+from src.ops.roi_align import PyramidRoIAlign
 
 # Tolerance of the level rule floor(log2(scale / finest_scale + eps)): a RoI within eps of a level's
 # lower bound already belongs to it.
 LEVEL_EPS = 1e-6
-BATCH_COLUMN = 0            # RoI column holding the image index
-CELL_CENTRE = 0.5           # feature cell k's value sits at k + 0.5 cells from the map's edge
-CORNERS = 2                 # bilinear taps per sample along one axis
 
 
 def roi_levels(rois, finest_scale: float, num_levels: int):
@@ -46,110 +27,6 @@ def roi_levels(rois, finest_scale: float, num_levels: int):
     return ops.cast(level, ms.int32)
 
 
-def flatten_levels(feats):
-    """Tuple of (B, C, h_l, w_l) maps -> (B * sum_l h_l * w_l, C) table: level-major, then image, row, column."""
-    rows = ()
-    for feat in feats:
-        channels = feat.shape[1]
-        cells = feat if channels == 1 else feat.transpose(0, 2, 3, 1)          # (B, h, w, C)
-        rows += (cells.reshape(-1, channels),)
-    return rows[0] if len(rows) == 1 else ops.concat(rows, axis=0)
-
-
-class _TableRoIAlign(nn.Cell):
-    """Aligned RoIAlign of RoIs that each name their level, from a table made by `flatten_levels`.
-
-    construct(table (N, C), rois (R, 5), level (R,) int32, level_shapes: tuple of (B, C, h, w) per level,
-              strides: tuple of floats per level) -> (R, C, out, out) float32.
-    """
-
-    def __init__(self, out_size: int, sample_ratio: int):
-        super().__init__()
-        self.out_size = out_size
-        self.sample_ratio = sample_ratio
-        samples = out_size * sample_ratio
-        # Sample k of an axis sits at (k + 0.5) / samples of the RoI extent: bin k // sr, sub-sample k % sr.
-        self.sample_positions = ms.Tensor(((np.arange(samples) + 0.5) / samples).astype(np.float32)[None, :])
-
-    @staticmethod
-    def _per_roi(level, values, dtype=ms.float32):
-        """Python numbers, one per level -> (R,) value of each RoI's level."""
-        return ops.gather(ms.Tensor(values, dtype), level, 0)
-
-    def _axis_taps(self, start, extent, size):
-        """Bilinear taps of the samples along one axis of every RoI.
-
-        start, extent, size (R,) in cells -> tap indices (R, out, 2 * sr) int32 and weights (R, out, 2 * sr):
-        for each bin, its samples' (low, high) cells and weights, with 1 / sr of the bin average folded in.
-        """
-        coord = start[:, None] + self.sample_positions * extent[:, None]             # (R, out * sr)
-        limit = size[:, None] - 1.0
-        inside = ops.cast(ops.logical_and(coord >= -1.0, coord <= size[:, None]), ms.float32)
-        coord = ops.minimum(ops.maximum(coord, 0.0), limit)
-        low = ops.floor(coord)
-        high = ops.minimum(low + 1.0, limit)
-        frac = coord - low
-        scale = inside * (1.0 / self.sample_ratio)
-        index = ops.stack((low, high), axis=-1)                                      # (R, out * sr, 2)
-        weight = ops.stack(((1.0 - frac) * scale, frac * scale), axis=-1)
-        shape = (start.shape[0], self.out_size, self.sample_ratio * CORNERS)
-        return ops.cast(index, ms.int32).reshape(shape), weight.reshape(shape)
-
-    def construct(self, table, rois, level, level_shapes, strides):
-        rois = ops.stop_gradient(rois)
-        batch = level_shapes[0][0]
-        heights = [shape[2] for shape in level_shapes]
-        widths = [shape[3] for shape in level_shapes]
-        cells = [shape[2] * shape[3] for shape in level_shapes]
-        level_rows = [0]                                                             # first table row of each level
-        for level_cells in cells[:-1]:
-            level_rows.append(level_rows[-1] + batch * level_cells)
-        stride = self._per_roi(level, list(strides))
-        height = self._per_roi(level, heights)
-        width = self._per_roi(level, widths)
-        image_rows = (self._per_roi(level, level_rows, ms.int32)                     # (R,) first row of the RoI's map
-                      + ops.cast(rois[:, BATCH_COLUMN], ms.int32) * self._per_roi(level, cells, ms.int32))
-
-        x1 = rois[:, 1] / stride - CELL_CENTRE
-        y1 = rois[:, 2] / stride - CELL_CENTRE
-        roi_w = ops.maximum((rois[:, 3] - rois[:, 1]) / stride, 1.0)
-        roi_h = ops.maximum((rois[:, 4] - rois[:, 2]) / stride, 1.0)
-        y_index, y_weight = self._axis_taps(y1, roi_h, height)                        # (R, out, 2sr)
-        x_index, x_weight = self._axis_taps(x1, roi_w, width)
-        y_rows = y_index * ops.cast(width, ms.int32)[:, None, None] + image_rows[:, None, None]
-
-        num_rois, out, taps = rois.shape[0], self.out_size, self.sample_ratio * CORNERS
-        grid = (num_rois, out, out, taps, taps)                                       # (R, bin y, bin x, tap y, tap x)
-        index = (ops.broadcast_to(y_rows.reshape(num_rois, out, 1, taps, 1), grid)
-                 + ops.broadcast_to(x_index.reshape(num_rois, 1, out, 1, taps), grid))
-        weight = (ops.broadcast_to(y_weight.reshape(num_rois, out, 1, taps, 1), grid)
-                  * ops.broadcast_to(x_weight.reshape(num_rois, 1, out, 1, taps), grid))
-        bins, bin_taps, channels = num_rois * out * out, taps * taps, table.shape[1]
-        tapped = ops.gather(table, index.reshape(-1), 0)                             # (R * out^2 * K, C)
-        if channels == 1:
-            pooled = (ops.cast(tapped, ms.float32).reshape(bins, bin_taps) * weight.reshape(bins, bin_taps)).sum(-1)
-            return pooled.reshape(num_rois, 1, out, out)
-        pooled = ops.bmm(weight.reshape(bins, 1, bin_taps), tapped.reshape(bins, bin_taps, channels))
-        return pooled.reshape(num_rois, out, out, channels).transpose(0, 3, 1, 2)     # (R, C, out, out)
-
-
-class SingleLevelRoIAlign(nn.Cell):
-    """Aligned RoIAlign from one (B, C, h, w) map of the given stride: rois (R, 5) -> (R, C, out, out) float32.
-
-    Also the tool for mask targets: stride 1 over the (B*M, 1, H, W) GT masks, which may stay uint8 (only
-    the sampled taps are converted to float32).
-    """
-
-    def __init__(self, out_size: int, stride: float, sample_ratio: int):
-        super().__init__()
-        self.strides = (float(stride),)
-        self.pool = _TableRoIAlign(out_size, sample_ratio)
-
-    def construct(self, features, rois):
-        level = ops.zeros((rois.shape[0],), ms.int32)
-        return self.pool(flatten_levels((features,)), rois, level, (features.shape,), self.strides)
-
-
 class MultiLevelRoIAlign(nn.Cell):
     """Pool each RoI from its FPN level.
 
@@ -159,36 +36,24 @@ class MultiLevelRoIAlign(nn.Cell):
 
     construct(rois (R, 5) = (batch index, x1, y1, x2, y2) in input pixels,
               feats: tuple of one (B, C, h_l, w_l) map per stride) -> (R, C, out_size, out_size).
-    `pool(rois, table, feats)` does the same from `table(feats)`, which several pools may share: the
-    channels-last table of `flatten_levels`, or None on CPU, where the RoIAlign kernel of src/cpu_kernels
-    (same conventions; 4 levels, out_size 7 or 14) reads the maps directly.
+    `pool(rois, pyramid)` does the same from `prepare(feats)`, which pools of the same strides may share.
     """
 
     def __init__(self, cfg, out_size: int, featmap_strides=None, finest_scale=None, sample_ratio=None):
         super().__init__()
         strides = cfg.roi.roi_align_featmap_strides if featmap_strides is None else featmap_strides
-        self.strides = tuple(float(s) for s in strides)
         self.finest_scale = float(cfg.roi.roi_align_finest_scale if finest_scale is None else finest_scale)
         sample_ratio = cfg.roi.roi_sample_ratio if sample_ratio is None else sample_ratio
         self.num_levels = len(strides)
         self.out_size = out_size
-        self.table_pool = _TableRoIAlign(out_size, sample_ratio)
-        self.kernel = cpu_kernels.roi_align_kernel(out_size, self.num_levels)
-        self.kernel_settings = ms.Tensor(np.array((sample_ratio,) + self.strides, np.float32))
+        self.align = PyramidRoIAlign(out_size, sample_ratio, strides)
 
-    def table(self, feats):
-        """What `pool` reads the maps from: the channels-last table, or None when the CPU kernel reads the maps."""
-        return flatten_levels(feats[:self.num_levels]) if self.kernel is None else None
+    def prepare(self, feats):
+        """The pyramid as `pool` reads it."""
+        return self.align.prepare(feats)
 
-    def pool(self, rois, table, feats):
-        level = roi_levels(rois, self.finest_scale, self.num_levels)
-        if self.kernel is not None:
-            return self.kernel(ops.stop_gradient(rois), level, self.kernel_settings, feats[0], feats[1], feats[2],
-                               feats[3])
-        shapes = ()
-        for index in range(self.num_levels):
-            shapes += (feats[index].shape,)
-        return self.table_pool(table, rois, level, shapes, self.strides)
+    def pool(self, rois, pyramid):
+        return self.align(rois, roi_levels(rois, self.finest_scale, self.num_levels), pyramid)
 
     def construct(self, rois, feats):
-        return self.pool(rois, self.table(feats), feats)
+        return self.pool(rois, self.prepare(feats))

@@ -9,7 +9,7 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import Normal
 
-from src.cpu_kernels import Conv2d
+from src.ops.conv import Conv2d
 
 HEAD_INIT_STD = 0.01
 SMOOTH_L1_BETA = 1.0 / 9.0          # the recipe's RPN regression loss

@@ -1,13 +1,14 @@
-"""src.cpu_kernels: the oneDNN convolutions give MindSpore's results and gradients, and the model runs them
-(the RoIAlign kernel is tested against the table version in test_roi_align.py)."""
+"""src/ops/conv.py: the oneDNN convolutions give MindSpore's results and gradients, and the model runs them
+(the RoIAlign, assigner and mask-target kernels are tested against their MindSpore versions in test_roi_align.py,
+test_bbox_assign_sample.py and test_rcnn_heads.py)."""
 import numpy as np
 import mindspore as ms
 import pytest
 from mindspore import nn, ops
 
-from src import cpu_kernels
 from src.config import load_config
 from src.maskrcnn.mask_rcnn_r50 import MaskRcnnResnet50
+from src.ops import backend, conv
 
 LAYERS = [  # (class, args, kwargs, input shape)
     ("Conv2d", (8, 16, 3), dict(pad_mode="pad", padding=1, has_bias=True), (2, 8, 10, 12)),
@@ -46,11 +47,6 @@ class _Gradients(nn.Cell):
                                                     self.params)(x)
 
 
-def test_the_library_builds_here():
-    """Without it every CPU run silently falls back to the slower kernels."""
-    assert cpu_kernels.library() is not None
-
-
 CASES = [(layer, call) for layer in LAYERS for call in ("plain", "relu", "affine")
          if not (call == "affine" and layer[0] == "Conv2dTranspose")]
 
@@ -61,9 +57,9 @@ def test_matches_mindspore_kernels_forward_and_backward(layer, call):
     outputs and gradients (input, weights, bias) as MindSpore's operators."""
     cls, args, kwargs, shape = layer
     ms.set_seed(0)
-    fast = getattr(cpu_kernels, cls)(*args, **kwargs)
-    with cpu_kernels.mindspore_kernels():
-        reference = getattr(cpu_kernels, cls)(*args, **kwargs)
+    fast = getattr(conv, cls)(*args, **kwargs)
+    with backend.use_mindspore_kernels():
+        reference = getattr(conv, cls)(*args, **kwargs)
     assert fast.onednn is not None and reference.onednn is None
     for mine, theirs in zip(fast.get_parameters(), reference.get_parameters()):
         theirs.set_data(ms.Tensor(mine.asnumpy()))
@@ -88,56 +84,22 @@ def test_matches_mindspore_kernels_forward_and_backward(layer, call):
                                     dict(pad_mode="pad", padding=(1, 1, 0, 0)),
                                     dict(dilation=2, pad_mode="pad", padding=2), dict(pad_mode="pad", padding=4)])
 def test_geometries_without_kernels_use_mindspore(kwargs):
-    layer = cpu_kernels.Conv2d(4, 4, 3, **kwargs)
+    layer = conv.Conv2d(4, 4, 3, **kwargs)
     assert layer.onednn is None
     assert layer(ms.Tensor(np.ones((1, 4, 9, 9), np.float32))).shape[:2] == (1, 4)
 
 
 def test_switched_off_by_environment(monkeypatch):
-    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "mindspore")
-    assert cpu_kernels.library() is None
-    assert cpu_kernels.Conv2d(4, 4, 3, pad_mode="pad", padding=1).onednn is None
+    monkeypatch.setenv(backend.ENV_SWITCH, "mindspore")
+    assert backend.library() is None and not backend.enabled()
+    assert conv.Conv2d(4, 4, 3, pad_mode="pad", padding=1).onednn is None
 
 
 def test_every_convolution_and_roi_pool_of_the_model_runs_on_the_kernels():
     """With the ISA uncapped, a MindSpore Conv2D left in the model would run as oneDNN's reference loop."""
     net = MaskRcnnResnet50(load_config("tiny"))
-    assert net.box_roi_align.kernel is not None and net.mask_roi_align.kernel is not None
+    assert net.box_roi_align.align.uses_kernel and net.mask_roi_align.align.uses_kernel
     convolutions = [cell for _, cell in net.cells_and_names() if isinstance(cell, (nn.Conv2d, nn.Conv2dTranspose))]
     assert len(convolutions) > 50
-    assert all(isinstance(cell, (cpu_kernels.Conv2d, cpu_kernels.Conv2dTranspose)) and cell.onednn is not None
+    assert all(isinstance(cell, (conv.Conv2d, conv.Conv2dTranspose)) and cell.onednn is not None
                for cell in convolutions)
-
-
-class _Merge(nn.Cell):
-    """The FPN merge lateral + nearest upsampling of coarse, by the kernel or by ops.interpolate, and the
-    gradients of sum(merge * weights) with respect to both inputs."""
-
-    def __init__(self, kernel):
-        super().__init__()
-        self.kernel = kernel
-        self.grad = ops.GradOperation(get_all=True)
-
-    def merge(self, coarse, lateral):
-        if self.kernel is None:
-            return lateral + ops.interpolate(coarse, size=lateral.shape[2:], mode="nearest")
-        return self.kernel(coarse, lateral)
-
-    def construct(self, coarse, lateral, weights):
-        return self.merge(coarse, lateral), self.grad(lambda c, l: (self.merge(c, l) * weights).sum())(coarse, lateral)
-
-
-@pytest.mark.parametrize("coarse_hw, fine_hw", [((3, 5), (6, 10)), ((3, 5), (5, 9)), ((4, 4), (7, 11))])
-def test_upsample_add_matches_nearest_interpolate_and_its_gradient(coarse_hw, fine_hw):
-    """Exact 2x (even sizes) and the uneven sizes of inputs that are not multiples of the coarsest stride."""
-    rng = np.random.default_rng(1)
-    coarse = ms.Tensor(rng.standard_normal((2, 3) + coarse_hw).astype(np.float32))
-    lateral = ms.Tensor(rng.standard_normal((2, 3) + fine_hw).astype(np.float32))
-    weights = ms.Tensor(rng.standard_normal((2, 3) + fine_hw).astype(np.float32))
-    kernel = cpu_kernels.upsample_add_kernel()
-    assert kernel is not None
-    (merged, (d_coarse, d_lateral)), (merged_ref, (d_coarse_ref, d_lateral_ref)) = (
-        _Merge(kernel)(coarse, lateral, weights), _Merge(None)(coarse, lateral, weights))
-    np.testing.assert_array_equal(merged.asnumpy(), merged_ref.asnumpy())
-    np.testing.assert_allclose(d_coarse.asnumpy(), d_coarse_ref.asnumpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(d_lateral.asnumpy(), d_lateral_ref.asnumpy())

@@ -1,0 +1,181 @@
+"""Convolutions: nn.Conv2d / nn.Conv2dTranspose on oneDNN's AVX-512 kernels (kernels/conv.cpp), MindSpore's own
+operators otherwise.
+
+MindSpore's CPU Conv2D passes oneDNN plain OIHW weights, which leaves it AVX2 at best (backend.py); ours let oneDNN
+pick its layouts (bench/bench_conv.py measures the difference), run bias, ReLU and a folded frozen BatchNorm inside
+the call, and can hand oneDNN's blocked tensors from one convolution to the next (layout.py). The layers keep
+nn.Conv2d's parameters, so checkpoints do not change.
+"""
+import mindspore as ms
+import numpy as np
+from mindspore import nn, ops
+from mindspore.ops.operations._grad_ops import ReluGrad
+
+from src.ops import backend, constants
+from src.ops.custom import kernel
+from src.ops.layout import Layout, blockable
+
+
+def _geometry(layer):
+    """(stride, padding) of an nn.Conv2d / nn.Conv2dTranspose if the library has kernels for it, else None."""
+    if not backend.enabled() or layer.group != 1 or layer.data_format != "NCHW" or set(layer.dilation) != {1}:
+        return None
+    if layer.pad_mode == "valid":
+        pads = {0}
+    elif layer.pad_mode == "same":             # with stride 1 and an odd kernel: (k - 1) / 2 on every side
+        if set(layer.stride) != {1} or not all(k % 2 for k in layer.kernel_size):
+            return None
+        pads = {(k - 1) // 2 for k in layer.kernel_size}
+    else:
+        pads = {layer.padding} if isinstance(layer.padding, int) else set(layer.padding)
+    strides = set(layer.stride)
+    if (len(strides) != 1 or len(pads) != 1 or not strides <= set(constants.CONV_STRIDES)
+            or not pads <= set(constants.CONV_PADDINGS)):
+        return None
+    return strides.pop(), pads.pop()
+
+
+def _backward_weightskernel(stride, pad):
+    """(x, dy, w, s, layout) -> (dw, db): the weight and bias gradients of conv(x, w * s) + b (w gives dw's
+    shape; layout: how x and dy are held, see Conv2d)."""
+    return kernel(f"ConvBackwardWeightsS{stride}P{pad}", lambda x, dy, w, s, layout: [w, [w[0]]],
+                   lambda x, dy, w, s, layout: [w, w])
+
+
+_relu_gradient = ReluGrad()
+
+
+def _conv_forward(stride, pad, relu):
+    """Convolution with filters scaled per output channel, + bias (+ ReLU): (x, w, b, s, layout) ->
+    conv(x, w * s) + b, with its gradient (none to s); layout (2,) int32: whether x and y are held blocked."""
+    geometry = f"S{stride}P{pad}"
+    backward_data = kernel("ConvBackwardData" + geometry, lambda dy, w, x, s, layout: x)
+    backward_weights = _backward_weightskernel(stride, pad)
+
+    def shape(x, w, b, s, layout):
+        return [x[0], w[0], (x[2] + 2 * pad - w[2]) // stride + 1, (x[3] + 2 * pad - w[3]) // stride + 1]
+
+    def bprop(x, w, b, s, layout, out, dout):
+        if relu:
+            dout = _relu_gradient(dout, out)   # from the ReLU's output (the same layout: elementwise)
+        dw, db = backward_weights(x, dout, w, s, layout)
+        return backward_data(dout, w, x, s, layout), dw, db, ops.zeros_like(s), ops.zeros_like(layout)
+    return kernel(("ConvReluForward" if relu else "ConvForward") + geometry, shape, bprop=bprop)
+
+
+def _deconv_forward(stride, pad, relu):
+    """Transposed convolution + bias (+ ReLU) (x, w, b) -> y, i.e. a convolution's backward-data pass: dx is a
+    convolution of dy, and dw is a convolution's weight gradient with dy as its source."""
+    conv_forward = _conv_forward(stride, pad, relu=False)
+    backward_weights = _backward_weightskernel(stride, pad)
+    bias_gradient = kernel("BiasGrad", lambda dy: [dy[1]])        # dy (N, C, H, W) summed per channel
+
+    def shape(x, w, b):
+        return [x[0], w[1], (x[2] - 1) * stride - 2 * pad + w[2], (x[3] - 1) * stride - 2 * pad + w[3]]
+
+    def bprop(x, w, b, out, dout):
+        if relu:
+            dout = _relu_gradient(dout, out)   # from the ReLU's output
+        as_conv = ops.ones((w.shape[0],), ms.float32)               # w as a convolution's filters: w[0] outputs
+        plain = ops.zeros((2,), ms.int32)
+        dw, _ = backward_weights(dout, x, w, as_conv, plain)
+        return conv_forward(dout, w, ops.zeros_like(as_conv), as_conv, plain), dw, bias_gradient(dout)
+    return kernel(f"{'DeconvReluForward' if relu else 'DeconvForward'}S{stride}P{pad}", shape, bprop=bprop)
+
+
+# A convolution's layout flags (input held blocked, output held blocked), indexed 2 * input + output.
+_LAYOUTS = tuple(ms.Tensor(np.array(flags, np.int32)) for flags in ((0, 0), (0, 1), (1, 0), (1, 1)))
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same arguments, parameters and checkpoints) on the oneDNN kernels when `backend.enabled()`.
+
+    Beyond nn.Conv2d: `relu(x)` = ReLU(self(x)) and `affine(x, scale, shift, relu)` = [ReLU](conv(x) * scale +
+    shift) with per-output-channel scale and shift (a frozen BatchNorm folded in, the layer's bias ignored),
+    each one oneDNN call with the bias and the ReLU fused into it when `fuses_affine`. On the kernels a layer
+    may also read and write tensors held blocked (src/ops/layout.py), as set by `hold`.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        geometry = _geometry(self)
+        self.onednn = None if geometry is None else _conv_forward(*geometry, relu=False)
+        self.onednn_relu = None if geometry is None else _conv_forward(*geometry, relu=True)
+        self.no_bias = ms.Tensor(np.zeros((self.out_channels,), np.float32))
+        self.unit_scale = ms.Tensor(np.ones((self.out_channels,), np.float32))
+        self.input_layout = self.output_layout = Layout.PLAIN
+        self.layout_flags = _LAYOUTS[0]
+
+    @property
+    def fuses_affine(self) -> bool:
+        """Whether `affine` runs as one call with the scale, shift and ReLU inside (else it is written out)."""
+        return self.onednn is not None
+
+    def can_hold(self, input_layout=None, output_layout=None) -> bool:
+        """Whether this layer can read `input_layout` and write `output_layout` (None: either, unchanged)."""
+        for layout, channels in ((input_layout, self.in_channels), (output_layout, self.out_channels)):
+            if layout is Layout.BLOCKED and (self.onednn is None or not blockable(channels)):
+                return False
+        return True
+
+    def hold(self, input_layout=None, output_layout=None):
+        """Read the input / write the output in these layouts from now on (None: unchanged); a layer that cannot
+        (not on the kernels, or channels not a multiple of the block) raises."""
+        if not self.can_hold(input_layout, output_layout):
+            raise ValueError(f"Conv2d({self.in_channels}, {self.out_channels}) cannot read {input_layout} / write "
+                             f"{output_layout}: blocked tensors need our kernels and channels in blocks of "
+                             f"{constants.BLOCK_CHANNELS}")
+        self.input_layout = input_layout or self.input_layout
+        self.output_layout = output_layout or self.output_layout
+        self.layout_flags = _LAYOUTS[2 * (self.input_layout is Layout.BLOCKED)
+                                     + (self.output_layout is Layout.BLOCKED)]
+
+    def _run(self, x, bias, scale, relu):
+        if self.onednn is None:
+            weight = self.weight if scale is None else self.weight * scale.reshape(-1, 1, 1, 1)
+            output = self.conv2d(x, weight)
+            if bias is not None:
+                output = self.bias_add(output, bias)
+            return ops.relu(output) if relu else output
+        bias = self.no_bias if bias is None else bias
+        scale = self.unit_scale if scale is None else scale
+        if relu:
+            return self.onednn_relu(x, self.weight, bias, scale, self.layout_flags)
+        return self.onednn(x, self.weight, bias, scale, self.layout_flags)
+
+    def construct(self, x):
+        return self._run(x, self.bias if self.has_bias else None, None, False)
+
+    def relu(self, x):
+        return self._run(x, self.bias if self.has_bias else None, None, True)
+
+    def affine(self, x, scale, shift, relu):
+        """[ReLU](conv(x) * scale + shift), scale and shift (out_channels,): the scale is folded into the weights
+        (conv(x, w * scale) + shift; on the kernels while they are reordered), so it reaches the weight gradient
+        (dw * scale) but gets none itself."""
+        return self._run(x, shift, ops.stop_gradient(scale), relu)
+
+
+class Conv2dTranspose(nn.Conv2dTranspose):
+    """nn.Conv2dTranspose (same arguments, parameters and checkpoints) on the oneDNN kernels when `backend.enabled()`;
+    `relu(x)` = ReLU(self(x)), fused."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        geometry = _geometry(self) if self.pad_mode != "same" and self.output_padding == 0 else None
+        self.onednn = None if geometry is None else _deconv_forward(*geometry, relu=False)
+        self.onednn_relu = None if geometry is None else _deconv_forward(*geometry, relu=True)
+        self.no_bias = ms.Tensor(np.zeros((self.out_channels,), np.float32))
+
+    def _run(self, x, relu):
+        if self.onednn is None:
+            output = super().construct(x)
+            return ops.relu(output) if relu else output
+        bias = self.bias if self.has_bias else self.no_bias
+        return self.onednn_relu(x, self.weight, bias) if relu else self.onednn(x, self.weight, bias)
+
+    def construct(self, x):
+        return self._run(x, False)
+
+    def relu(self, x):
+        return self._run(x, True)

@@ -1,0 +1,290 @@
+// Convolutions for MindSpore graphs (ops.Custom, func_type "aot", src/ops/conv.py), run by the oneDNN library that
+// MindSpore itself ships (mindspore/lib/libdnnl.so.3).
+//
+// Why: MindSpore's own CPU Conv2D gives oneDNN plain OIHW weights. With plain weights oneDNN's AVX-512 code path
+// ends in a reference loop, so it has to be capped at AVX2 (im2col + AVX2 GEMM; bench/bench_conv.py measures both).
+// Here oneDNN chooses the weight and activation layouts itself ("any"), which selects its AVX-512 kernels; the
+// NCHW tensors MindSpore holds are reordered in and out around each call, except where a chain of our
+// convolutions passes oneDNN's blocked nChw16c tensors under their NCHW shape (the ResNet stages; only
+// elementwise MindSpore operators touch them in between).
+//
+// Convolution entry points, one per stride S and padding P (on every side) of MASKRCNN_CONV_GEOMETRIES (constants.h;
+// e.g. ConvForwardS2P1); tensors are float32 NCHW / OIHW, biases and scales (O,), and `l` (2,) int32 says whether
+// x (and dx) and y (and dy) are held NCHW (0) or blocked (1):
+//   ConvForward(x, w, b, s, l) -> y = conv(x, w * s) + b     ConvReluForward: the same, then ReLU (a post-op)
+//   ConvBackwardData(dy, w, x, s, l) -> dx                    (x gives dx's shape only)
+//   ConvBackwardWeights(x, dy, w, s, l) -> dw, db             (w gives dw's shape only; db = dy summed per channel)
+//   DeconvForward(x, w, b) -> y (NCHW)                        (transposed convolution = backward data, + b)
+//   DeconvReluForward: the same, then ReLU
+// where s scales each output channel's filter (a frozen BatchNorm folded in; ones otherwise), applied while the
+// weights are reordered anyway; plus BiasGrad(dy) -> db, the deconvolution's bias gradient.
+#include <map>
+#include <stdexcept>
+#include <unordered_map>
+
+#include "common.h"
+
+namespace maskrcnn_ops {
+namespace {
+
+enum class Pass { kForward, kBackwardData, kBackwardWeights };
+
+// One convolution problem: the layouts oneDNN chose for it and the compiled primitive.
+struct Plan {
+  dnnl::primitive primitive;
+  memory::desc src, weights, dst;
+};
+
+// Compiled plans by problem, and reordered copies of the source, weights and destination kept between calls:
+// freeing and allocating them anew costs page faults on every call.
+enum Slot { kSrcSlot = 0, kWeightsSlot = 1, kDstSlot = 2, kSlots };
+
+struct ConvCache {
+  std::map<std::vector<int64_t>, Plan> plans;
+  std::vector<float> scratch[kSlots];
+};
+
+ConvCache &GetCache() {
+  static ConvCache cache;
+  return cache;
+}
+
+// One call: the convolution's plain float32 buffers (for the backward passes the gradients of them), of which
+// the pass reads two and writes the third; its bias: read by the forward pass, written (the gradient) by the
+// backward-weights pass, added after the backward-data pass when it serves as a transposed convolution (null:
+// none); and the per-output-channel filter scale (null: none).
+struct Conv {
+  Pass pass;
+  const int64_t *src_shape, *weights_shape, *dst_shape;
+  float *src, *weights, *dst, *bias, *scale;
+  int stride, pad;
+  bool relu;  // ReLU on the output of a forward or transposed-convolution pass
+  bool src_blocked, dst_blocked;  // the layouts src and dst are held in: nChw16c, else NCHW
+};
+
+memory::desc Any(const memory::dims &dims) {
+  return memory::desc(dims, memory::data_type::f32, memory::format_tag::any);
+}
+
+memory::desc BiasDesc(const memory::dims &weights) {
+  return memory::desc({weights[0]}, memory::data_type::f32, memory::format_tag::a);
+}
+
+Plan MakePlan(Runtime &rt, const Conv &conv, const memory::dims &src, const memory::dims &weights,
+              const memory::dims &dst) {
+  using namespace dnnl;
+  memory::dims strides = {conv.stride, conv.stride}, pads = {conv.pad, conv.pad};
+  // a blocked tensor fixes its side's layout; otherwise oneDNN chooses
+  memory::desc src_md = conv.src_blocked ? Blocked(src) : Any(src), dst_md = conv.dst_blocked ? Blocked(dst) : Any(dst);
+  primitive_attr attr;
+  if (conv.pass == Pass::kForward && conv.relu) {
+    post_ops ops;
+    ops.append_eltwise(algorithm::eltwise_relu, 0.0f, 0.0f);
+    attr.set_post_ops(ops);
+  }
+  auto forward = convolution_forward::primitive_desc(
+      rt.engine, prop_kind::forward_training, algorithm::convolution_direct, src_md, Any(weights),
+      BiasDesc(weights), dst_md, strides, pads, pads, attr);
+  switch (conv.pass) {
+    case Pass::kForward:
+      return {convolution_forward(forward), forward.src_desc(), forward.weights_desc(), forward.dst_desc()};
+    case Pass::kBackwardData: {
+      auto pd = convolution_backward_data::primitive_desc(rt.engine, algorithm::convolution_direct, src_md,
+                                                          Any(weights), dst_md, strides, pads, pads, forward);
+      return {convolution_backward_data(pd), pd.diff_src_desc(), pd.weights_desc(), pd.diff_dst_desc()};
+    }
+    case Pass::kBackwardWeights: {
+      auto pd = convolution_backward_weights::primitive_desc(rt.engine, algorithm::convolution_direct, src_md,
+                                                             Any(weights), BiasDesc(weights), dst_md, strides,
+                                                             pads, pads, forward);
+      return {convolution_backward_weights(pd), pd.src_desc(), pd.diff_weights_desc(), pd.diff_dst_desc()};
+    }
+  }
+  throw std::logic_error("unknown pass");
+}
+
+// A memory of `desc` over the slot's kept buffer, grown when needed.
+memory Scratch(Runtime &rt, Slot slot, const memory::desc &desc) {
+  std::vector<float> &buffer = GetCache().scratch[slot];
+  size_t floats = (desc.get_size() + sizeof(float) - 1) / sizeof(float);
+  if (buffer.size() < floats) buffer.resize(floats);
+  return memory(desc, rt.engine, buffer.data());
+}
+
+// The tensor as MindSpore holds it when the primitive wants that layout and nothing is scaled, else a reordered
+// copy.
+memory Inbound(Runtime &rt, Slot slot, const memory::desc &wanted, const memory &held, const float *scale = nullptr) {
+  if (wanted == held.get_desc() && scale == nullptr) return held;
+  memory copy = Scratch(rt, slot, wanted);
+  Reorder(rt, held, copy, scale);
+  return copy;
+}
+
+// y[n, c] += bias[c] (then ReLU) over a plain (N, C, H, W) tensor.
+void AddBias(Runtime &rt, float *y, const int64_t *shape, const float *bias, bool relu) {
+  int64_t channels = shape[1], plane = shape[2] * shape[3];
+  ParallelRange(rt, shape[0] * channels, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      float b = bias[job % channels], *values = y + job * plane;
+      if (relu) {
+        for (int64_t i = 0; i < plane; ++i) values[i] = std::max(values[i] + b, 0.0f);
+      } else {
+        for (int64_t i = 0; i < plane; ++i) values[i] += b;
+      }
+    }
+  });
+}
+
+// Runs one pass (see Conv).
+int Run(const Conv &conv) {
+  Runtime &rt = GetRuntime();
+  try {
+    std::lock_guard<std::mutex> lock(rt.mutex);
+    memory::dims src_dims = Dims(conv.src_shape), weights_dims = Dims(conv.weights_shape);
+    memory::dims dst_dims = Dims(conv.dst_shape);
+    std::vector<int64_t> key = {static_cast<int64_t>(conv.pass), conv.stride, conv.pad, conv.relu, conv.src_blocked,
+                                conv.dst_blocked};
+    for (const auto *dims : {&src_dims, &weights_dims, &dst_dims}) key.insert(key.end(), dims->begin(), dims->end());
+    auto &plans = GetCache().plans;
+    auto found = plans.find(key);
+    if (found == plans.end()) {
+      found = plans.emplace(key, MakePlan(rt, conv, src_dims, weights_dims, dst_dims)).first;
+    }
+    const Plan &plan = found->second;
+    memory src_held(Held(src_dims, conv.src_blocked), rt.engine, conv.src);
+    memory weights_held(Plain(weights_dims), rt.engine, conv.weights);
+    memory dst_held(Held(dst_dims, conv.dst_blocked), rt.engine, conv.dst);
+
+    // The output of the pass is written into the primitive's layout, then reordered into the held buffer.
+    memory *output_held = nullptr;
+    const memory::desc *output_desc = nullptr;
+    Slot output_slot;
+    std::unordered_map<int, memory> args;
+    if (conv.pass == Pass::kForward) {
+      args[DNNL_ARG_SRC] = Inbound(rt, kSrcSlot, plan.src, src_held);
+      args[DNNL_ARG_WEIGHTS] = Inbound(rt, kWeightsSlot, plan.weights, weights_held, conv.scale);
+      args[DNNL_ARG_BIAS] = memory(BiasDesc(weights_dims), rt.engine, conv.bias);
+      output_held = &dst_held, output_desc = &plan.dst, output_slot = kDstSlot;
+    } else if (conv.pass == Pass::kBackwardData) {
+      args[DNNL_ARG_DIFF_DST] = Inbound(rt, kDstSlot, plan.dst, dst_held);
+      args[DNNL_ARG_WEIGHTS] = Inbound(rt, kWeightsSlot, plan.weights, weights_held, conv.scale);
+      output_held = &src_held, output_desc = &plan.src, output_slot = kSrcSlot;
+    } else {
+      args[DNNL_ARG_SRC] = Inbound(rt, kSrcSlot, plan.src, src_held);
+      args[DNNL_ARG_DIFF_DST] = Inbound(rt, kDstSlot, plan.dst, dst_held);
+      args[DNNL_ARG_DIFF_BIAS] = memory(BiasDesc(weights_dims), rt.engine, conv.bias);
+      output_held = &weights_held, output_desc = &plan.weights, output_slot = kWeightsSlot;
+    }
+    const float *output_scale = conv.pass == Pass::kBackwardWeights ? conv.scale : nullptr;  // d(w * s)/dw = s
+    memory output = *output_desc == output_held->get_desc() && output_scale == nullptr
+                        ? *output_held : Scratch(rt, output_slot, *output_desc);
+    int output_arg = conv.pass == Pass::kForward ? DNNL_ARG_DST
+                     : conv.pass == Pass::kBackwardData ? DNNL_ARG_DIFF_SRC : DNNL_ARG_DIFF_WEIGHTS;
+    args[output_arg] = output;
+    plan.primitive.execute(rt.stream, args);
+    if (output.get() != output_held->get()) Reorder(rt, output, *output_held, output_scale);
+    rt.stream.wait();
+    if (conv.pass == Pass::kBackwardData && conv.bias != nullptr) AddBias(rt, conv.src, conv.src_shape, conv.bias,
+                                                                           conv.relu);
+    return kOk;
+  } catch (const std::exception &error) {
+    return ReportOneDnnFailure(error);
+  }
+}
+
+// The argument slots of each kind of entry point, in MindSpore's order: inputs, then outputs.
+enum ForwardArg { kForwardX, kForwardW, kForwardBias, kForwardScale, kForwardLayout, kForwardY };
+enum BackwardDataArg { kBackwardDataDy, kBackwardDataW, kBackwardDataX, kBackwardDataScale, kBackwardDataLayout,
+                       kBackwardDataDx };  // x gives dx's shape only
+enum BackwardWeightsArg { kBackwardWeightsX, kBackwardWeightsDy, kBackwardWeightsW, kBackwardWeightsScale,
+                          kBackwardWeightsLayout, kBackwardWeightsDw, kBackwardWeightsDb };  // w gives dw's shape
+enum DeconvArg { kDeconvX, kDeconvW, kDeconvBias, kDeconvY };
+constexpr int kAbsent = -1;
+
+// Where a pass finds the convolution's tensors: params[src], [weights], [dst] are its 4-d tensors (for the
+// backward passes their gradients), params[bias] its 1-d bias, params[scale] its 1-d filter scale and
+// params[layout] its int32 layout flags; the first `inputs` of the nparam are inputs, the rest outputs.
+struct Slots {
+  int inputs, src, weights, dst, bias, scale, layout;
+};
+constexpr Slots kForwardSlots = {kForwardY, kForwardX, kForwardW, kForwardY,
+                                 kForwardBias, kForwardScale, kForwardLayout};
+constexpr Slots kBackwardDataSlots = {kBackwardDataDx, kBackwardDataDx, kBackwardDataW, kBackwardDataDy,
+                                      kAbsent, kBackwardDataScale, kBackwardDataLayout};
+constexpr Slots kBackwardWeightsSlots = {kBackwardWeightsDw, kBackwardWeightsX, kBackwardWeightsDw,
+                                         kBackwardWeightsDy, kBackwardWeightsDb, kBackwardWeightsScale,
+                                         kBackwardWeightsLayout};
+// A transposed convolution is a convolution's backward-data pass: its x is that pass's dy, its y the dx.
+constexpr Slots kDeconvSlots = {kDeconvY, kDeconvY, kDeconvW, kDeconvX, kDeconvBias, kAbsent, kAbsent};
+
+int Call(Pass pass, Slots slots, bool relu, int stride, int pad, int nparam, void **params, const int *ndims,
+         int64_t **shapes, const char **dtypes) {
+  int outputs = pass == Pass::kBackwardWeights ? 2 : 1;
+  if (nparam != slots.inputs + outputs) return kBadArguments;
+  for (int i = 0; i < nparam; ++i) {
+    bool vector = i == slots.bias || i == slots.scale || i == slots.layout;
+    if (ndims[i] != (vector ? 1 : 4) || !IsDtype(dtypes[i], i == slots.layout ? "int32" : "float32")) {
+      return kBadArguments;
+    }
+  }
+  const int32_t *layout = slots.layout < 0 ? nullptr : static_cast<const int32_t *>(params[slots.layout]);
+  auto tensor = [&](int slot) { return slot < 0 ? nullptr : static_cast<float *>(params[slot]); };
+  // A scale of ones (every layer without a folded norm) is no scale: the weights then skip the scaled reorder.
+  float *scale = tensor(slots.scale);
+  if (scale != nullptr && std::all_of(scale, scale + shapes[slots.weights][0], [](float s) { return s == 1.0f; })) {
+    scale = nullptr;
+  }
+  return Run(Conv{pass, shapes[slots.src], shapes[slots.weights], shapes[slots.dst], tensor(slots.src),
+                  tensor(slots.weights), tensor(slots.dst), tensor(slots.bias), scale, stride, pad, relu,
+                  layout != nullptr && layout[0] != 0, layout != nullptr && layout[1] != 0});
+}
+
+// BiasGrad(dy (N, C, H, W)) -> db (C,): dy summed over everything but the channel.
+int BiasGrad(int nparam, void **params, const int *ndims, int64_t **shapes, const char **dtypes) {
+  enum Arg { kDy, kDb, kArgs };
+  if (nparam != kArgs || ndims[kDy] != 4 || ndims[kDb] != 1 || !IsDtype(dtypes[kDy], "float32")) {
+    return kBadArguments;
+  }
+  Runtime &rt = GetRuntime();
+  std::lock_guard<std::mutex> lock(rt.mutex);
+  const int64_t *shape = shapes[kDy];
+  int64_t channels = shape[1], plane = shape[2] * shape[3];
+  const float *dy = static_cast<const float *>(params[kDy]);
+  float *db = static_cast<float *>(params[kDb]);
+  ParallelRange(rt, channels, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double sum = 0.0;
+      for (int64_t n = 0; n < shape[0]; ++n) {
+        const float *values = dy + (n * channels + c) * plane;
+        float partial = 0.0f;
+        for (int64_t i = 0; i < plane; ++i) partial += values[i];
+        sum += partial;
+      }
+      db[c] = static_cast<float>(sum);
+    }
+  });
+  return kOk;
+}
+
+}  // namespace
+}  // namespace maskrcnn_ops
+
+using maskrcnn_ops::Pass;
+
+MASKRCNN_ENTRY_POINT(BiasGrad) { return maskrcnn_ops::BiasGrad(nparam, params, ndims, shapes, dtypes); }
+
+// One set of entry points per (stride, padding on every side): MindSpore keys a custom operator's shape
+// inference by its function name, so the geometry has to be part of the name.
+#define CONV_ENTRY_POINT(NAME, STRIDE, PAD, PASS, RELU, SLOTS)                                                 \
+  MASKRCNN_ENTRY_POINT(NAME##S##STRIDE##P##PAD) {                                                               \
+    return maskrcnn_ops::Call(PASS, maskrcnn_ops::SLOTS, RELU, STRIDE, PAD, nparam, params, ndims, shapes, dtypes); \
+  }
+#define CONV_ENTRY_POINTS(STRIDE, PAD)                                                                          \
+  CONV_ENTRY_POINT(ConvForward, STRIDE, PAD, Pass::kForward, false, kForwardSlots)                              \
+  CONV_ENTRY_POINT(ConvReluForward, STRIDE, PAD, Pass::kForward, true, kForwardSlots)                           \
+  CONV_ENTRY_POINT(ConvBackwardData, STRIDE, PAD, Pass::kBackwardData, false, kBackwardDataSlots)               \
+  CONV_ENTRY_POINT(ConvBackwardWeights, STRIDE, PAD, Pass::kBackwardWeights, false, kBackwardWeightsSlots)      \
+  CONV_ENTRY_POINT(DeconvForward, STRIDE, PAD, Pass::kBackwardData, false, kDeconvSlots)                        \
+  CONV_ENTRY_POINT(DeconvReluForward, STRIDE, PAD, Pass::kBackwardData, true, kDeconvSlots)
+
+MASKRCNN_CONV_GEOMETRIES(CONV_ENTRY_POINTS)

@@ -1,0 +1,32 @@
+"""Mask targets: the aligned RoIAlign (roi_align.py's conventions) of GT masks over RoIs, thresholded to 0/1, on
+the CPU kernel (kernels/mask_targets.cpp, straight from the uint8 masks) or the gather version."""
+import mindspore as ms
+import numpy as np
+from mindspore import nn, ops
+
+from src.ops import backend, constants
+from src.ops.custom import kernel
+from src.ops.roi_align import SingleLevelRoIAlign
+
+
+class MaskTargets(nn.Cell):
+    """construct(masks (B, M, H, W) uint8 0/1, rois (R, 5) = (mask row b * M + m, x1, y1, x2, y2) in mask pixels
+    at `stride`) -> (R, size, size) float32: 1 where the RoIAlign of the RoI's mask row is >= the threshold
+    (constants.MASK_TARGET_THRESHOLD), else 0. No gradient flows."""
+
+    def __init__(self, size: int, sample_ratio: int, stride: float):
+        super().__init__()
+        self.uses_kernel = backend.enabled() and size in constants.MASK_TARGET_SIZES
+        self.kernel = kernel(f"MaskTargets{size}", lambda rois, settings, masks: [rois[0], size, size],
+                             lambda rois, settings, masks: ms.float32) if self.uses_kernel else None
+        self.settings = ms.Tensor(np.array([sample_ratio, stride], np.float32))
+        self.align = SingleLevelRoIAlign(size, stride, sample_ratio)
+
+    def construct(self, masks, rois):
+        rois = ops.stop_gradient(rois)
+        if self.uses_kernel:
+            return self.kernel(rois, self.settings, masks)
+        batch, num_gts, height, width = masks.shape
+        rows = masks.reshape(batch * num_gts, 1, height, width)                      # uint8: only taps become float
+        soft = self.align(rows, rois)[:, 0]                                           # (R, size, size)
+        return ops.stop_gradient(ops.cast(soft >= constants.MASK_TARGET_THRESHOLD, ms.float32))
