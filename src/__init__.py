@@ -7,7 +7,11 @@ too), so the cap is only set when those kernels are unavailable or switched off,
 ONEDNN_MAX_CPU_ISA. oneDNN reads it when it creates its first primitive, so deciding when `src` is imported
 (before any network runs) is early enough.
 """
-from src import cpu_kernels
+from src.version_check import check_mindspore_version
+
+check_mindspore_version()       # before any of our modules meets an API an older MindSpore lacks
+
+from src import cpu_kernels  # noqa: E402
 
 if cpu_kernels.library() is None:
     cpu_kernels.cap_isa_for_mindspore_kernels()
