@@ -301,21 +301,27 @@ def main(argv=None) -> int:
         with open(sys.argv[2], "r", encoding="utf-8") as handle:
             print(json.dumps(run_torchvision_worker(json.load(handle))), flush=True)
         return 0
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if "torchvision" in args.sides and not os.access(args.torch_python, os.X_OK):
+        parser.error(f"--torch_python {args.torch_python}: not an executable; point it to the python of a venv with "
+                     f"torch and torchvision (bench/requirements.txt)")
     import demo
 
     _, _, cfg = demo.parse_args(demo_argv(args))
     results = []
-    if "ours" in args.sides:
-        result, cfg = run_ours(args, demo_argv(args))
+
+    def report(result):
         results.append(result)
+        print(f"{result['side']:12s} steps {result['steps']:5d}  train {result['train_seconds']:7.1f} s  "
+              f"bbox AP {result['bbox_AP']:.3f}  segm AP {result['segm_AP']:.3f}", flush=True)
+
+    if "ours" in args.sides:
+        report(run_ours(args, demo_argv(args))[0])
     if "torchvision" in args.sides:
         if "ours" not in args.sides:
             demo.make_dataset(demo.parse_args(demo_argv(args))[0], cfg)
-        results.append(run_torchvision(torch_job(args, cfg), args.torch_python))
-    for r in results:
-        print(f"{r['side']:12s} steps {r['steps']:5d}  train {r['train_seconds']:7.1f} s  "
-              f"bbox AP {r['bbox_AP']:.3f}  segm AP {r['segm_AP']:.3f}", flush=True)
+        report(run_torchvision(torch_job(args, cfg), args.torch_python))
     rows = table_rows(results, args)
     print(rows, end="")
     if args.results:

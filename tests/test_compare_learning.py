@@ -55,3 +55,11 @@ def test_rows_are_appended_to_one_table(tmp_path):
     assert text.startswith("# Results\n\n## Other\n\ntext\n\n" + compare_learning.TABLE_TITLE)
     assert text.count(compare_learning.TABLE_TITLE) == 1 and text.count("| torchvision |") == 2
     assert text.endswith(rows + rows)
+
+
+def test_a_missing_torch_python_fails_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        compare_learning.main(["--steps", "2", "--out", str(tmp_path / "out"), "--torch_python",
+                               str(tmp_path / "no_python")])
+    assert stop.value.code == 2 and "--torch_python" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
