@@ -133,13 +133,44 @@ def _read_rgb(path):
     return np.ascontiguousarray(pixels[:, :, ::-1]).astype(np.float32) / 255.0
 
 
+def coco_results(image_id, boxes, labels, scores, masks, category_of):
+    """One image's detections (boxes (n, 4) xyxy, labels (n,) class indices, scores (n,), binary masks
+    (n, H, W) uint8) -> COCO result dicts with xywh boxes and RLE masks."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    results = []
+    for box, label, score, mask in zip(boxes.tolist(), labels.tolist(), scores.tolist(), masks):
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode("ascii")
+        results.append({"image_id": image_id, "category_id": category_of[int(label)], "score": float(score),
+                        "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "segmentation": rle})
+    return results
+
+
+def coco_ap(coco_gt, image_ids, results):
+    """{'bbox': AP, 'segm': AP} (COCO AP @[.5:.95]) of `results` on `image_ids`; 0 without any result."""
+    from pycocotools.cocoeval import COCOeval
+
+    ap = {}
+    for iou_type in ("bbox", "segm"):
+        if not results:
+            ap[iou_type] = 0.0
+            continue
+        evaluation = COCOeval(coco_gt, coco_gt.loadRes([dict(r) for r in results]), iou_type)
+        evaluation.params.imgIds = list(image_ids)
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+        ap[iou_type] = float(evaluation.stats[0])
+    return ap
+
+
 def run_torchvision_worker(job):
     import numpy as np
     import torch
     import torchvision
-    from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
     from torchvision.models.detection.anchor_utils import AnchorGenerator
 
     torch.set_num_threads(THREADS)
@@ -199,23 +230,9 @@ def run_torchvision_worker(job):
         for image_id, path, _, _, _ in val:
             out = model([torch.from_numpy(np.ascontiguousarray(_read_rgb(path).transpose(2, 0, 1)))])[0]
             masks = (out["masks"][:, 0] > job["mask_thr"]).numpy().astype(np.uint8)
-            for box, label, score, mask in zip(out["boxes"].tolist(), out["labels"].tolist(),
-                                               out["scores"].tolist(), masks):
-                rle = mask_utils.encode(np.asfortranarray(mask))
-                rle["counts"] = rle["counts"].decode("ascii")
-                results.append({"image_id": image_id, "category_id": category_of[label], "score": score,
-                                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "segmentation": rle})
-    ap = {}
-    for iou_type in ("bbox", "segm"):
-        if not results:
-            ap[iou_type] = 0.0
-            continue
-        evaluation = COCOeval(val_gt, val_gt.loadRes([dict(r) for r in results]), iou_type)
-        evaluation.params.imgIds = [s[0] for s in val]
-        evaluation.evaluate()
-        evaluation.accumulate()
-        evaluation.summarize()
-        ap[iou_type] = float(evaluation.stats[0])
+            results += coco_results(image_id, out["boxes"].numpy(), out["labels"].numpy(), out["scores"].numpy(),
+                                    masks, category_of)
+    ap = coco_ap(val_gt, [s[0] for s in val], results)
     return {"side": "torchvision", "steps": job["steps"], "train_seconds": round(seconds, 1),
             "bbox_AP": ap["bbox"], "segm_AP": ap["segm"],
             "version": f"torch {torch.__version__}, torchvision {torchvision.__version__}"}

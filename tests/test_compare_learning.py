@@ -63,3 +63,21 @@ def test_a_missing_torch_python_fails_before_any_work(tmp_path, capsys):
                                str(tmp_path / "no_python")])
     assert stop.value.code == 2 and "--torch_python" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_ground_truth_given_as_detections_scores_ap_one(synthetic_coco):
+    """The worker's data loading and result conversion, on the session's synthetic set: the val GT itself,
+    sent through them as detections, gets AP 1 in bbox and segm (a wrong category map or box format would not)."""
+    from pycocotools.coco import COCO
+
+    classes = ["background", "rectangle", "ellipse", "triangle", "star"]
+    gt = COCO(os.path.join(synthetic_coco, "annotations", "instances_val2017.json"))
+    val = compare_learning._load_split(gt, os.path.join(synthetic_coco, "val2017"), classes)
+    category_of = {classes.index(cat["name"]): cat["id"] for cat in gt.loadCats(gt.getCatIds())}
+    results = []
+    for image_id, path, boxes, labels, masks in val:
+        assert compare_learning._read_rgb(path).shape[:2] == masks.shape[1:]
+        results += compare_learning.coco_results(image_id, boxes, labels, np.ones(len(labels)), masks, category_of)
+    assert len(results) > 0
+    ap = compare_learning.coco_ap(gt, [s[0] for s in val], results)
+    assert ap["bbox"] > 0.99 and ap["segm"] > 0.99
