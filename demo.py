@@ -11,7 +11,9 @@ The schedule is sized to the budget: a short calibration run (in the warmup, who
 on the schedule length) measures the compile time and the steady step time; training then resumes from
 its checkpoint with a warmup + cosine schedule that ends at the last step that still leaves time for
 eval, export and predict. Other jobs on the machine change the step time, so the run stops at 1/3 and
-2/3 of the planned steps, re-times and re-sizes the rest of the schedule (one compile each).
+2/3 of the planned steps, re-times and re-sizes the rest of the schedule (one compile each). Every plan is
+a `train.lr_replans` entry: the curve continues from the current rate to the new end without a jump
+(src/lr_schedule.py), and each segment's config holds all plans so far, so its rates equal the whole run's.
 `--steps N` trains exactly N steps instead (tests, reproductions).
 Any `--key value` pair is a config override passed to every stage (see src/config.py).
 """
@@ -138,6 +140,13 @@ def schedule_overrides(total_steps: int, steps_per_epoch: int, warmup_step: int)
             "train.epoch_size": -(-total_steps // steps_per_epoch)}
 
 
+def replan_overrides(replans: List[List[int]], steps_per_epoch: int) -> Dict[str, object]:
+    """Config keys for a segment after the plans `replans` ([at_step, total_steps, warmup_step] each, in order):
+    the schedule continues through every re-plan without a jump and ends at the last plan's total."""
+    return {"train.lr_replans": [list(entry) for entry in replans],
+            "train.epoch_size": -(-replans[-1][1] // steps_per_epoch)}
+
+
 def segment_timing(metrics_path: str, after_step: int) -> tuple:
     """(compile seconds, steady seconds per step) of the training process that started after `after_step`.
 
@@ -231,30 +240,29 @@ def train(args, overrides, cfg, started: float, facts: dict) -> str:
     metrics = os.path.join(args.out, "metrics.jsonl")
     checkpoints = os.path.join(args.out, "checkpoint")
 
-    def run_segment(stage: str, total_steps: int, stop: int, warmup_step: int, resume: bool,
-                    deadline: float = 0.0) -> None:
-        schedule = {**schedule_overrides(total_steps, steps_per_epoch, cfg.train.warmup_step),
-                    "train.warmup_step": warmup_step}
+    def run_segment(stage: str, schedule: Dict[str, object], stop: int, resume: bool, deadline: float = 0.0) -> None:
         resume_args = ["--resume", find_checkpoints(checkpoints)[-1]] if resume else []
         run_child(stage, ["train.py", "--output_dir", args.out] + config_args({**overrides, **schedule})
                   + resume_args + ["--max_steps", str(stop), "--deadline", f"{deadline:.1f}"])
 
     if args.steps:
-        run_segment("train", args.steps, args.steps, schedule_overrides(args.steps, steps_per_epoch,
-                                                                          cfg.train.warmup_step)["train.warmup_step"],
+        run_segment("train", schedule_overrides(args.steps, steps_per_epoch, cfg.train.warmup_step), args.steps,
                     resume=False)
     else:
-        # the calibration steps lie in the warmup, whose rates do not depend on the schedule length
-        run_segment("train (calibration)", CALIBRATION_STEPS, CALIBRATION_STEPS, cfg.train.warmup_step, resume=False)
+        # the calibration steps lie in the preset's warmup; the first plan re-aims its ramp
+        run_segment("train (calibration)", {"train.epoch_size": -(-CALIBRATION_STEPS // steps_per_epoch)},
+                    CALIBRATION_STEPS, resume=False)
         compile_seconds, step_seconds = segment_timing(metrics, 0)
-        done, plans = CALIBRATION_STEPS, []
+        done, plans, replans, warmup = CALIBRATION_STEPS, [], [], None
         for segment in range(TRAIN_SEGMENTS):
             segments_left = TRAIN_SEGMENTS - segment
             seconds_left = args.minutes * 60.0 - (time.time() - started)
             total = done + steps_for_budget(seconds_left, compile_seconds, step_seconds * STEP_TIME_MARGIN,
                                             args.val_images, segments_left)
+            if warmup is None:                    # fixed by the first plan: a later one only re-times the cosine
+                warmup = schedule_overrides(total, steps_per_epoch, cfg.train.warmup_step)["train.warmup_step"]
             plans.append({"at_step": done, "compile_seconds": round(compile_seconds, 1),
-                          "step_seconds": round(step_seconds, 3), "total_steps": total})
+                          "step_seconds": round(step_seconds, 3), "total_steps": total, "warmup_step": warmup})
             print(f"plan at step {done}: compile {compile_seconds:.0f} s, {step_seconds:.2f} s/step, "
                   f"{seconds_left / 60:.1f} min left -> {total} steps in all", flush=True)
             if total <= done:
@@ -262,12 +270,12 @@ def train(args, overrides, cfg, started: float, facts: dict) -> str:
                       f"stopping at step {done}", flush=True)
                 break
             stop = total if segments_left == 1 else max(done + (total - done) // segments_left, done + 1)
-            warmup = schedule_overrides(total, steps_per_epoch, cfg.train.warmup_step)["train.warmup_step"]
+            replans.append([done, total, warmup])
             # a machine that slows down after this plan must not push the run past its budget
             deadline = started + args.minutes * 60.0 - after_training_seconds(
                 compile_seconds, step_seconds * STEP_TIME_MARGIN, args.val_images)
-            run_segment(f"train (segment {segment + 1}/{TRAIN_SEGMENTS})", total, stop, warmup, resume=True,
-                        deadline=deadline)
+            run_segment(f"train (segment {segment + 1}/{TRAIN_SEGMENTS})", replan_overrides(replans, steps_per_epoch),
+                        stop, resume=True, deadline=deadline)
             reached = read_train_summary(args.out)["global_step"]
             if reached < stop:
                 print(f"training stopped at its deadline, step {reached} of {total}", flush=True)

@@ -168,18 +168,36 @@ def _freeze_like_recipe(model):
             param.requires_grad_(False)
 
 
+def build_torchvision(num_classes, height, width, backbone="recipe", **detector_options):
+    """torchvision Mask R-CNN R50-FPN without any weights, resizing to our input size.
+
+    backbone: 'recipe' (frozen BatchNorm, stem + layer1 frozen, as our recipe), 'stock' (as built) or
+    'group' (GroupNorm(32) in every BatchNorm's place, every layer trains: our demo preset, from scratch).
+    detector_options go to MaskRCNN (anchor generator, sampling and proposal counts, detections).
+    """
+    import torch
+    from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    sizes = {"num_classes": num_classes, "min_size": min(height, width), "max_size": max(height, width)}
+    if backbone == "group":
+        body = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=5,
+                                   norm_layer=lambda channels: torch.nn.GroupNorm(32, channels))
+        return MaskRCNN(body, **sizes, **detector_options)
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **sizes, **detector_options)
+    if backbone == "recipe":
+        _freeze_like_recipe(model)
+    return model
+
+
 def run_torchvision(job):
     import torch
     import torchvision
-    from torchvision.models.detection import maskrcnn_resnet50_fpn
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(SEED)
     height, width = job["height"], job["width"]
-    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=NUM_CLASSES,
-                                  min_size=min(height, width), max_size=max(height, width))
-    if job["torch_backbone"] == "recipe":
-        _freeze_like_recipe(model)
+    model = build_torchvision(NUM_CLASSES, height, width, job["torch_backbone"])
     scene = synthetic_scene(height, width, OBJECTS_PER_IMAGE)
     images = [torch.from_numpy(p.transpose(2, 0, 1).astype(np.float32) / PIXEL_MAX) for p in scene["pixels"]]
     detections = []                                   # per inference call: detections per image

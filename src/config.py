@@ -168,6 +168,8 @@ class TrainConfig:
     warmup_step: int = 500
     warmup_mode: str = "linear"
     warmup_ratio: float = 1.0 / 3.0
+    # [at_step, total_steps, warmup_step] per re-plan of a running schedule (src/lr_schedule.py); [] = none
+    lr_replans: List[List[int]] = field(default_factory=list)
     batch_size: int = 2
     loss_scale: float = 1.0
     momentum: float = 0.91
@@ -333,6 +335,14 @@ def validate(cfg: Config) -> Config:
     _check(tr.warmup_step >= 0, "train.warmup_step", f"must be >= 0, got {tr.warmup_step}")
     _check(tr.warmup_mode in ("linear", "constant"), "train.warmup_mode", "must be 'linear' or 'constant'")
     _in_unit(tr.warmup_ratio, "train.warmup_ratio")
+    previous = -1
+    for entry in tr.lr_replans:
+        _check(len(entry) == 3, "train.lr_replans", f"entries are [at_step, total_steps, warmup_step], got {entry}")
+        at, total, warmup = entry
+        _check(at > previous, "train.lr_replans", f"at_step values must increase and be >= 0, got {entry}")
+        _check(total > at and warmup >= 0, "train.lr_replans",
+               f"need total_steps > at_step and warmup_step >= 0, got {entry}")
+        previous = at
     _positive(tr.batch_size, "train.batch_size")
     _positive(tr.loss_scale, "train.loss_scale")
     _check(0.0 <= tr.momentum < 1.0, "train.momentum", f"must be in [0, 1), got {tr.momentum}")

@@ -16,7 +16,7 @@ import pytest
 
 import demo
 from inference_helpers import NARROW_OVERRIDES
-from src.config import load_config
+from src.config import load_config, parse_overrides
 from src.loss_curve import loss_series, moving_average, plot_loss_curve, read_metrics
 from src.lr_schedule import dynamic_lr
 from src.maskrcnn.mask_rcnn_r50 import LOSS_NAMES
@@ -256,3 +256,39 @@ def test_moving_average_is_a_trailing_mean():
     values = np.arange(40, dtype=np.float64)                           # window = 2 rows
     smooth = moving_average(values)
     assert smooth[0] == 0.0 and np.allclose(smooth[1:], values[1:] - 0.5)
+
+
+def test_replanned_segments_continue_one_curve(tmp_path, monkeypatch):
+    """Fake training processes and a step time that changes between plans: every segment's config gives the
+    rates of the whole run over its steps, and the whole curve has no jump at the re-plans."""
+    args, overrides, cfg = demo.parse_args(["--minutes", "30", "--out", str(tmp_path)])
+    os.makedirs(tmp_path / "checkpoint")
+    open(tmp_path / "checkpoint" / "maskrcnn-1_6.ckpt", "wb").close()
+    segments = []
+
+    def fake_child(stage, argv, capture=None):
+        stop = int(argv[argv.index("--max_steps") + 1])
+        keys = argv[argv.index("--config") + 2:argv.index("--max_steps")]
+        if "--resume" in keys:
+            keys = keys[:keys.index("--resume")]
+        start = segments[-1][1] if segments else 0
+        segments.append((start, stop, load_config("demo", parse_overrides(keys)).train))
+        with open(tmp_path / "train_summary_0.json", "w", encoding="utf-8") as handle:
+            json.dump({"global_step": stop, "final_losses": {}}, handle)
+
+    step_times = iter([1.0, 1.6, 0.8, 0.8])                             # calibration, then after each segment
+    monkeypatch.setattr(demo, "run_child", fake_child)
+    monkeypatch.setattr(demo, "segment_timing", lambda metrics, after: (30.0, next(step_times)))
+    monkeypatch.setattr("src.dataset.load_manifest", lambda cfg, is_training: {"records": 400})
+    facts = {}
+    demo.train(args, overrides, cfg, time.time(), facts)
+    totals = [plan["total_steps"] for plan in facts["schedule_plans"]]
+    assert len(segments) == 4 and len(set(totals)) == 3                 # three different plans
+    final = segments[-1][2]
+    assert [entry[0] for entry in final.lr_replans] == [start for start, _, _ in segments[1:]]
+    rates = dynamic_lr(final).astype(np.float64)
+    assert len(rates) == totals[-1] == segments[-1][1] and rates[-1] < 0.03 * final.base_lr
+    for start, stop, train in segments:
+        np.testing.assert_array_equal(dynamic_lr(train, start_step=start, num_steps=stop - start), rates[start:stop])
+    jumps = np.abs(np.diff(rates))
+    assert jumps.max() <= 1.01 * final.base_lr * (1 - final.warmup_ratio) / final.warmup_step   # the ramp's slope
