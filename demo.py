@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shutil
@@ -29,6 +28,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from src import atomic_io
+from src.cli import output_dir_problem
 from src.config import ConfigError, load_config, parse_overrides
 from src.synthetic import STYLES
 
@@ -38,7 +39,7 @@ DEFAULT_SIZE = "128x192"
 DEFAULT_STYLE = "simple"           # scenes a from-scratch ResNet50 learns within the budget (docs/demo_results.md)
 VAL_IMAGES = 50
 PREDICT_IMAGES = 4
-PREDICT_SCORE_THR = 0.25           # shows short runs too; a 30-minute run: best per image 0.78-0.998
+PREDICT_SCORE_THR = 0.25           # low enough that short runs show detections too (docs/demo_results.md)
 CALIBRATION_STEPS = 6              # first step compiles; the median of the rest is the step time
 MIN_WARMUP_FRACTION = 10           # warmup <= 1/10 of the schedule: the cosine then ends below 3 % of base_lr
 # Time kept for what follows training, in units measured by the calibration run:
@@ -199,9 +200,7 @@ def make_dataset(args, cfg) -> None:
         reusable = False
     if not reusable:
         make_synthetic_coco(cfg.data.coco_root, args.images, args.val_images, args.seed, style=args.style)
-        with open(stamp_path + ".tmp", "w", encoding="utf-8") as handle:
-            json.dump(wanted, handle)
-        os.replace(stamp_path + ".tmp", stamp_path)
+        atomic_io.write_json(stamp_path, wanted)
     print(f"synthetic set ({args.style}): {args.images} train + {args.val_images} val images in {cfg.data.coco_root}",
           flush=True)
     for is_training in (True, False):
@@ -309,8 +308,7 @@ def evaluate(out: str, checkpoint: str, cfg, overrides) -> dict:
             if len(summary) % 13 == 0:
                 summary.append(f"{next(iou_type)}:\n")
             summary.append(line)
-    from src.util import write_bytes_atomic
-    write_bytes_atomic(os.path.join(eval_dir, COCO_SUMMARY_TEXT), "".join(summary).encode("utf-8"))
+    atomic_io.write_bytes(os.path.join(eval_dir, COCO_SUMMARY_TEXT), "".join(summary).encode("utf-8"))
     with open(os.path.join(eval_dir, "eval_metrics.json"), "r", encoding="utf-8") as handle:
         return json.load(handle)
 
@@ -361,13 +359,16 @@ def run(args, overrides, cfg) -> dict:
                "bbox_AP": metrics["bbox"]["AP"], "segm_AP": metrics["segm"]["AP"],
                "load_average": list(os.getloadavg()), "checkpoint": checkpoint, "mindir": mindir,
                "loss_curve": curve, "predictions": pictures}
-    from src.util import write_json_atomic
-    write_json_atomic(os.path.join(args.out, SUMMARY_FILE), summary)
+    atomic_io.write_json(os.path.join(args.out, SUMMARY_FILE), summary)
     return summary
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, overrides, cfg = parse_args(argv)
+    problem = output_dir_problem(args.out, "--out")
+    if problem:
+        print(f"ERROR: {problem}", file=sys.stderr)
+        return 2
     try:
         summary = run(args, overrides, cfg)
     except DemoError as err:

@@ -9,6 +9,7 @@ Writes <output_dir>/detections.json (COCO results) and <output_dir>/eval_metrics
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Callable, Dict, Iterable, List, Sequence, Tuple
@@ -17,8 +18,11 @@ import numpy as np
 from tqdm import tqdm
 
 from src.config import Config, config_from_args
-from src.util import (build_inference_net, check_image_coverage, detections_from_outputs, detections_to_coco,
-                      label_to_category_ids, load_coco, run_script, score_and_save, setup_context)
+from src.cli import check_output_dirs, run_script
+from src.coco_eval import (check_image_coverage, detections_to_coco, label_to_category_ids, load_coco,
+                           score_and_save)
+from src.detections import detections_from_outputs
+from src.inference import build_inference_net, setup_context
 
 # detect(batch) -> (boxes, scores, labels, valid, masks), each with the batch as first axis
 Detector = Callable[[Dict[str, np.ndarray]], Sequence[np.ndarray]]
@@ -77,8 +81,17 @@ def mindrecord_image_ids(files: Sequence[str]) -> List[int]:
     return [int(row[0]) for row in dataset.create_tuple_iterator(output_numpy=True, num_epochs=1)]
 
 
+def coverage_fix(cfg: Config) -> str:
+    """What makes --ann_file and the evaluated images agree: the eval MindRecord holds the images of
+    data.coco_root's own annotation file for data.val_data_type, whatever --ann_file says."""
+    source = os.path.join(cfg.data.coco_root, cfg.data.instance_set.format(cfg.data.val_data_type))
+    return (f"The evaluated images are those of '{source}' (data.coco_root, data.val_data_type): pass that file "
+            f"as --ann_file, or set --coco_root / --val_data_type to the set that --ann_file describes.")
+
+
 def evaluate(cfg: Config, checkpoint_path: str, ann_file: str, output_dir: str) -> Dict[str, dict]:
-    from src.dataset import create_maskrcnn_dataset, data_to_mindrecord
+    from src.data.conversion import data_to_mindrecord
+    from src.data.pipeline import create_maskrcnn_dataset
 
     coco_gt = load_coco(ann_file)
     category_ids = label_to_category_ids(coco_gt.dataset["categories"], cfg.data.classes, ann_file)
@@ -86,7 +99,7 @@ def evaluate(cfg: Config, checkpoint_path: str, ann_file: str, output_dir: str) 
     net = build_inference_net(cfg, checkpoint_path)
     files = data_to_mindrecord(cfg, is_training=False)
     stored_ids = mindrecord_image_ids(files)
-    check_image_coverage(stored_ids, coco_gt, ann_file)
+    check_image_coverage(stored_ids, coco_gt, ann_file, coverage_fix(cfg))
 
     batch_size = cfg.test.test_batch_size
     dataset = create_maskrcnn_dataset(cfg, files, is_training=False, batch_size=batch_size)
@@ -98,7 +111,7 @@ def evaluate(cfg: Config, checkpoint_path: str, ann_file: str, output_dir: str) 
     return score_and_save(coco_gt, ann_file, image_ids, results, output_dir,
                           extra={"images": len(image_ids), "detections": len(results),
                                  "images_per_second": images_per_second, "checkpoint": checkpoint_path,
-                                 "ann_file": ann_file})
+                                 "ann_file": ann_file}, fix=coverage_fix(cfg))
 
 
 def main(argv=None) -> None:
@@ -107,6 +120,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ann_file", required=True, help="COCO instances JSON of the eval images")
     parser.add_argument("--output_dir", default="eval", help="where detections.json and eval_metrics.json go")
     args, cfg = config_from_args(parser, argv)
+    check_output_dirs({"--output_dir": args.output_dir, "data.mindrecord_dir": cfg.data.mindrecord_dir})
     evaluate(cfg, args.checkpoint_path, args.ann_file, args.output_dir)
 
 

@@ -17,9 +17,10 @@ from typing import Tuple
 
 import numpy as np
 
-from src import cpu_kernels
+from src import atomic_io, cpu_kernels
+from src.cli import check_output_dirs, run_script
 from src.config import Config, config_from_args
-from src.util import build_inference_net, run_script, setup_context
+from src.inference import build_inference_net, setup_context
 
 FORMAT_SUFFIX = {"MINDIR": ".mindir", "AIR": ".air", "ONNX": ".onnx"}
 EXPORT_BATCH = 1
@@ -65,19 +66,17 @@ def export_model(cfg: Config, ckpt_file: str, file_format: str, file_name: str, 
     suffix = FORMAT_SUFFIX[file_format]
     target = file_name if file_name.endswith(suffix) else file_name + suffix
     directory = os.path.dirname(os.path.abspath(target))
+    check_output_dirs({"the directory of --file_name": directory})
     os.makedirs(directory, exist_ok=True)
 
     setup_context(device_target)
     with cpu_kernels.mindspore_kernels():      # exported graphs hold standard operators only
         net = build_inference_net(cfg, ckpt_file)
     inputs = [ms.Tensor(array) for array in export_inputs(cfg)]
-    staging = os.path.join(directory, f".{os.path.basename(target)[:-len(suffix)]}.partial{os.getpid()}")
     try:
-        ms.export(net, *inputs, file_name=staging, file_format=file_format)
-        os.replace(staging + suffix, target)
+        with atomic_io.staged_path(target, suffix) as staging:
+            ms.export(net, *inputs, file_name=staging[:-len(suffix)], file_format=file_format)
     except BaseException as err:
-        if os.path.isfile(staging + suffix):
-            os.remove(staging + suffix)
         if file_format == "ONNX" and isinstance(err, (RuntimeError, TypeError, ValueError)):
             raise ValueError(_onnx_failure_message(err)) from None
         raise

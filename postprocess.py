@@ -15,17 +15,21 @@ from typing import Dict
 
 from tqdm import tqdm
 
+from src.cli import check_output_dirs, run_script
+from src.coco_eval import check_image_coverage, detections_to_coco, label_to_category_ids, load_coco, score_and_save
 from src.config import Config, config_from_args
+from src.detections import detections_from_outputs
 from src.infer_files import list_image_ids, read_image_shape, read_outputs
-from src.util import (check_image_coverage, detections_from_outputs, detections_to_coco, label_to_category_ids,
-                      load_coco, run_script, score_and_save)
+
+# the result files are inferences of the images preprocess.py wrote from its own --ann_file
+COVERAGE_FIX = "Pass the --ann_file given to preprocess.py, or rerun preprocess.py and inference with this one."
 
 
 def postprocess(cfg: Config, result_dir: str, input_dir: str, ann_file: str, output_dir: str) -> Dict[str, dict]:
     coco_gt = load_coco(ann_file)
     category_ids = label_to_category_ids(coco_gt.dataset["categories"], cfg.data.classes, ann_file)
     image_ids = list_image_ids(input_dir)
-    check_image_coverage(image_ids, coco_gt, ann_file)
+    check_image_coverage(image_ids, coco_gt, ann_file, COVERAGE_FIX)
     results = []
     for image_id in tqdm(image_ids, unit="img", desc="postprocess"):
         detections = detections_from_outputs(*read_outputs(result_dir, image_id, cfg),
@@ -34,7 +38,7 @@ def postprocess(cfg: Config, result_dir: str, input_dir: str, ann_file: str, out
     print(f"scored {len(image_ids)} images, {len(results)} detections")
     return score_and_save(coco_gt, ann_file, image_ids, results, output_dir,
                           extra={"images": len(image_ids), "detections": len(results), "result_dir": result_dir,
-                                 "ann_file": ann_file})
+                                 "ann_file": ann_file}, fix=COVERAGE_FIX)
 
 
 def main(argv=None) -> None:
@@ -44,6 +48,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ann_file", required=True, help="COCO instances JSON of the images")
     parser.add_argument("--output_dir", default=".", help="where detections.json and eval_metrics.json go")
     args, cfg = config_from_args(parser, argv)
+    check_output_dirs({"--output_dir": args.output_dir})
     postprocess(cfg, args.result_dir, args.input_dir, args.ann_file, args.output_dir)
 
 

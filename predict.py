@@ -4,6 +4,8 @@
 
 Writes <out>/<image file name>.png (masks overlaid, boxes, class names and scores) per image and
 <out>/predictions.json. Images go through the eval pipeline's transform and the model one at a time.
+A file that cannot be read or decoded (an empty file too) is skipped with a message naming it; the exit
+status is 1 only when no image could be read.
 """
 from __future__ import annotations
 
@@ -17,8 +19,11 @@ import cv2
 import numpy as np
 
 from src.config import Config, config_from_args
-from src.util import (Detections, build_inference_net, detections_from_outputs, read_image_input, run_script,
-                      setup_context, write_bytes_atomic, write_json_atomic)
+from src import atomic_io
+from src.cli import check_output_dirs, run_script
+from src.detections import Detections, detections_from_outputs
+from src.image_input import read_image_input
+from src.inference import build_inference_net, setup_context
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 PREDICTIONS_FILE = "predictions.json"
@@ -86,9 +91,12 @@ def _filtered(detections: Detections, score_thr: float) -> Detections:
 
 
 def predict(cfg: Config, checkpoint_path: str, source: str, out_dir: str, score_thr: float) -> List[dict]:
-    """Returns the per-image records written to predictions.json."""
+    """Returns the per-image records written to predictions.json.
+
+    Files that cannot be read or decoded are skipped with a message; it is an error only when none could.
+    """
     from mindspore import Tensor
-    from src.dataset import EvalTransform
+    from src.data.transforms import EvalTransform
 
     if not 0.0 <= score_thr <= 1.0:
         raise ValueError(f"--score_thr must be in [0, 1], got {score_thr}")
@@ -96,9 +104,14 @@ def predict(cfg: Config, checkpoint_path: str, source: str, out_dir: str, score_
     setup_context(cfg.train.device_target)
     net = build_inference_net(cfg, checkpoint_path)
     transform = EvalTransform(cfg)
-    records = []
+    records, skipped = [], []
     for path in images:
-        rgb, image, image_shape = read_image_input(path, transform)
+        try:
+            rgb, image, image_shape = read_image_input(path, transform)
+        except (FileNotFoundError, ValueError) as err:      # one bad file must not cost the others
+            print(f"skipped: {err}", file=sys.stderr)
+            skipped.append(str(err))
+            continue
         outputs = [out.asnumpy()[0] for out in net(Tensor(image), Tensor(image_shape))]
         detections = _filtered(detections_from_outputs(*outputs, image_shape[0], cfg.test.mask_thr_binary),
                                score_thr)
@@ -106,11 +119,16 @@ def predict(cfg: Config, checkpoint_path: str, source: str, out_dir: str, score_
         ok, encoded = cv2.imencode(".png", draw_detections(rgb, detections, cfg.data.classes))
         if not ok:
             raise ValueError(f"cannot encode the picture of '{path}'")
-        write_bytes_atomic(picture, encoded.tobytes())
+        atomic_io.write_bytes(picture, encoded.tobytes())
         records.append({"image": path, "picture": picture, "height": int(rgb.shape[0]), "width": int(rgb.shape[1]),
                         "detections": detections_json(detections, cfg.data.classes)})
         print(f"{path}: {len(detections)} detections -> {picture}")
-    write_json_atomic(os.path.join(out_dir, PREDICTIONS_FILE), records)
+    if not records:
+        more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+        raise ValueError(f"no image could be read: {skipped[0]}{more}")
+    atomic_io.write_json(os.path.join(out_dir, PREDICTIONS_FILE), records)
+    if skipped:
+        print(f"{len(records)} of {len(images)} images predicted, {len(skipped)} skipped (listed above)")
     return records
 
 
@@ -121,6 +139,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="predictions", help="output directory")
     parser.add_argument("--score_thr", type=float, default=0.5, help="draw and list detections scoring at least this")
     args, cfg = config_from_args(parser, argv)
+    check_output_dirs({"--out": args.out})
     predict(cfg, args.checkpoint_path, args.source, args.out, args.score_thr)
 
 

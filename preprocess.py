@@ -15,12 +15,14 @@ from tqdm import tqdm
 
 from src.config import Config, config_from_args
 from src.infer_files import write_inputs
-from src.util import load_coco, read_image_input, run_script
+from src.cli import check_output_dirs, run_script
+from src.coco_eval import load_coco
+from src.image_input import read_image_input
 
 
 def preprocess(cfg: Config, data_path: str, ann_file: str, output_dir: str) -> int:
     """Returns the number of images written."""
-    from src.dataset import EvalTransform
+    from src.data.transforms import EvalTransform
 
     if not os.path.isdir(data_path):
         raise FileNotFoundError(f"image directory '{data_path}' does not exist")
@@ -40,6 +42,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ann_file", required=True, help="COCO instances JSON")
     parser.add_argument("--output_dir", default="preprocess_result")
     args, cfg = config_from_args(parser, argv)
+    check_output_dirs({"--output_dir": args.output_dir})
     count = preprocess(cfg, args.data_path, args.ann_file, args.output_dir)
     print(f"wrote inputs of {count} images to {args.output_dir}")
 

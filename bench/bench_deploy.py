@@ -35,7 +35,8 @@ def main(argv=None) -> None:
     from export import export_model
     from preprocess import preprocess
     from src.maskrcnn.mask_rcnn_r50 import MaskRcnnResnet50
-    from src.util import METRICS_FILE, setup_context
+    from src.coco_eval import METRICS_FILE
+    from src.inference import setup_context
 
     work = tempfile.mkdtemp(prefix="bench_deploy_")
     root = make_synthetic_coco(os.path.join(work, "coco"), 1, args.val_images, args.seed, *SYNTHETIC_SIZE_RANGE)

@@ -7,8 +7,8 @@ A training checkpoint is one MindSpore .ckpt holding
     ``adam_m.<name>`` and ``adam_v.<name>``,
   - the position in training: ``training_state.{epoch, step_in_epoch, global_step, steps_per_epoch}``,
 and ends with MindSpore's CRC trailer, so a truncated or damaged file is detected before use. Files are
-written to a temporary name in the same directory and moved into place with os.replace, so a reader (or
-a resumed run) never sees a partial checkpoint.
+written through src.atomic_io (a staging name in the same directory, moved into place), so a reader (or a
+resumed run) never sees a partial checkpoint.
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
+from src import atomic_io
+
 CHECKPOINT_PREFIX = "maskrcnn"
 STATE_PREFIX = "training_state."
 STATE_FIELDS = ("epoch", "step_in_epoch", "global_step", "steps_per_epoch")
@@ -32,7 +34,6 @@ OPTIMIZER_SETTINGS = ("learning_rate", "global_step", "momentum")     # from the
 OPTIMIZER_BOOKKEEPING = OPTIMIZER_SETTINGS + ("beta1_power", "beta2_power")
 CRC_TRAILER = b"crc_num"
 CRC_TRAILER_BYTES = len(CRC_TRAILER) + 10           # the tag plus a 10-byte big-endian CRC32
-PARTIAL_SUFFIX = ".partial"
 
 
 class CheckpointError(RuntimeError):
@@ -63,16 +64,13 @@ def checkpoint_filename(state: TrainingState, prefix: str = CHECKPOINT_PREFIX) -
 
 def write_checkpoint_atomic(path: str, entries: List[dict]) -> None:
     """Save [{"name", "data"}] to `path` with a CRC trailer; `path` is either absent, old, or complete."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    partial = os.path.join(directory, f".{os.path.basename(path)}{PARTIAL_SUFFIX}.ckpt")
-    try:
-        ms.save_checkpoint(entries, partial, crc_check=True)
-        os.replace(partial, path)
-    finally:
-        for leftover in (partial, partial[:-len(".ckpt")] + ".tmp"):    # MindSpore's own staging name
-            if os.path.exists(leftover):
-                os.remove(leftover)
+    with atomic_io.staged_path(path, ".ckpt") as partial:
+        try:
+            ms.save_checkpoint(entries, partial, crc_check=True)
+        finally:
+            own_staging = partial[:-len(".ckpt")] + ".tmp"      # MindSpore's own staging name
+            if os.path.exists(own_staging):
+                os.remove(own_staging)
 
 
 def _has_crc_trailer(path: str) -> bool:
@@ -200,7 +198,7 @@ class CheckpointManager:
         if not os.path.isdir(self.directory):
             return
         for name in os.listdir(self.directory):
-            if name.startswith(f".{self.prefix}-") and PARTIAL_SUFFIX in name:
+            if name.startswith(f".{self.prefix}-") and atomic_io.PARTIAL_MARK in name:
                 os.remove(os.path.join(self.directory, name))
 
     def checkpoints(self) -> List[str]:

@@ -26,7 +26,8 @@ import numpy as np
 
 from src import cpu_kernels
 from src.config import Config, config_from_args
-from src.util import setup_context, write_bytes_atomic
+from src import atomic_io
+from src.inference import setup_context
 
 IMAGE_DIR = "image"
 IMAGE_SHAPE_DIR = "image_shape"
@@ -53,9 +54,10 @@ def output_path(result_dir: str, image_id: int, index: int) -> str:
 
 
 def write_inputs(input_dir: str, image_id: int, image: np.ndarray, image_shape: np.ndarray) -> None:
-    write_bytes_atomic(_input_path(input_dir, IMAGE_DIR, image_id), np.ascontiguousarray(image, np.float32).tobytes())
-    write_bytes_atomic(_input_path(input_dir, IMAGE_SHAPE_DIR, image_id),
-                       np.ascontiguousarray(image_shape, np.float32).tobytes())
+    atomic_io.write_bytes(_input_path(input_dir, IMAGE_DIR, image_id),
+                          np.ascontiguousarray(image, np.float32).tobytes())
+    atomic_io.write_bytes(_input_path(input_dir, IMAGE_SHAPE_DIR, image_id),
+                          np.ascontiguousarray(image_shape, np.float32).tobytes())
 
 
 def _read_array(path: str, dtype, shape: Sequence[int]) -> np.ndarray:
@@ -107,7 +109,7 @@ def keep_valid_rows(outputs: Sequence[np.ndarray]) -> List[np.ndarray]:
 
 def write_outputs(result_dir: str, image_id: int, outputs: Sequence[np.ndarray]) -> None:
     for index, rows in enumerate(keep_valid_rows(outputs)):
-        write_bytes_atomic(output_path(result_dir, image_id, index), np.ascontiguousarray(rows).tobytes())
+        atomic_io.write_bytes(output_path(result_dir, image_id, index), np.ascontiguousarray(rows).tobytes())
 
 
 def read_outputs(result_dir: str, image_id: int, cfg: Config) -> List[np.ndarray]:

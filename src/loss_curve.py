@@ -16,7 +16,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from src.util import write_bytes_atomic
+from src import atomic_io
 
 LR_KEY = "lr"
 STEP_KEY = "global_step"
@@ -89,7 +89,7 @@ def plot_loss_curve(metrics_path: str, png_path: str, loss_names: Sequence[str],
     figure.tight_layout()
     buffer = _png_bytes(figure)
     plt.close(figure)
-    write_bytes_atomic(png_path, buffer)
+    atomic_io.write_bytes(png_path, buffer)
     return png_path
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, TextIO
+from typing import Callable, Dict, List, Optional, Sequence, TextIO
 
 import numpy as np
 
@@ -21,9 +22,12 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.communication import get_group_size
 
+from src import atomic_io
+
 TOTAL_LOSS = "total_loss"
 LOSS_DECIMALS = 5                   # the recipe's loss log precision
 BAR_WIDTH = 24                      # characters of the console progress bar
+LOSS_LINE_POSITION = re.compile(r"epoch:(\d+) step:(\d+) ,")
 
 
 class MaskRcnnObjective(nn.Cell):
@@ -45,8 +49,8 @@ class MaskRcnnObjective(nn.Cell):
 
 
 def _row_first_sum(x):
-    """Sum of all elements, reduced along rows first: MindSpore's CPU ReduceSum over a whole tensor is about
-    twice as slow as a row reduction plus a short final sum (bench/results.md)."""
+    """Sum of all elements, reduced along rows first: on CPU a row reduction plus a short final sum is
+    faster than MindSpore's ReduceSum over the whole tensor (measured in bench/results.md)."""
     return x.reshape(x.shape[0], -1).sum(1).sum() if x.ndim > 1 else x.sum()
 
 
@@ -75,9 +79,9 @@ class TrainOneStepCell(nn.Cell):
     `grad_clip_norm` > 0 rescales the (unscaled) gradients to at most that global L2 norm: from scratch,
     the first steps' gradients are large, and clipping lets a higher learning rate train without diverging.
     One sum over all gradients (of squares when clipping) serves both the clip and the NaN/Inf check (a NaN or
-    Inf anywhere makes it non-finite); a per-tensor isfinite().all() plus ops.clip_by_global_norm took ~0.5 s
-    per step on a CPU for ResNet50-FPN's 44 M gradients, six times as long. Without clipping the plain sum
-    skips the squares (and overflows only past 3e38, where squares would past 2e19).
+    Inf anywhere makes it non-finite), which is much cheaper than a per-tensor isfinite().all() plus
+    ops.clip_by_global_norm (bench/results.md). Without clipping the plain sum skips the squares (and
+    overflows only past 3e38, where squares would past 2e19).
     """
 
     def __init__(self, objective: MaskRcnnObjective, optimizer: nn.Optimizer, grad_clip_norm: float = 0.0):
@@ -172,12 +176,37 @@ def format_loss_line(record: StepRecord, loss_names: Sequence[str]) -> str:
     return f"epoch:{record.epoch} step:{record.step_in_epoch} ,{values}"
 
 
+def keep_log_lines(path: str, keep: Callable[[str], bool]) -> int:
+    """Rewrite the log at `path` (atomically) with the complete lines `keep` accepts; returns lines dropped.
+
+    A line without its newline is the torn last write of a killed run and is always dropped.
+    """
+    if not os.path.isfile(path):
+        return 0
+    with open(path, "r", encoding="utf-8") as handle:
+        lines = handle.readlines()
+    kept = [line for line in lines if line.endswith("\n") and keep(line)]
+    if len(kept) != len(lines):
+        atomic_io.write_text(path, "".join(kept))
+    return len(lines) - len(kept)
+
+
 class LossLog:
     """Appends the recipe's loss line; flushed per line so a killed run keeps its log."""
 
     def __init__(self, path: str, loss_names: Sequence[str]):
         self.path = path
         self.loss_names = list(loss_names)
+
+    def truncate(self, global_step: int, steps_per_epoch: int) -> int:
+        """Drop the lines of steps after `global_step` (a resumed run logs them again); returns lines dropped."""
+        def keep(line: str) -> bool:
+            position = LOSS_LINE_POSITION.match(line)
+            if position is None:
+                return True
+            epoch, step_in_epoch = (int(v) for v in position.groups())
+            return (epoch - 1) * steps_per_epoch + step_in_epoch <= global_step
+        return keep_log_lines(self.path, keep)
 
     def write(self, record: StepRecord) -> None:
         with open(self.path, "a", encoding="utf-8") as out:
@@ -189,6 +218,15 @@ class MetricsLog:
 
     def __init__(self, path: str):
         self.path = path
+
+    def truncate(self, global_step: int, steps_per_epoch: int) -> int:
+        """Drop the rows of steps after `global_step` (a resumed run logs them again); returns rows dropped."""
+        def keep(line: str) -> bool:
+            try:
+                return int(json.loads(line)["global_step"]) <= global_step
+            except (ValueError, KeyError, TypeError):
+                return False
+        return keep_log_lines(self.path, keep)
 
     def write(self, record: StepRecord) -> None:
         row = {"epoch": record.epoch, "step": record.step_in_epoch, "global_step": record.global_step,
@@ -289,13 +327,24 @@ class StepMonitor:
 
 
 def open_step_monitor(output_dir: str, rank: int, loss_names: Sequence[str], log_interval: int,
-                      total_epochs: int, steps_per_epoch: int, last_global_step: int) -> StepMonitor:
-    """loss_<rank>.log on every rank; metrics.jsonl and the console progress bar on rank 0 only."""
+                      total_epochs: int, steps_per_epoch: int, last_global_step: int,
+                      resumed_step: Optional[int] = None) -> StepMonitor:
+    """loss_<rank>.log on every rank; metrics.jsonl and the console progress bar on rank 0 only.
+
+    A run resumed at `resumed_step` first cuts both logs back to it, so that the steps between the
+    checkpoint and the interruption are logged once, by this run.
+    """
     os.makedirs(output_dir, exist_ok=True)
     sinks: List = [LossLog(os.path.join(output_dir, f"loss_{rank}.log"), loss_names)]
     progress = None
     if rank == 0:
         sinks.append(MetricsLog(os.path.join(output_dir, "metrics.jsonl")))
         progress = ProgressBar(total_epochs, steps_per_epoch, last_global_step)
+    if resumed_step is not None:
+        for sink in sinks:
+            dropped = sink.truncate(resumed_step, steps_per_epoch)
+            if dropped:
+                print(f"{sink.path}: dropped {dropped} lines logged after global step {resumed_step} "
+                      f"(they are trained again)", flush=True)
     return StepMonitor(loss_names, log_interval, sinks, progress)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
@@ -26,6 +25,8 @@ from typing import Dict, List, Tuple
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
+
+from src import atomic_io
 
 CATEGORY_NAMES = ("rectangle", "ellipse", "triangle", "star")   # COCO ids 1..4, in this order
 
@@ -275,7 +276,7 @@ def _write_split(out_dir: str, split: str, num_images: int, seed: int, split_ind
                                    [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         if not ok:
             raise RuntimeError(f"JPEG encoding failed for {file_name}")
-        _atomic_write(os.path.join(image_dir, file_name), encoded.tobytes())
+        atomic_io.write_bytes(os.path.join(image_dir, file_name), encoded.tobytes())
         images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
         for inst in instances:
             ann = _annotation(inst, len(annotations) + 1, image_id, height, width)
@@ -285,16 +286,8 @@ def _write_split(out_dir: str, split: str, num_images: int, seed: int, split_ind
             "images": images, "annotations": annotations,
             "categories": [{"id": i + 1, "name": name, "supercategory": "shape"}
                            for i, name in enumerate(CATEGORY_NAMES)]}
-    os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
-    _atomic_write(os.path.join(out_dir, "annotations", f"instances_{split}.json"),
-                  json.dumps(coco, separators=(",", ":")).encode("utf-8"))
-
-
-def _atomic_write(path: str, payload: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-    os.replace(tmp, path)
+    atomic_io.write_json(os.path.join(out_dir, "annotations", f"instances_{split}.json"), coco,
+                         separators=(",", ":"))
 
 
 def generator_fingerprint() -> str:

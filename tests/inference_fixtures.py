@@ -24,7 +24,7 @@ def narrow_model(tiny_mindrecord, tmp_path_factory) -> NarrowModel:
     """A randomly initialised narrow model saved as a checkpoint (CPU, graph mode)."""
     import mindspore as ms
     from src.maskrcnn.mask_rcnn_r50 import MaskRcnnResnet50
-    from src.util import setup_context
+    from src.inference import setup_context
 
     setup_context("CPU")
     cfg = narrow_config(tiny_mindrecord.cfg)

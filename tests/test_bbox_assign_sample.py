@@ -12,6 +12,7 @@ from src.maskrcnn.anchor_generator import generate_anchors
 from src.maskrcnn.bbox_assign_sample import (RPN_STREAM, RCNN_STREAM, BboxAssignSample, FixedCountSampler,
                                              MaxIoUAssigner, random_keys, rpn_num_pos)
 from src.maskrcnn.bbox_assign_sample_stage2 import BboxAssignSampleForRcnn
+from references import np_iou
 
 SEED = 1234
 
@@ -44,14 +45,6 @@ def np_keys(seed, image_index, stream, n):
     state = np_hash(state ^ np.uint32(image_index))
     bits = np_hash(np.arange(n, dtype=np.uint32) ^ state)
     return (bits >> np.uint32(8)).astype(np.float64) / 2.0 ** 24
-
-
-def np_iou(a, b):
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
 
 
 def np_assign(gt, gt_valid, boxes, box_valid, pos_thr, neg_thr, min_pos):

@@ -1,5 +1,4 @@
 """Box math (src/maskrcnn/box_ops.py) against NumPy, compiled in GRAPH_MODE on CPU."""
-import math
 
 import mindspore as ms
 import numpy as np
@@ -8,6 +7,7 @@ from mindspore import nn
 
 from src.config import load_config
 from src.maskrcnn import box_ops
+from references import np_decode, np_iou
 
 
 class BoxOpsNet(nn.Cell):
@@ -37,28 +37,6 @@ def np_encode(boxes, targets, means, stds):
     gx, gy = targets[:, 0] + 0.5 * gw, targets[:, 1] + 0.5 * gh
     d = np.stack([(gx - px) / pw, (gy - py) / ph, np.log(gw / pw), np.log(gh / ph)], axis=1)
     return (d - means) / stds
-
-
-def np_decode(boxes, deltas, means, stds):
-    d = deltas * stds + means
-    bound = math.log(1000.0 / 16.0)
-    pw, ph = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    px, py = boxes[:, 0] + 0.5 * pw, boxes[:, 1] + 0.5 * ph
-    w, h = pw * np.exp(np.clip(d[:, 2], -bound, bound)), ph * np.exp(np.clip(d[:, 3], -bound, bound))
-    cx, cy = px + d[:, 0] * pw, py + d[:, 1] * ph
-    return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
-
-
-def np_iou(a, b):
-    out = np.zeros((len(a), len(b)), np.float64)
-    for i, p in enumerate(a):
-        for j, q in enumerate(b):
-            iw = max(0.0, min(p[2], q[2]) - max(p[0], q[0]))
-            ih = max(0.0, min(p[3], q[3]) - max(p[1], q[1]))
-            inter = iw * ih
-            union = (p[2] - p[0]) * (p[3] - p[1]) + (q[2] - q[0]) * (q[3] - q[1]) - inter
-            out[i, j] = inter / union if union > 0 else 0.0
-    return out
 
 
 def random_boxes(rng, n, size=(128, 192)):

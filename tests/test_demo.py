@@ -127,6 +127,14 @@ def test_bad_options_fail_clearly(argv, message, capsys):
     assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_an_out_under_a_file_is_one_line_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    assert demo.main(["--out", str(blocker / "demo")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"ERROR: --out '{blocker / 'demo'}' lies under the file '{blocker}', not a directory; choose a directory path"]
+
+
 def test_run_demo_script_reports_bad_options():
     done = subprocess.run(["bash", "scripts/run_demo.sh", "--size", "7"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and "expected HEIGHTxWIDTH" in done.stderr

@@ -9,8 +9,8 @@ import pytest
 from eval import detect_dataset, mindrecord_image_ids, pad_batch
 from inference_helpers import (GroundTruthDetector, config_cli_args, narrow_config, roi_mask, run_python,
                                val_paths)
-from src.util import (check_image_coverage, evaluate_coco, label_to_category_ids, load_coco, paste_masks,
-                      score_and_save)
+from src.coco_eval import check_image_coverage, evaluate_coco, label_to_category_ids, load_coco, score_and_save
+from src.mask_paste import paste_masks
 
 pytest_plugins = ["inference_fixtures"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +21,7 @@ def _val_ann_file(cfg):
 
 
 def _run(cfg, files, detector, batch_size):
-    from src.dataset import create_maskrcnn_dataset
+    from src.data.pipeline import create_maskrcnn_dataset
 
     coco_gt = load_coco(_val_ann_file(cfg))
     category_ids = label_to_category_ids(coco_gt.dataset["categories"], cfg.data.classes)
@@ -175,3 +175,31 @@ def test_run_eval_sh_checks_its_arguments(tmp_path):
     missing = subprocess.run(["bash", script, str(tmp_path / "val.json"), str(tmp_path / "x.ckpt")],
                              capture_output=True, text=True, cwd=tmp_path)
     assert missing.returncode != 0 and "val.json" in missing.stderr
+
+
+def test_eval_hint_for_a_mismatched_annotation_file_names_the_file_the_images_come_from(narrow_model, tmp_path):
+    cfg = narrow_model.cfg
+    source = _val_ann_file(cfg)
+    ann = json.load(open(source))
+    ann["images"] = ann["images"][:-1]
+    other = tmp_path / "instances_other.json"
+    other.write_text(json.dumps(ann))
+    run = _run_eval_cli("--checkpoint_path", narrow_model.checkpoint, "--ann_file", str(other),
+                        "--output_dir", str(tmp_path / "out"), *config_cli_args(cfg))
+    assert run.returncode == 1
+    message = run.stderr.strip().splitlines()[-1]
+    assert f"The evaluated images are those of '{source}'" in message and "pass that file as --ann_file" in message
+    assert "mindrecord_dir" not in message
+
+
+@pytest.mark.parametrize("option", ["--output_dir", "--data.mindrecord_dir"])
+def test_eval_output_path_that_is_a_file_is_one_line_before_any_work(narrow_model, tmp_path, option):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    run = _run_eval_cli("--checkpoint_path", narrow_model.checkpoint, "--ann_file", _val_ann_file(narrow_model.cfg),
+                        "--output_dir", str(tmp_path / "out"), *config_cli_args(narrow_model.cfg),
+                        option, str(blocker / "sub"))
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == [
+        f"ERROR: {option.lstrip('-') if option.startswith('--data') else option} '{blocker / 'sub'}' "
+        f"lies under the file '{blocker}', not a directory; choose a directory path"]

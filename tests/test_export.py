@@ -8,6 +8,7 @@ import pytest
 from export import _unsupported_op, export_inputs, export_model
 from inference_helpers import ROOT, run_python, val_paths
 from mindspore_hub_conf import create_network
+from src.config import load_config
 
 pytest_plugins = ["inference_fixtures"]
 
@@ -16,7 +17,7 @@ pytest_plugins = ["inference_fixtures"]
 def sample_input(narrow_model):
     """A real synthetic val image through the eval transform: (image (1,3,H,W), image_shape (1,4))."""
     from src.dataset import EvalTransform
-    from src.util import read_image_input
+    from src.image_input import read_image_input
 
     data_path, _ = val_paths(narrow_model.cfg)
     name = sorted(os.listdir(data_path))[0]
@@ -27,7 +28,7 @@ def sample_input(narrow_model):
 @pytest.fixture(scope="module")
 def cell_outputs(narrow_model, sample_input):
     import mindspore as ms
-    from src.util import build_inference_net
+    from src.inference import build_inference_net
 
     net = build_inference_net(narrow_model.cfg, narrow_model.checkpoint)
     return [out.asnumpy() for out in net(*(ms.Tensor(a) for a in sample_input))]
@@ -127,3 +128,10 @@ def test_hub_selects_presets_and_rejects_bad_requests():
         create_network("fasterrcnn")
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['pretrained'\]"):
         create_network("maskrcnn", config="tiny", pretrained=True)
+
+
+def test_an_export_path_under_a_file_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    with pytest.raises(ValueError, match=f"the directory of --file_name '{blocker / 'out'}' lies under the file"):
+        export_model(load_config("tiny"), str(tmp_path / "missing.ckpt"), "MINDIR", str(blocker / "out" / "m"), "CPU")

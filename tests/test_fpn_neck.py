@@ -6,13 +6,7 @@ from mindspore import Tensor, nn
 from src import cpu_kernels
 from src.config import load_config
 from src.maskrcnn.fpn_neck import FeatPyramidNeck
-
-
-def analytic_fpn_count(cfg):
-    out = cfg.fpn.fpn_out_channels
-    lateral = sum(c * out + out for c in cfg.fpn.fpn_in_channels)
-    smooth = len(cfg.fpn.fpn_in_channels) * (out * out * 9 + out)
-    return lateral + smooth
+from references import analytic_fpn_count
 
 
 def numpy_neck(feats, lateral_w, lateral_b):

@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 
 from inference_helpers import ROOT, GroundTruthDetector, run_python, val_paths
+import postprocess as postprocess_script
+import preprocess as preprocess_script
 from postprocess import postprocess
 from preprocess import preprocess
+from src.coco_eval import load_coco
 from src.config import load_config
 from src.infer_files import (OUTPUT_NAMES, keep_valid_rows, list_image_ids, output_path, read_inputs,
                              read_outputs, run_mindir, write_inputs, write_outputs)
-from src.util import load_coco
 
 pytest_plugins = ["inference_fixtures"]
 
@@ -256,3 +258,13 @@ def test_run_infer_310_preprocesses_then_stops_clearly_without_the_inference_api
     assert run.returncode == 1 and "[2/4] build the runner" in run.stdout
     assert "MindSpore inference API not found" in run.stderr
     assert list_image_ids(str(tmp_path / "preprocess_result")) == sorted(load_coco(ann_file).getImgIds())
+
+
+@pytest.mark.parametrize("script, inputs", [(preprocess_script, ["--data_path", "images", "--ann_file", "a.json"]),
+                                            (postprocess_script, ["--result_dir", "r", "--input_dir", "i",
+                                                                  "--ann_file", "a.json"])])
+def test_an_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path, script, inputs):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    with pytest.raises(ValueError, match=f"--output_dir '{blocker}' is a file, not a directory"):
+        script.main([*inputs, "--config", "tiny", "--output_dir", str(blocker)])

@@ -9,7 +9,7 @@ import pytest
 
 from inference_helpers import ROOT, config_cli_args, run_python, val_paths
 from predict import PREDICTIONS_FILE, class_colour, detections_json, draw_detections, list_images, predict
-from src.util import Detections
+from src.detections import Detections
 
 pytest_plugins = ["inference_fixtures"]
 CLASSES = ["background", "rectangle", "ellipse", "triangle", "star"]
@@ -101,3 +101,45 @@ def test_predict_cli_reports_an_empty_directory(narrow_model, tmp_path):
                      "--out", str(tmp_path / "out"), *config_cli_args(narrow_model.cfg))
     assert run.returncode == 1 and "empty' holds no images" in run.stderr
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_predict_skips_undecodable_files_and_finishes_the_rest(narrow_model, image_dir, tmp_path):
+    folder = tmp_path / "mixed"
+    good = sorted(name for name in os.listdir(image_dir) if name.endswith(".jpg"))[0]
+    folder.mkdir()
+    shutil.copy(os.path.join(image_dir, good), folder / "b_good.jpg")
+    (folder / "a_empty.jpg").write_bytes(b"")
+    (folder / "c_broken.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "out"
+    run = run_python(os.path.join(ROOT, "predict.py"), str(folder), "--checkpoint_path", narrow_model.checkpoint,
+                     "--out", str(out), *config_cli_args(narrow_model.cfg))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    assert "a_empty.jpg' cannot be decoded (the file is empty)" in run.stderr
+    assert "c_broken.png' cannot be decoded" in run.stderr
+    records = json.load(open(out / PREDICTIONS_FILE))
+    assert [os.path.basename(r["image"]) for r in records] == ["b_good.jpg"]
+    assert os.path.isfile(out / "b_good.jpg.png")
+
+
+def test_predict_fails_only_when_no_image_can_be_read(narrow_model, tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"")
+    (folder / "b.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    run = run_python(os.path.join(ROOT, "predict.py"), str(folder), "--checkpoint_path", narrow_model.checkpoint,
+                     "--out", str(tmp_path / "out"), *config_cli_args(narrow_model.cfg))
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (f"ERROR: no image could be read: image '{folder / 'a.jpg'}' cannot "
+                                                   f"be decoded (the file is empty) (and 1 more)")
+    assert not os.path.exists(tmp_path / "out" / PREDICTIONS_FILE)
+
+
+def test_predict_out_that_is_a_file_is_one_line_before_any_work(narrow_model, image_dir, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    run = run_python(os.path.join(ROOT, "predict.py"), image_dir, "--checkpoint_path", narrow_model.checkpoint,
+                     "--out", str(blocker), *config_cli_args(narrow_model.cfg))
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == [f"ERROR: --out '{blocker}' is a file, not a directory; "
+                                               f"choose a directory path"]

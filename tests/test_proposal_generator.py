@@ -6,8 +6,7 @@ import pytest
 from src.config import load_config
 from src.maskrcnn.anchor_generator import generate_anchors
 from src.maskrcnn.proposal_generator import Proposal
-from test_bbox_assign_sample import np_iou
-from test_box_ops import np_decode
+from references import np_decode, np_iou
 
 BATCH = 2
 IMAGE_SHAPES = np.array([[100.0, 150.0, 1.2, 1.1],     # valid region 120 x 165 of the 128 x 192 input

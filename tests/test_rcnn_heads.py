@@ -11,9 +11,8 @@ from src.maskrcnn.rcnn_cls import RcnnCls
 from src.maskrcnn.rcnn_mask import RcnnMask
 from src.maskrcnn.resnet50 import ResNet50
 from src.maskrcnn.rpn import RPN
-from test_fpn_neck import analytic_fpn_count
-from test_resnet50 import analytic_resnet_count, learnable_count
-from test_rpn import analytic_rpn_count, numpy_bce_with_logits, numpy_smooth_l1
+from references import (analytic_fpn_count, analytic_resnet_count, analytic_rpn_count, learnable_count,
+                        numpy_bce_with_logits, numpy_smooth_l1)
 
 # torchvision's maskrcnn_resnet50_fpn reports 44,401,393 parameters: 91 classes and FrozenBatchNorm2d, whose
 # 53,120 affine values are buffers there. At 81 classes with the affine values counted, the same network has

@@ -9,29 +9,10 @@ from mindspore import Tensor, nn
 from src import cpu_kernels
 from src.config import load_config
 from src.maskrcnn.resnet50 import ResNet50, _norm
+from references import MOVING_STATS, analytic_resnet_count, learnable_count
 
 RESNET50_PARAMS_WITHOUT_FC = 25_557_032 - (2048 * 1000 + 1000)     # torchvision resnet50 minus its fc
 BN_LEAVES = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
-MOVING_STATS = ("moving_mean", "moving_variance")
-
-
-def learnable_count(params):
-    """Parameter count as torchvision reports it: weights and BN affine, not the moving statistics."""
-    return sum(int(np.prod(p.shape)) for p in params if not p.name.endswith(MOVING_STATS))
-
-
-def analytic_resnet_count(cfg):
-    bb = cfg.backbone
-    stem = bb.resnet_in_channels[0]
-    total = 3 * stem * 7 * 7 + 2 * stem
-    for depth, cin, cout in zip(bb.resnet_block, bb.resnet_in_channels, bb.resnet_out_channels):
-        mid = cout // 4
-        for i in range(depth):
-            block_in = cin if i == 0 else cout
-            total += block_in * mid + mid * mid * 9 + mid * cout + 2 * (mid + mid + cout)
-            if i == 0:
-                total += block_in * cout + 2 * cout
-    return total
 
 
 def torchvision_names(cfg):

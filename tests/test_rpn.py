@@ -5,17 +5,9 @@ from mindspore import Tensor, nn
 
 from src.config import load_config
 from src.maskrcnn.rpn import RPN, SMOOTH_L1_BETA
+from references import analytic_rpn_count, numpy_bce_with_logits, numpy_smooth_l1
 
 CLS_TAG, REG_TAG = 0.1, 0.01           # bias offsets that tag the anchor / delta channel in the flatten test
-
-
-def numpy_bce_with_logits(x, t):
-    return np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x)))
-
-
-def numpy_smooth_l1(diff, beta):
-    a = np.abs(diff)
-    return np.where(a < beta, 0.5 * a * a / beta, a - 0.5 * beta)
 
 
 def numpy_rpn_loss(cfg, cls, deltas, labels, label_weights, targets, bbox_weights):
@@ -25,12 +17,6 @@ def numpy_rpn_loss(cfg, cls, deltas, labels, label_weights, targets, bbox_weight
     cls_loss *= cfg.rpn.rpn_loss_cls_weight
     reg_loss *= cfg.rpn.rpn_loss_reg_weight
     return cls_loss + reg_loss, cls_loss, reg_loss
-
-
-def analytic_rpn_count(cfg):
-    r, a = cfg.rpn, cfg.num_anchors
-    return (r.rpn_in_channels * r.rpn_feat_channels * 9 + r.rpn_feat_channels
-            + r.rpn_feat_channels * a + a + r.rpn_feat_channels * 4 * a + 4 * a)
 
 
 class RpnLoss(nn.Cell):

@@ -1,9 +1,10 @@
-"""train.py end to end on the synthetic set (tiny config).
+"""The training run (src/training.py) and its command line train.py, on the synthetic set (tiny config).
 
-Most tests drive the real loop (data, schedule, logs, checkpoints, resume, NaN stop) with the small
-contract network of test_network_define. The tests marked `slow` run the real MaskRcnnResnet50 graph in its
-narrow test width (inference_helpers.NARROW_OVERRIDES: full-width ResNet50 runs at ~1-2 min per step on
-this CPU): resume equality, and two msrun workers on CPU.
+Most tests drive the real loop (data, schedule, logs, checkpoints, resume) with the small contract network
+of contract_net.py; the command-line tests check what train.py adds (options, path checks, error exits).
+The tests marked `slow` run the real MaskRcnnResnet50 graph in its narrow test width
+(inference_helpers.NARROW_OVERRIDES, because full width is too slow for the suite): resume equality, and
+two msrun workers on CPU.
 """
 import json
 import os
@@ -17,12 +18,14 @@ import numpy as np
 import pytest
 
 from src.checkpoint import find_checkpoints, load_resume_point
-from src.config import load_config
+from src.config import load_config, parse_overrides
 from src.lr_schedule import dynamic_lr
-from inference_helpers import config_cli_args
-from test_network_define import LOSS_NAMES, RECIPE_LINE, ContractNet
+from src.maskrcnn.mask_rcnn_r50 import LOSS_NAMES
+from src.training import RunOptions, train as run_training
 
 import train
+from contract_net import RECIPE_LINE, ContractNet
+from inference_helpers import config_cli_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH = 4                 # 8 synthetic training images, batch 2
@@ -40,6 +43,14 @@ def run_args(tiny_mindrecord, output_dir, *extra):
 
 def contract_model(cfg):
     return ContractNet()
+
+
+def training_run(tiny_mindrecord, output_dir, *overrides, build_model=contract_model, **options):
+    """src.training.train on the tiny synthetic set; `overrides` are config `--key value` pairs."""
+    d = tiny_mindrecord.cfg.data
+    cfg = load_config("tiny", parse_overrides(["--coco_root", d.coco_root, "--mindrecord_dir", d.mindrecord_dir,
+                                               *map(str, overrides)]))
+    return run_training(RunOptions(output_dir=str(output_dir), **options), cfg, build_model)
 
 
 def metrics(output_dir):
@@ -71,8 +82,8 @@ def run_script(name, *args, cwd=None):
 def full_run(tiny_mindrecord, tmp_path_factory):
     """Two epochs of the contract network, a checkpoint after every step."""
     out = tmp_path_factory.mktemp("full_run")
-    code = train.main(run_args(tiny_mindrecord, out, "--epoch_size", 2, "--save_checkpoint_steps", 1,
-                                "--keep_checkpoint_max", 20), build_model=contract_model)
+    code = training_run(tiny_mindrecord, out, "--epoch_size", 2, "--save_checkpoint_steps", 1,
+                        "--keep_checkpoint_max", 20)
     assert code == 0
     return str(out)
 
@@ -96,8 +107,7 @@ def test_full_run_logs_every_step_in_the_recipe_format(full_run, tiny_mindrecord
 def test_resume_continues_exactly_where_the_run_stopped(full_run, tiny_mindrecord, tmp_path, checkpoint,
                                                         first_resumed):
     resume_from(full_run, checkpoint, tmp_path)
-    assert train.main(run_args(tiny_mindrecord, tmp_path, "--epoch_size", 2, "--resume", "auto"),
-                      build_model=contract_model) == 0
+    assert training_run(tiny_mindrecord, tmp_path, "--epoch_size", 2, resume="auto") == 0
     uninterrupted, resumed = metrics(full_run), metrics(tmp_path)
     assert sorted(resumed) == list(range(first_resumed, 9))
     for step in resumed:                 # same data batch, sampling seed, lr, weights and momentum
@@ -107,23 +117,35 @@ def test_resume_continues_exactly_where_the_run_stopped(full_run, tiny_mindrecor
     assert summary(tmp_path)["steps_this_run"] == 9 - first_resumed
 
 
+def test_resume_cuts_the_logs_back_to_the_checkpoint_so_each_step_is_logged_once(full_run, tiny_mindrecord,
+                                                                                  tmp_path, capsys):
+    resume_from(full_run, "maskrcnn-1_4.ckpt", tmp_path)         # killed during step 7, last checkpoint step 4
+    for name in ("loss_0.log", "metrics.jsonl"):
+        lines = open(os.path.join(full_run, name)).read().splitlines(keepends=True)
+        (tmp_path / name).write_text("".join(lines[:6]) + lines[6][:12])      # with the torn line of step 7
+    assert training_run(tiny_mindrecord, tmp_path, "--epoch_size", 2, resume="auto") == 0
+    positions = [RECIPE_LINE.match(line).group(1, 2) for line in open(tmp_path / "loss_0.log").read().splitlines()]
+    assert positions == [(str(e), str(s)) for e in (1, 2) for s in range(1, STEPS_PER_EPOCH + 1)]
+    assert [json.loads(row)["global_step"] for row in open(tmp_path / "metrics.jsonl")] == list(range(1, 9))
+    assert "dropped 3 lines logged after global step 4" in capsys.readouterr().out
+
+
 def test_max_steps_stops_and_saves_and_a_finished_run_has_nothing_to_do(tiny_mindrecord, tmp_path, capsys):
-    args = run_args(tiny_mindrecord, tmp_path, "--max_steps", 3, "--keep_checkpoint_max", 1)
-    assert train.main(args, build_model=contract_model) == 0
+    assert training_run(tiny_mindrecord, tmp_path, "--keep_checkpoint_max", 1, max_steps=3) == 0
     assert checkpoint_names(tmp_path) == ["maskrcnn-1_3.ckpt"]
     point = load_resume_point(os.path.join(tmp_path, "checkpoint", "maskrcnn-1_3.ckpt"), STEPS_PER_EPOCH)
     assert point.state.global_step == 3 and point.state.next_position() == (0, 3)
-    assert train.main(args + ["--resume", "auto"], build_model=contract_model) == 0
+    assert training_run(tiny_mindrecord, tmp_path, "--keep_checkpoint_max", 1, max_steps=3, resume="auto") == 0
     assert "nothing to do: 3 steps done" in capsys.readouterr().out
 
 
 def test_deadline_stops_and_saves_before_a_step_that_would_end_after_it(tiny_mindrecord, tmp_path, capsys):
     passed = time.time() - 1.0                           # every step would end after it: stop after the first
-    assert train.main(run_args(tiny_mindrecord, tmp_path, "--deadline", passed), build_model=contract_model) == 0
+    assert training_run(tiny_mindrecord, tmp_path, deadline=passed) == 0
     out = capsys.readouterr().out
     assert checkpoint_names(tmp_path) == ["maskrcnn-1_1.ckpt"]
     far = time.time() + 3600.0
-    assert train.main(run_args(tiny_mindrecord, tmp_path / "far", "--deadline", far), build_model=contract_model) == 0
+    assert training_run(tiny_mindrecord, tmp_path / "far", deadline=far) == 0
     all_steps = summary(tmp_path / "far")["global_step"]
     assert all_steps > 1 and f"deadline reached: stopping at global step 1 of {all_steps}" in out
 
@@ -158,6 +180,31 @@ def test_bad_values_are_rejected_before_any_data_is_touched(tmp_path, capsys, ov
     assert not mindrecord.exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("option", ["--output_dir", "--mindrecord_dir", "--save_checkpoint_path"])
+@pytest.mark.parametrize("under", [False, True])
+def test_an_output_path_that_is_a_file_is_one_line_before_any_work(tmp_path, capsys, option, under):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    bad = blocker / "sub" if under else blocker
+    mindrecord, out = tmp_path / "mindrecord", tmp_path / "out"
+    code = train.main(["--config", "tiny", "--coco_root", str(tmp_path / "nowhere"), "--mindrecord_dir", str(mindrecord),
+                       "--output_dir", str(out), option, str(bad)], build_model=contract_model)
+    assert code == train.EXIT_BAD_PATH
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"'{bad}'" in err[0]
+    assert (f"lies under the file '{blocker}'" if under else "is a file, not a directory") in err[0]
+    assert not mindrecord.exists() and not out.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_output_dir_that_is_not_writable_is_one_line(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    code = train.main(["--config", "tiny", "--coco_root", str(tmp_path / "nowhere"), "--output_dir",
+                       str(locked / "out")], build_model=contract_model)
+    assert code == train.EXIT_BAD_PATH and "is not writable" in capsys.readouterr().err
+
+
 def test_script_options_set_config_keys():
     args, cfg = train.parse_args(["--config", "tiny", "--seed", "7", "--dataset", "other", "--coco_root", "/c",
                                   "--mindrecord_dir", "/m", "--device_target", "CPU", "--base_lr", "0.5"])
@@ -177,8 +224,7 @@ def test_damaged_resume_checkpoint_is_a_clear_error(tiny_mindrecord, tmp_path, c
 
 
 def test_resume_auto_without_checkpoints_starts_fresh(tiny_mindrecord, tmp_path, capsys):
-    assert train.main(run_args(tiny_mindrecord, tmp_path, "--resume", "auto", "--max_steps", 1),
-                      build_model=contract_model) == 0
+    assert training_run(tiny_mindrecord, tmp_path, resume="auto", max_steps=1) == 0
     assert "no checkpoint in" in capsys.readouterr().out
     assert summary(tmp_path)["global_step"] == 1
 

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from mindspore.mindrecord import FileWriter
 
+from src import atomic_io
 from src.config import Config
 from src.data.annotations import (CLIPPED_BOX, SKIP_CORRUPT_IMAGE, SKIP_DEGENERATE_MASK, SKIP_EMPTY_BOX,
                                   SKIP_MISSING_IMAGE, SKIP_NO_ANNOTATION, SKIP_OVER_MAX, SKIP_SIZE_MISMATCH,
@@ -320,7 +321,7 @@ def data_to_mindrecord(cfg: Config, is_training: bool) -> List[str]:
         manifest = {"fingerprint": fingerprint, "records": num_records, "images_listed": len(tasks),
                     "skipped": dict(sorted(skips.counts.items())), "files": [os.path.basename(f) for f in files],
                     "image_paths": image_paths}
-        _atomic_write_json(manifest_path(cfg, is_training), manifest)
+        atomic_io.write_json(manifest_path(cfg, is_training), manifest, indent=1)
 
     print(f"MindRecord {split}: converted {num_records} of {len(tasks)} images from {source} into {len(files)} "
           f"shards {os.path.join(d.mindrecord_dir, FILE_PREFIX[is_training])}*; {describe_skips(skips.counts)}",
@@ -362,10 +363,3 @@ def _write_shards(base: str, tasks: List[ImageTask], cfg: Config, is_training: b
         raise DatasetError(f"{source}: no image could be converted ({describe_skips(skips.counts)})")
     writer.commit()
     return num_records
-
-
-def _atomic_write_json(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=1)
-    os.replace(tmp, path)

@@ -1,0 +1,26 @@
+"""The inference network of the after-training scripts: graph mode on a device, weights from a checkpoint."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+
+def setup_context(device_target: str, device_id: Optional[int] = None) -> None:
+    """Graph mode on the chosen device: the inference graph has static shapes and compiles once."""
+    import mindspore as ms
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device(device_target, device_id)
+
+
+def build_inference_net(cfg, checkpoint_path: str):
+    """MaskRcnnResnet50 in inference mode with all weights from the checkpoint (strict names and shapes)."""
+    from src.checkpoint import load_model_weights
+    from src.maskrcnn.mask_rcnn_r50 import MaskRcnnResnet50
+
+    if not os.path.isfile(checkpoint_path):    # before the seconds spent building the network
+        raise FileNotFoundError(f"checkpoint '{checkpoint_path}' does not exist")
+    net = MaskRcnnResnet50(cfg)
+    net.set_train(False)
+    load_model_weights(checkpoint_path, net)
+    return net
