@@ -1,15 +1,17 @@
 """Soak: train.py killed with SIGKILL at random moments and resumed each time ends exactly like an uninterrupted run.
 
 The real (narrow) model trains 12 steps (3 epochs of 4) with a checkpoint every 3 steps and at every epoch end.
-The killed run is started again with `--resume auto` after each of three kills:
-  1. data loading: during the MindRecord conversion of the first start (its MindRecord folder starts empty);
+The killed run is started again with `--resume auto` after each of four kills:
+  1. data loading: during the MindRecord conversion of the first start (its MindRecord folder starts empty), at
+     a random point: writing records, committing, moving a shard or the manifest into place;
   2. a step: from outside, a random moment after the console reports a randomly chosen step;
-  3. a checkpoint write: inside a randomly chosen save (kill 2 and 3 come in random order).
-Kills 1 and 3 need moments too short to hit from outside, so a small wrapper (KILLING_TRAIN) installs hooks on
-MindSpore's public writers and then runs train.py unchanged; the hook kills its own process with SIGKILL, so
-nothing of train.py's cleanup runs. A checkpoint write is cut in one of two ways: as MindSpore's staging file
-holding a prefix of the bytes (killed inside ms.save_checkpoint), or as our complete staging file not yet moved
-into place.
+  3. a checkpoint write: inside a randomly chosen save;
+  4. the start after kill 3, while it rewrites loss_0.log or metrics.jsonl to drop the steps it trains again.
+Kills 2 and 3 (followed by 4) come in random order. Kills 1, 3 and 4 need moments too short to hit from outside,
+so a small wrapper (KILLING_TRAIN) installs hooks on MindSpore's writers and on os.replace and then runs train.py
+unchanged; the hook kills its own process with SIGKILL, so no cleanup of train.py runs. A checkpoint write is cut
+in one of two ways: as MindSpore's staging file holding a prefix of the bytes (killed inside
+ms.save_checkpoint), or as our complete staging file not yet moved into place.
 
 The moments come from one seed, printed at the start; rerun a failure with MASKRCNN_SOAK_SEED=<seed>.
 """
@@ -27,8 +29,10 @@ from typing import List
 import pytest
 
 from src.config import load_config
+from src.data.conversion import MANIFEST_SUFFIX
 from inference_helpers import config_cli_args
-from test_network_define import LOSS_NAMES, RECIPE_LINE
+from contract_net import RECIPE_LINE
+from src.maskrcnn.mask_rcnn_r50 import LOSS_NAMES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(ROOT, "train.py")
@@ -44,7 +48,7 @@ KILL_MARK = "soak: SIGKILL "
 
 # Runs train.py (argv[1:]) as __main__ after installing the kill described by MASKRCNN_SOAK_KILL (JSON).
 KILLING_TRAIN = """
-import json, os, runpy, signal, sys
+import fnmatch, json, os, runpy, signal, sys
 import mindspore
 from mindspore.mindrecord import FileWriter
 
@@ -58,13 +62,19 @@ def die(where):
 def hook_writer(method):
     real = getattr(FileWriter, method)
     def wrapped(self, *args, **kwargs):
-        if plan["point"] == "before " + method:
+        if plan.get("point") == "before " + method:
             die("MindRecord conversion before FileWriter." + method)
         result = real(self, *args, **kwargs)
-        if plan["point"] == "after " + method:
+        if plan.get("point") == "after " + method:
             die("MindRecord conversion after FileWriter." + method)
         return result
     setattr(FileWriter, method, wrapped)
+
+real_replace = os.replace
+def replace(source, target, *args, **kwargs):
+    if fnmatch.fnmatch(os.path.basename(target), plan.get("before_replace", "")):
+        die("before moving " + os.path.basename(source) + " to " + os.path.basename(target))
+    return real_replace(source, target, *args, **kwargs)
 
 real_save = mindspore.save_checkpoint
 saves = []
@@ -74,15 +84,17 @@ def save_then_die(obj, path, *args, **kwargs):
     if len(saves) == plan["save"]:
         if plan["fraction"] < 1.0:           # what a kill inside MindSpore's write loop leaves: its .tmp, cut short
             staging = os.path.splitext(path)[0] + ".tmp"
-            os.replace(path, staging)
+            real_replace(path, staging)
             os.truncate(staging, int(os.path.getsize(staging) * plan["fraction"]))
             die("writing " + os.path.basename(staging) + " (%%.2f of its bytes)" %% plan["fraction"])
         die("before moving " + os.path.basename(path) + " into place")
 
-if plan["at"] == "conversion":
+if "point" in plan:
     for method in ("write_raw_data", "commit"):
         hook_writer(method)
-elif plan["at"] == "checkpoint":
+if "before_replace" in plan:
+    os.replace = replace
+if "save" in plan:
     mindspore.save_checkpoint = save_then_die
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
@@ -117,11 +129,20 @@ def child_env(plan=None):
     return env
 
 
-def run_to_the_end(args, log_path):
+def start_full_run(args, log_path):
     with open(log_path, "w", encoding="utf-8") as log:
-        result = subprocess.run([sys.executable, TRAIN_PY, *args], stdout=log, stderr=subprocess.STDOUT,
-                                env=child_env(), cwd=os.path.dirname(log_path), timeout=RUN_TIMEOUT)
-    assert result.returncode == 0, open(log_path, encoding="utf-8").read()[-3000:]
+        return subprocess.Popen([sys.executable, TRAIN_PY, *args], stdout=log, stderr=subprocess.STDOUT,
+                                env=child_env(), cwd=os.path.dirname(log_path))
+
+
+def finish_full_run(child, log_path):
+    try:
+        child.wait(timeout=RUN_TIMEOUT)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, open(log_path, encoding="utf-8").read()[-3000:]
 
 
 def start_killing_run(args, plan, log_path):
@@ -161,31 +182,40 @@ def resumed_step(output_dir):
     return max(steps, default=0)
 
 
-def killed_run(soak, synthetic_coco, number, kind, rng):
+def kill_plan(kind, start, early, rng):
+    """(plan for KILLING_TRAIN or {} for a kill from outside, description, step to kill after)."""
+    # the first kill after the conversion stays in the first 2/3 so that the next one has steps left to hit
+    last_target = LAST_STEP * 2 // 3 if early else LAST_STEP
+    if kind == "conversion":
+        point = rng.choice(["before write_raw_data", "after write_raw_data", "after commit", "shard", "manifest"])
+        if point in ("shard", "manifest"):
+            pattern = "MaskRcnn_train.mindrecord?" if point == "shard" else "*" + MANIFEST_SUFFIX
+            return {"before_replace": pattern}, f"before moving the first {point} into place", None
+        return {"point": point}, point, None
+    if kind == "checkpoint":
+        candidates = [s for s in SAVED_STEPS if start < s <= last_target]
+        target = rng.choice(candidates)
+        fraction = rng.choice([1.0, round(rng.uniform(0.0, 1.0), 2)])
+        plan = {"save": SAVED_STEPS.index(target) - SAVED_STEPS.index(candidates[0]) + 1, "fraction": fraction}
+        return plan, f"saving global step {target}, {fraction:.2f} of the staging file written", None
+    if kind == "log rewrite":
+        name = rng.choice(["loss_0.log", "metrics.jsonl"])
+        return {"before_replace": name}, f"before the rewritten {name} replaces the old one", None
+    after = rng.randint(start + 1, last_target - 3)
+    delay = round(rng.uniform(0.0, KILL_DELAY), 3)
+    return {}, f"{delay} s after global step {after}", (after, delay)
+
+
+def killed_run(soak, synthetic_coco, number, kind, early, rng):
     """Start the soak run with `--resume auto`, kill it as `kind` says (moment drawn from rng), check it died."""
     args = train_args(synthetic_coco, soak.soak_mindrecord, soak.soak_out) + ["--resume", "auto"]
     start = resumed_step(soak.soak_out)
-    # the first kill after the conversion stays in the first 2/3 so that the next one has steps left to hit
-    last_target = LAST_STEP * 2 // 3 if number == 2 else LAST_STEP
-    log_path = os.path.join(os.path.dirname(soak.soak_out), f"killed_run_{number}.log")
-    if kind == "conversion":
-        plan = {"at": kind, "point": rng.choice(["before write_raw_data", "after write_raw_data", "after commit"])}
-        what = plan["point"]
-    elif kind == "checkpoint":
-        candidates = [s for s in SAVED_STEPS if start < s <= last_target]
-        target = rng.choice(candidates)
-        plan = {"at": kind, "save": SAVED_STEPS.index(target) - SAVED_STEPS.index(candidates[0]) + 1,
-                "fraction": rng.choice([1.0, round(rng.uniform(0.0, 1.0), 2)])}
-        what = f"saving global step {target}, keeping {plan['fraction']:.2f} of the staging file"
-    else:
-        after = rng.randint(start + 1, last_target - 3)
-        delay = round(rng.uniform(0.0, KILL_DELAY), 3)
-        plan = {"at": kind}
-        what = f"{delay} s after global step {after}"
+    plan, what, outside = kill_plan(kind, start, early, rng)
     soak.kills.append(f"{number}: {kind}, resumed at step {start}, {what}")
+    log_path = os.path.join(os.path.dirname(soak.soak_out), f"killed_run_{number}.log")
     child, err = start_killing_run(args, plan, log_path)
     try:
-        console = follow_and_kill(child, after, delay) if kind == "step" else child.communicate(timeout=RUN_TIMEOUT)[0]
+        console = follow_and_kill(child, *outside) if outside else child.communicate(timeout=RUN_TIMEOUT)[0]
     finally:
         if child.poll() is None:
             child.kill()
@@ -194,11 +224,11 @@ def killed_run(soak, synthetic_coco, number, kind, rng):
     stderr = open(log_path, encoding="utf-8").read()
     assert child.returncode == -signal.SIGKILL, f"run {number} was not killed ({soak.context()}):\n" \
                                                 f"{console[-2000:]}\n{stderr[-2000:]}"
-    if kind != "step":
+    if outside:
+        soak.kills[-1] += f" -> last step reported {max(filter(None, map(global_step_of, console.splitlines())))}"
+    else:
         assert KILL_MARK in stderr, f"run {number}: the kill hook never fired ({soak.context()})"
         soak.kills[-1] += " -> " + stderr.split(KILL_MARK)[-1].strip()
-    else:
-        soak.kills[-1] += f" -> last step reported {max(filter(None, map(global_step_of, console.splitlines())))}"
     with pytest.raises(ProcessLookupError):        # nothing of the killed run lives on (e.g. data workers)
         os.killpg(child.pid, 0)
 
@@ -211,12 +241,18 @@ def soak(synthetic_coco, tmp_path_factory):
     base = tmp_path_factory.mktemp("soak")
     result = Soak(seed, str(base / "reference"), str(base / "reference_mindrecord"), str(base / "soak"),
                   str(base / "soak_mindrecord"))
-    run_to_the_end(train_args(synthetic_coco, result.reference_mindrecord, result.reference_out),
-                   base / "reference.log")
-    for number, kind in enumerate(["conversion"] + rng.sample(["step", "checkpoint"], 2), start=1):
-        killed_run(result, synthetic_coco, number, kind, rng)
-    run_to_the_end(train_args(synthetic_coco, result.soak_mindrecord, result.soak_out) + ["--resume", "auto"],
-                   base / "final.log")
+    # the uninterrupted run alongside the killed ones: graph compilation, most of each run, is mostly serial
+    reference = start_full_run(train_args(synthetic_coco, result.reference_mindrecord, result.reference_out),
+                               base / "reference.log")
+    try:
+        later = rng.sample([["step"], ["checkpoint", "log rewrite"]], 2)
+        kinds = ["conversion"] + later[0] + later[1]
+        for number, kind in enumerate(kinds, start=1):
+            killed_run(result, synthetic_coco, number, kind, 1 < number <= len(later[0]) + 1, rng)
+    finally:
+        finish_full_run(reference, base / "reference.log")
+    final_args = train_args(synthetic_coco, result.soak_mindrecord, result.soak_out) + ["--resume", "auto"]
+    finish_full_run(start_full_run(final_args, base / "final.log"), base / "final.log")
     print("\n".join(result.kills), flush=True)
     return result
 
@@ -269,8 +305,6 @@ def test_killed_and_resumed_run_leaves_no_stray_files(soak):
     assert all_files(soak.soak_mindrecord) == all_files(soak.reference_mindrecord), soak.context()
 
 
-@pytest.mark.xfail(strict=True, reason="until 19.7 lands: a resumed run appends the steps between its checkpoint "
-                                       "and the kill to loss_0.log and metrics.jsonl a second time")
 def test_logs_have_no_duplicate_steps_after_resume(soak):
     lines = open(os.path.join(soak.soak_out, "loss_0.log"), encoding="utf-8").read().splitlines()
     assert len(lines) == len(set(RECIPE_LINE.match(line).group(1, 2) for line in lines)) == LAST_STEP, \
