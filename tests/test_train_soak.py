@@ -30,9 +30,11 @@ import pytest
 
 from src.config import load_config
 from src.data.conversion import MANIFEST_SUFFIX
-from inference_helpers import config_cli_args
-from contract_net import RECIPE_LINE
 from src.maskrcnn.mask_rcnn_r50 import LOSS_NAMES
+from contract_net import RECIPE_LINE
+from inference_helpers import config_cli_args
+
+pytestmark = pytest.mark.slow          # four graph compilations of the narrow model; CI runs the slow tests too
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(ROOT, "train.py")
@@ -175,8 +177,8 @@ def follow_and_kill(child, after_step, delay):
 
 def resumed_step(output_dir):
     """Global step of the newest checkpoint (0 if none): where `--resume auto` continues."""
-    names = os.listdir(os.path.join(output_dir, "checkpoint")) if os.path.isdir(os.path.join(output_dir,
-                                                                                              "checkpoint")) else []
+    directory = os.path.join(output_dir, "checkpoint")
+    names = os.listdir(directory) if os.path.isdir(directory) else []
     steps = [(int(m.group(1)) - 1) * STEPS_PER_EPOCH + int(m.group(2))
              for m in (re.match(r"^maskrcnn-(\d+)_(\d+)\.ckpt$", name) for name in names) if m]
     return max(steps, default=0)
@@ -241,7 +243,7 @@ def soak(synthetic_coco, tmp_path_factory):
     base = tmp_path_factory.mktemp("soak")
     result = Soak(seed, str(base / "reference"), str(base / "reference_mindrecord"), str(base / "soak"),
                   str(base / "soak_mindrecord"))
-    # the uninterrupted run alongside the killed ones: graph compilation, most of each run, is mostly serial
+    # the uninterrupted run goes alongside the killed ones: its graph compilation overlaps theirs
     reference = start_full_run(train_args(synthetic_coco, result.reference_mindrecord, result.reference_out),
                                base / "reference.log")
     try:
