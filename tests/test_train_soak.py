@@ -203,7 +203,8 @@ def kill_plan(kind, start, early, rng):
     if kind == "log rewrite":
         name = rng.choice(["loss_0.log", "metrics.jsonl"])
         return {"before_replace": name}, f"before the rewritten {name} replaces the old one", None
-    after = rng.randint(start + 1, last_target - 3)
+    # after the first checkpoint is complete, so that a later run resumes from one whatever else is drawn
+    after = rng.randint(max(start + 1, SAVED_STEPS[0] + 1), last_target - 3)
     delay = round(rng.uniform(0.0, KILL_DELAY), 3)
     return {}, f"{delay} s after global step {after}", (after, delay)
 
@@ -253,6 +254,7 @@ def soak(synthetic_coco, tmp_path_factory):
             killed_run(result, synthetic_coco, number, kind, 1 < number <= len(later[0]) + 1, rng)
     finally:
         finish_full_run(reference, base / "reference.log")
+    assert resumed_step(result.soak_out) > 0, f"no checkpoint to resume from; {result.context()}"
     final_args = train_args(synthetic_coco, result.soak_mindrecord, result.soak_out) + ["--resume", "auto"]
     finish_full_run(start_full_run(final_args, base / "final.log"), base / "final.log")
     print("\n".join(result.kills), flush=True)
