@@ -17,7 +17,7 @@ from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from src.config import Config, config_from_args
+from src.config import Config, config_from_args, resolved_paths
 from src.cli import check_output_dirs, run_script
 from src.coco_eval import (check_image_coverage, detections_to_coco, label_to_category_ids, load_coco,
                            score_and_save)
@@ -120,6 +120,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ann_file", required=True, help="COCO instances JSON of the eval images")
     parser.add_argument("--output_dir", default="eval", help="where detections.json and eval_metrics.json go")
     args, cfg = config_from_args(parser, argv)
+    print(resolved_paths(cfg), flush=True)
     check_output_dirs({"--output_dir": args.output_dir, "data.mindrecord_dir": cfg.data.mindrecord_dir})
     evaluate(cfg, args.checkpoint_path, args.ann_file, args.output_dir)
 

@@ -60,6 +60,7 @@ def export_model(cfg: Config, ckpt_file: str, file_format: str, file_name: str, 
     file_format = file_format.upper()
     if file_format not in FORMAT_SUFFIX:
         raise ValueError(f"--file_format must be one of {', '.join(FORMAT_SUFFIX)}, got '{file_format}'")
+    device_target = setup_context(device_target)
     if file_format == "AIR" and device_target != "Ascend":
         raise ValueError(f"AIR export needs --device_target Ascend (the AIR graph is built by the Ascend "
                          f"backend), got '{device_target}'; export MINDIR here and convert on an Ascend host")
@@ -69,7 +70,6 @@ def export_model(cfg: Config, ckpt_file: str, file_format: str, file_name: str, 
     check_output_dirs({"the directory of --file_name": directory})
     os.makedirs(directory, exist_ok=True)
 
-    setup_context(device_target)
     with cpu_kernels.mindspore_kernels():      # exported graphs hold standard operators only
         net = build_inference_net(cfg, ckpt_file)
     inputs = [ms.Tensor(array) for array in export_inputs(cfg)]
@@ -88,7 +88,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ckpt_file", required=True, help="trained checkpoint (.ckpt)")
     parser.add_argument("--file_format", default="MINDIR", help="MINDIR, AIR (Ascend only) or ONNX")
     parser.add_argument("--file_name", default="maskrcnn", help="output path without suffix")
-    parser.add_argument("--device_target", default=None, help="CPU, GPU or Ascend (default: train.device_target)")
+    parser.add_argument("--device_target", default=None, help="auto, CPU, GPU or Ascend (default: train.device_target)")
     args, cfg = config_from_args(parser, argv)
     device_target = args.device_target or cfg.train.device_target
     start = time.time()

@@ -17,7 +17,8 @@ from typing import Callable, Optional, Sequence
 
 from src.checkpoint import CheckpointError, find_checkpoints
 from src.cli import output_dir_problem
-from src.config import Config, ConfigError, config_from_args, set_value, validate
+from src.config import Config, ConfigError, config_from_args, resolved_paths, set_value, validate
+from src.device import AUTO
 from src.training import COMM_BACKENDS, RunOptions, checkpoint_dir, train
 
 # script option -> config key it sets (the script option wins over a config override of the same key)
@@ -37,7 +38,8 @@ def _flag(value: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device_target", choices=sorted(COMM_BACKENDS), help="sets train.device_target")
+    parser.add_argument("--device_target", choices=[AUTO, *sorted(COMM_BACKENDS)],
+                        help="sets train.device_target (auto: Ascend, then GPU, then CPU)")
     parser.add_argument("--dataset", choices=("coco", "other"), help="sets data.dataset")
     parser.add_argument("--mindrecord_dir", help="sets data.mindrecord_dir (converted on first use)")
     parser.add_argument("--coco_root", help="sets data.coco_root")
@@ -90,7 +92,10 @@ def main(argv: Optional[Sequence[str]] = None, build_model: Optional[Callable] =
     from src.data.records import DatasetError
     from src.network_define import NonFiniteLossError
 
+    if os.getenv("MS_ROLE") == "MS_SCHED" and os.getenv("MSRUN_NODE_RANK", "0") != "0":
+        return 0    # msrun starts a scheduler wherever master_addr is local; the job's is node 0's
     args, cfg = parse_args(argv)
+    print(resolved_paths(cfg), flush=True)
     problem = path_problem(args, cfg)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

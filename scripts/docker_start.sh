@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Start an interactive container with the Ascend devices, driver and the data/model directories mounted.
-# Usage: bash scripts/docker_start.sh IMAGE DATA_DIR MODEL_DIR
+# Usage: sh docker_start.sh IMAGE DATA_DIR MODEL_DIR
+# Started by `sh` (dash on Debian/Ubuntu): run again under bash, which this script is written for.
+[ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 set -euo pipefail
 if [ $# -ne 3 ]; then
-    echo "Usage: bash scripts/docker_start.sh IMAGE DATA_DIR MODEL_DIR" >&2
+    echo "Usage: sh docker_start.sh IMAGE DATA_DIR MODEL_DIR" >&2
     exit 1
 fi
 image="$1"; data_dir="$(realpath -m "$2")"; model_dir="$(realpath -m "$3")"

@@ -2,33 +2,58 @@
 # Data-parallel training, one process per device, data sharded by rank.
 #
 #   Ascend (rank table, as in the recipe):
-#     bash scripts/run_distribute_train.sh RANK_TABLE_FILE [PRETRAINED_CKPT] [-- extra train.py arguments]
-#     One process per device of the (single-server) rank table with RANK_ID / DEVICE_ID / RANK_SIZE set;
-#     logs in train_parallel<i>/, checkpoints (rank 0) in train_parallel0/checkpoint.
-#   CPU / GPU (msrun):
-#     bash scripts/run_distribute_train.sh --workers N [PRETRAINED_CKPT] [-- extra train.py arguments]
-#     N worker processes on this machine via msrun; DEVICE_TARGET (CPU default, or GPU) and MASTER_PORT
-#     (8118) from the environment; output in train_parallel/, worker logs in train_parallel/msrun_log/.
+#     sh run_distribute_train.sh RANK_TABLE_FILE [PRETRAINED_CKPT] [-- extra train.py arguments]
+#     Started on each server of the rank table; starts that server's devices (the server is SERVER_ID, its
+#     index or server_id in the table, else the one whose server_id is an address of this host) with
+#     RANK_ID / DEVICE_ID / RANK_SIZE (all devices of the table) set; logs in train_parallel<rank>/,
+#     checkpoints (rank 0) in train_parallel0/checkpoint.
+#   msrun (CPU, GPU or Ascend without a rank table):
+#     sh run_distribute_train.sh --workers N [--nodes M --node_rank R --master_addr ADDR [--master_port P]]
+#                                [PRETRAINED_CKPT] [-- extra train.py arguments]
+#     N workers on this host; with --nodes, the same command on each of M hosts (R = 0..M-1, ADDR the
+#     address of node 0) trains N*M workers. DEVICE_TARGET (auto default: Ascend, then GPU, then CPU) and
+#     MASTER_PORT (8118) from the environment; output in train_parallel/, worker logs in train_parallel/msrun_log/.
 # PRETRAINED_CKPT: converted ResNet50 backbone or Mask R-CNN checkpoint; "" or "none" trains from scratch.
+# Started by `sh` (dash on Debian/Ubuntu): run again under bash, which this script is written for.
+[ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 set -euo pipefail
 
 usage() {
-    echo "usage: bash $0 RANK_TABLE_FILE [PRETRAINED_CKPT|none] [-- extra train.py arguments]" >&2
-    echo "       bash $0 --workers N [PRETRAINED_CKPT|none] [-- extra train.py arguments]" >&2
+    echo "usage: sh $0 RANK_TABLE_FILE [PRETRAINED_CKPT|none] [-- extra train.py arguments]" >&2
+    echo "       sh $0 --workers N [--nodes M --node_rank R --master_addr ADDR [--master_port P]]" \
+         "[PRETRAINED_CKPT|none] [-- extra train.py arguments]" >&2
     exit 2
+}
+integer() {    # name value minimum(0|1)
+    [[ "$2" =~ ^[0-9]+$ ]] && [ "$2" -ge "$3" ] && return
+    echo "error: $1 needs a $( [ "$3" = 0 ] && echo non-negative || echo positive ) integer, got '$2'" >&2; usage
 }
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PATH="$root/.venv/bin:$PATH" GLOG_v="${GLOG_v:-3}" PYTHONUNBUFFERED=1
 
 [ $# -ge 1 ] || usage
-workers=""
-rank_table=""
+workers="" rank_table="" nodes=1 node_rank=0 master_addr="" master_port="${MASTER_PORT:-8118}"
 if [ "$1" = "--workers" ]; then
-    [ $# -ge 2 ] || usage
-    workers="$2"
-    [[ "$workers" =~ ^[1-9][0-9]*$ ]] || { echo "error: --workers needs a positive integer, got '$workers'" >&2; usage; }
-    shift 2
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --workers|--nodes|--node_rank|--master_addr|--master_port)
+                [ $# -ge 2 ] || usage
+                case "$1" in
+                    --workers) workers="$2"; integer --workers "$2" 1 ;;
+                    --nodes) nodes="$2"; integer --nodes "$2" 1 ;;
+                    --node_rank) node_rank="$2"; integer --node_rank "$2" 0 ;;
+                    --master_addr) master_addr="$2" ;;
+                    --master_port) master_port="$2"; integer --master_port "$2" 1 ;;
+                esac
+                shift 2 ;;
+            *) break ;;
+        esac
+    done
+    [ "$node_rank" -lt "$nodes" ] || { echo "error: --node_rank must be below --nodes ($nodes), got $node_rank" >&2; usage; }
+    if [ "$nodes" -gt 1 ] && [ -z "$master_addr" ]; then
+        echo "error: --nodes $nodes needs --master_addr, the address of node 0" >&2; usage
+    fi
 else
     rank_table="$1"
     shift
@@ -50,48 +75,41 @@ if [ -n "$pretrained" ] && [ "$pretrained" != "none" ]; then
 fi
 
 if [ -n "$workers" ]; then
-    device="${DEVICE_TARGET:-CPU}"
-    case "$device" in CPU|GPU) ;; *) echo "error: msrun path supports DEVICE_TARGET CPU or GPU, got '$device'" >&2; exit 2 ;; esac
+    device="${DEVICE_TARGET:-auto}"
+    case "$device" in auto|CPU|GPU|Ascend) ;; *) echo "error: DEVICE_TARGET must be auto, CPU, GPU or Ascend, got '$device'" >&2; exit 2 ;; esac
     output="${TRAIN_OUTPUT_DIR:-$PWD/train_parallel}"
     mkdir -p "$output"
-    echo "msrun: $workers $device workers, output in $output, worker logs in $output/msrun_log"
-    exec msrun --worker_num="$workers" --local_worker_num="$workers" --master_port="${MASTER_PORT:-8118}" \
+    echo "msrun: node $node_rank of $nodes, $workers workers here ($((workers * nodes)) in all), device $device," \
+         "master ${master_addr:-127.0.0.1}:$master_port; output in $output, worker logs in $output/msrun_log"
+    # train.py leaves the scheduler to node 0: msrun starts one wherever master_addr is a local address
+    export MSRUN_NODE_RANK="$node_rank"
+    exec msrun --worker_num="$((workers * nodes))" --local_worker_num="$workers" --node_rank="$node_rank" \
+        --master_addr="${master_addr:-127.0.0.1}" --master_port="$master_port" \
         --log_dir="$output/msrun_log" --join=True "$root/train.py" --run_distribute \
         --device_target "$device" --output_dir "$output" "${pretrained_args[@]}" "$@"
 fi
 
 [ -f "$rank_table" ] || { echo "error: RANK_TABLE_FILE '$rank_table' does not exist" >&2; exit 1; }
 rank_table="$(realpath "$rank_table")"
-# "rank_id device_id" per line, from the single server of the rank table
-if ! devices="$(python - "$rank_table" <<'EOF'
-import json, sys
-path = sys.argv[1]
-try:
-    servers = json.load(open(path))["server_list"]
-    if len(servers) != 1:
-        sys.exit(f"error: {path}: this script starts one server's devices; found {len(servers)} servers")
-    for device in servers[0]["device"]:
-        print(device["rank_id"], device["device_id"])
-except (ValueError, KeyError, TypeError) as err:
-    sys.exit(f"error: {path} is not an HCCL rank table (server_list/device/rank_id/device_id): {err!r}")
-EOF
-)"; then
-    exit 1
-fi
+# first line RANK_SIZE, then "rank_id device_id" per device of this server
+table="$(python "$root/src/rank_table.py" "$rank_table")" || exit 1
 export RANK_TABLE_FILE="$rank_table"
-export RANK_SIZE="$(echo "$devices" | wc -l)"
+RANK_SIZE="$(echo "$table" | head -n 1)"
+export RANK_SIZE
+devices="$(echo "$table" | tail -n +2)"
 checkpoints="$PWD/train_parallel0/checkpoint"
-echo "Ascend: $RANK_SIZE devices from $rank_table; logs in train_parallel<i>/, checkpoints in $checkpoints"
-pids=()
+echo "Ascend: $(echo "$devices" | wc -l) of $RANK_SIZE devices of $rank_table on this server;" \
+     "logs in train_parallel<rank>/, checkpoints (rank 0) in $checkpoints"
+pids=() ranks=()
 while read -r rank device_id; do
     out="$PWD/train_parallel$rank"
     mkdir -p "$out"
     RANK_ID="$rank" DEVICE_ID="$device_id" python "$root/train.py" --run_distribute --device_target Ascend \
         --output_dir "$out" --save_checkpoint_path "$checkpoints" "${pretrained_args[@]}" "$@" > "$out/log" 2>&1 &
-    pids+=($!)
+    pids+=($!) ranks+=("$rank")
 done <<< "$devices"
 status=0
 for i in "${!pids[@]}"; do
-    wait "${pids[$i]}" || { echo "rank $i failed, see train_parallel$i/log" >&2; status=1; }
+    wait "${pids[$i]}" || { echo "rank ${ranks[$i]} failed, see train_parallel${ranks[$i]}/log" >&2; status=1; }
 done
 exit $status

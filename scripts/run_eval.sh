@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Evaluate a checkpoint on COCO (bbox + segm mAP). Outputs and the log go to ./eval/.
-# Usage: bash scripts/run_eval.sh [VALIDATION_JSON_FILE] [CHECKPOINT_PATH] [--key value ...]
+# Usage: sh run_eval.sh [VALIDATION_JSON_FILE] [CHECKPOINT_PATH] [--key value ...]
 #   Extra arguments go to eval.py, e.g. --config tiny or --device_target Ascend.
+# Started by `sh` (dash on Debian/Ubuntu): run again under bash, which this script is written for.
+[ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 set -euo pipefail
 if [ $# -lt 2 ]; then
-    echo "Usage: bash scripts/run_eval.sh [VALIDATION_JSON_FILE] [CHECKPOINT_PATH] [--key value ...]" >&2
+    echo "Usage: sh run_eval.sh [VALIDATION_JSON_FILE] [CHECKPOINT_PATH] [--key value ...]" >&2
     exit 1
 fi
 ann_file="$(realpath -m "$1")"

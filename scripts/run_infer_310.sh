@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Ascend 310 inference of an exported model over a COCO set: preprocess -> build -> run -> postprocess.
-# Usage: bash scripts/run_infer_310.sh [MINDIR_OR_AIR_PATH] [DATA_PATH] [ANN_FILE] [DEVICE_ID] [--key value ...]
+# Usage: sh run_infer_310.sh [MINDIR_OR_AIR_PATH] [DATA_PATH] [ANN_FILE] [DEVICE_ID] [--key value ...]
 #   DATA_PATH: directory of the images named in ANN_FILE; DEVICE_ID defaults to 0; extra arguments are
 #   config overrides for the python steps (e.g. --config tiny). An AIR file is first converted to OM by atc.
 # Outputs in the current directory: preprocess_result/, result_files/, *.log; COCO mAP in acc.log.
 # Environment: MINDSPORE_PATH (MindSpore Lite root for the build), BUILD_DIR, PYTHON.
+# Started by `sh` (dash on Debian/Ubuntu): run again under bash, which this script is written for.
+[ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 set -euo pipefail
-usage="Usage: bash scripts/run_infer_310.sh [MINDIR_OR_AIR_PATH] [DATA_PATH] [ANN_FILE] [DEVICE_ID] [--key value ...]"
+usage="Usage: sh run_infer_310.sh [MINDIR_OR_AIR_PATH] [DATA_PATH] [ANN_FILE] [DEVICE_ID] [--key value ...]"
 if [ $# -lt 3 ]; then echo "$usage" >&2; exit 1; fi
 model="$(realpath -m "$1")"; data_path="$(realpath -m "$2")"; ann_file="$(realpath -m "$3")"; shift 3
 device_id=0

@@ -3,19 +3,28 @@
 The dataclass defaults are the ModelZoo Mask R-CNN recipe (COCO 2017, 1280x768, batch 2, 12 epochs).
 YAML presets in ``configs/`` override a subset of keys; command-line ``--key value`` pairs override
 those. Every value is checked once, here, so that a bad value fails before any data is touched.
+The ModelZoo seed's key names are accepted too, mapped onto ours (SEED_KEYS and the tables after it).
+Relative data paths become absolute when read: config-file values against ROOT, command-line ones against
+the current directory.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import yaml
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(ROOT, "configs")
+# Relative values of these keys are made absolute once, when read: values from a config file (and the
+# defaults) against ROOT, values from the command line against the current directory of the command.
+PATH_KEYS = ("data.coco_root", "data.mindrecord_dir", "data.image_dir", "data.anno_path")
 
 COCO_CLASSES = (
     "background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
@@ -152,7 +161,7 @@ class TestConfig:
 
 @dataclass
 class TrainConfig:
-    device_target: str = "CPU"                  # CPU | GPU | Ascend
+    device_target: str = "auto"                 # auto (Ascend, then GPU, then CPU) | CPU | GPU | Ascend
     base_lr: float = 0.02
     base_step: int = 58633                      # steps of one epoch in the recipe's schedule
     total_epoch: int = 13
@@ -316,8 +325,8 @@ def validate(cfg: Config) -> Config:
     _positive(t.test_batch_size, "test.test_batch_size")
 
     tr = cfg.train
-    _check(tr.device_target in ("CPU", "GPU", "Ascend"), "train.device_target",
-           f"must be CPU, GPU or Ascend, got '{tr.device_target}'")
+    _check(tr.device_target in ("auto", "CPU", "GPU", "Ascend"), "train.device_target",
+           f"must be auto, CPU, GPU or Ascend, got '{tr.device_target}'")
     _positive(tr.base_lr, "train.base_lr")
     _positive(tr.base_step, "train.base_step")
     _positive(tr.total_epoch, "train.total_epoch")
@@ -415,26 +424,176 @@ def _resolve(key: str) -> Tuple[str, str]:
     return owners[0], key
 
 
-def set_value(cfg: Config, key: str, value) -> None:
+# ---------------------------------------------------------------- the ModelZoo seed's key names
+
+# Seed name -> our key, same meaning and unit (names the seed shares with us need no entry).
+SEED_KEYS = {
+    "COCO_ROOT": "data.coco_root", "IMAGE_DIR": "data.image_dir", "ANNO_PATH": "data.anno_path",
+    "coco_classes": "data.classes", "num_gts": "data.max_instance_count",
+    "num_expected_neg": "rpn.num_expected_total",
+    "num_expected_neg_stage2": "rcnn.num_expected_total_stage2",
+    "rcnn_loss_mask_fb_weight": "rcnn.rcnn_loss_mask_weight",
+    "rpn_proposal_nms_pre": "proposal_train.nms_pre", "rpn_proposal_nms_post": "proposal_train.nms_post",
+    "rpn_proposal_max_num": "proposal_train.max_num", "rpn_proposal_nms_thr": "proposal_train.nms_thr",
+    "rpn_proposal_min_bbox_size": "proposal_train.min_bbox_size",
+    "rpn_nms_pre": "proposal_test.nms_pre", "rpn_nms_post": "proposal_test.nms_post",
+    "rpn_max_num": "proposal_test.max_num", "rpn_nms_thr": "proposal_test.nms_thr",
+    "rpn_min_bbox_min_size": "proposal_test.min_bbox_size",
+}
+# Seed count of positives -> our positive fraction of the sampled total (applied after the source's other keys).
+SEED_FRACTIONS = {
+    "num_expected_pos": ("rpn.pos_fraction", "rpn", "num_expected_total"),
+    "num_expected_pos_stage2": ("rcnn.pos_fraction_stage2", "rcnn", "num_expected_total_stage2"),
+}
+# roi_layer: dict(type='RoIAlign', out_size=7, mask_out_size=14, sample_num=2) -> three roi keys.
+ROI_LAYER_KEYS = {"out_size": "roi.roi_out_size", "mask_out_size": "roi.mask_out_size",
+                  "sample_num": "roi.roi_sample_ratio"}
+# Seed switches this implementation has one setting of: that setting is accepted, any other refused.
+SEED_FIXED = {
+    "rpn_cls_out_channels": (1, "the RPN classifies with one sigmoid output per anchor"),
+    "use_sigmoid_cls": (True, "the RPN classifies with a sigmoid"),
+    "rpn_head_use_sigmoid": (True, "the RPN classifies with a sigmoid"),
+    "activate_num_classes": (2, "the RPN separates object from background"),
+    "rpn_head_loss_type": ("CrossEntropyLoss", "the RPN uses sigmoid cross entropy"),
+    "rpn_head_weight": (1.0, "the RPN losses are weighted by rpn.rpn_loss_cls_weight / rpn_loss_reg_weight"),
+    "rcnn_num_layers": (2, "the box head has two shared fully connected layers"),
+    "rpn_proposal_nms_across_levels": (False, "proposals are suppressed per FPN level"),
+    "rpn_nms_across_levels": (False, "proposals are suppressed per FPN level"),
+}
+# Seed values computed from others here: setting one is an error that says how it is derived.
+SEED_DERIVED = {
+    "feature_shapes": "(ceil(img_height / s), ceil(img_width / s)) for each s of anchor.anchor_strides",
+    "num_anchors": "len(anchor.anchor_scales) * len(anchor.anchor_ratios)",
+    "num_bboxes": "the anchors of one image: sum of h * w over feature_shapes, times num_anchors",
+    "num_bboxes_stage2": "proposal_train.max_num (the seed's rpn_proposal_max_num)",
+    "roi_sample_num": "rcnn.num_expected_total_stage2 RoI rows per image (the seed's 640 held 128 positive "
+                      "+ 512 negative slots, of which 512 were filled)",
+    "num_classes": "len(data.classes) (the seed's coco_classes), background included",
+}
+
+
+def _seed_notice(name: str, target: str) -> None:
+    print(f"config: ModelZoo key '{name}' -> {target}", file=sys.stderr)
+
+
+def _parse_seed_value(value):
+    """A command-line seed value in the seed's Python notation: '(28, 28)', "dict(type='RoIAlign', ...)"."""
+    text = value.strip() if isinstance(value, str) else ""
+    if text.startswith("dict(") and text.endswith(")"):
+        text = "{" + re.sub(r"(\w+)\s*=", r"\1: ", text[5:-1]) + "}"
+    elif text.startswith("(") and text.endswith(")"):
+        text = "[" + text[1:-1] + "]"
+    else:
+        return value
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return value
+
+
+def _seed_assignments(cfg: Config, name: str, value) -> Optional[List[Tuple[str, object]]]:
+    """The (our key, value) pairs a seed name sets, None for a name that is not the seed's; ConfigError
+    for a derived name or a value this implementation cannot take."""
+    if name in SEED_KEYS:
+        _seed_notice(name, SEED_KEYS[name])
+        return [(SEED_KEYS[name], _parse_seed_value(value))]
+    if name in SEED_DERIVED:
+        raise ConfigError(f"config key '{name}' (ModelZoo) is derived, not set: it is {SEED_DERIVED[name]}")
+    if name in SEED_FIXED:
+        fixed, why = SEED_FIXED[name]
+        parsed = yaml.safe_load(value) if isinstance(value, str) else value
+        if not (parsed == fixed and (isinstance(fixed, float) or type(parsed) is type(fixed))):
+            raise ConfigError(f"config key '{name}' (ModelZoo) can only be {fixed!r} here ({why}), got {value!r}")
+        print(f"config: ModelZoo key '{name}' = {fixed!r} is this implementation's only setting ({why})",
+              file=sys.stderr)
+        return []
+    if name in SEED_FRACTIONS:
+        target, section, total_key = SEED_FRACTIONS[name]
+        total = getattr(getattr(cfg, section), total_key)
+        count = _coerce(value, int, name)
+        _check(0 < count <= total, name, f"must be in 1..{section}.{total_key} ({total}), got {count}")
+        _seed_notice(name, f"{target} = {name} / {section}.{total_key} = {count}/{total}")
+        return [(target, count / total)]
+    if name == "roi_layer":
+        layer = _parse_seed_value(value)
+        if not isinstance(layer, dict) or layer.get("type", "RoIAlign") != "RoIAlign" \
+                or not set(layer) - {"type"} <= set(ROI_LAYER_KEYS):
+            raise ConfigError(f"config key 'roi_layer' (ModelZoo): expected dict(type='RoIAlign', out_size=..., "
+                              f"mask_out_size=..., sample_num=...), got {value!r}")
+        pairs = [(ROI_LAYER_KEYS[k], v) for k, v in layer.items() if k != "type"]
+        _seed_notice(name, ", ".join(f"{k} -> {ROI_LAYER_KEYS[k]}" for k in layer if k != "type"))
+        return pairs
+    if name == "mask_shape":
+        shape = _parse_seed_value(value)
+        if isinstance(shape, (list, tuple)):                  # the seed's (28, 28): masks are square here
+            _check(len(shape) == 2 and shape[0] == shape[1], "rcnn.mask_shape",
+                   f"masks are square: expected (n, n), got {value!r}")
+            _seed_notice(name, "rcnn.mask_shape (one side of the square)")
+            return [("rcnn.mask_shape", shape[0])]
+    return None
+
+
+def _seed_last(items):
+    """Fractions after the totals they divide, so the order of keys in a source does not matter."""
+    return sorted(items, key=lambda item: item[0] in SEED_FRACTIONS)
+
+
+# ---------------------------------------------------------------- setting values
+
+def _absolute(path: str, base: str) -> str:
+    if not path:
+        return path
+    path = os.path.expanduser(path)
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
+
+
+def _set_one(cfg: Config, key: str, value, base: str) -> None:
     section, leaf = _resolve(key)
     section_obj = getattr(cfg, section)
     hint = _section_fields(type(section_obj))[leaf]
-    setattr(section_obj, leaf, _coerce(value, hint, f"{section}.{leaf}"))
+    value = _coerce(value, hint, f"{section}.{leaf}")
+    if f"{section}.{leaf}" in PATH_KEYS:
+        value = _absolute(value, base)
+    setattr(section_obj, leaf, value)
+
+
+def set_value(cfg: Config, key: str, value, base: Optional[str] = None) -> None:
+    """Set one key (ours, 'section.key', or a ModelZoo seed name). A relative path value is made absolute
+    against `base`: the current directory unless given (command-line values)."""
+    base = base or os.getcwd()
+    assignments = None if "." in key else _seed_assignments(cfg, key, value)
+    for target, target_value in assignments if assignments is not None else [(key, value)]:
+        _set_one(cfg, target, target_value, base)
 
 
 def apply_mapping(cfg: Config, mapping: dict, source: str = "") -> None:
-    """Apply a nested {section: {key: value}} mapping (as read from YAML)."""
+    """Apply a YAML mapping: {section: {key: value}} and/or flat {key: value} (the seed's layout).
+    Relative paths resolve against ROOT."""
     where = f" (in {source})" if source else ""
     if not isinstance(mapping, dict):
         raise ConfigError(f"config file must hold a mapping of sections{where}")
+    sections = _section_fields(Config)
+    flat = []
     for section, values in mapping.items():
+        if section not in sections:
+            flat.append((section, values))
+            continue
         if not isinstance(values, dict):
             raise ConfigError(f"config section '{section}' must be a mapping{where}")
         for leaf, value in values.items():
-            try:
-                set_value(cfg, f"{section}.{leaf}", value)
-            except ConfigError as err:
-                raise ConfigError(f"{err}{where}") from None
+            flat.append((f"{section}.{leaf}", value))
+    for key, value in _seed_last(flat):
+        try:
+            set_value(cfg, key, value, base=ROOT)
+        except ConfigError as err:
+            raise ConfigError(f"{err}{where}") from None
+
+
+def resolved_paths(cfg: Config) -> str:
+    """The data paths a run uses, absolute, for the first lines of its log."""
+    d = cfg.data
+    keys = ("coco_root", "mindrecord_dir") if d.dataset == "coco" else ("image_dir", "anno_path", "mindrecord_dir")
+    return "paths: " + ", ".join(f"data.{key}={getattr(d, key)}" for key in keys)
 
 
 def preset_path(name_or_path: str) -> str:
@@ -449,8 +608,12 @@ def preset_path(name_or_path: str) -> str:
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) -> Config:
-    """Recipe defaults, then the YAML file (if any), then overrides {key: value}; validated."""
+    """Recipe defaults, then the YAML file (if any), then overrides {key: value}; validated. Relative paths of
+    the defaults and the file resolve against ROOT, those of the overrides against the current directory."""
     cfg = Config()
+    for key in PATH_KEYS:
+        section, leaf = key.split(".")
+        setattr(getattr(cfg, section), leaf, _absolute(getattr(getattr(cfg, section), leaf), ROOT))
     if path:
         resolved = preset_path(path)
         with open(resolved, "r", encoding="utf-8") as handle:
@@ -459,7 +622,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) ->
             except yaml.YAMLError as err:
                 raise ConfigError(f"config file '{resolved}' is not valid YAML: {err}") from None
         apply_mapping(cfg, mapping, resolved)
-    for key, value in (overrides or {}).items():
+    for key, value in _seed_last((overrides or {}).items()):
         set_value(cfg, key, value)
     return validate(cfg)
 
@@ -514,4 +677,5 @@ def recipe_yaml() -> str:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description="Print the recipe defaults as YAML (configs/coco.yaml).").parse_args()
     print(recipe_yaml(), end="")

@@ -24,6 +24,9 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
+if not __package__:                 # run as a file: python src/infer_files.py
+    import _file_run  # noqa: F401
+
 from src import cpu_kernels
 from src.config import Config, config_from_args
 from src import atomic_io

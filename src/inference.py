@@ -5,12 +5,12 @@ import os
 from typing import Optional
 
 
-def setup_context(device_target: str, device_id: Optional[int] = None) -> None:
-    """Graph mode on the chosen device: the inference graph has static shapes and compiles once."""
-    import mindspore as ms
+def setup_context(device_target: str, device_id: Optional[int] = None) -> str:
+    """Graph mode on the chosen device (`auto`: the best available): the inference graph has static shapes
+    and compiles once. Returns the device used."""
+    from src.device import set_device
 
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device(device_target, device_id)
+    return set_device(device_target, device_id)
 
 
 def build_inference_net(cfg, checkpoint_path: str):

@@ -16,6 +16,9 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+if not __package__:                 # run as a file: python src/loss_curve.py
+    import _file_run  # noqa: F401
+
 from src import atomic_io
 
 LR_KEY = "lr"

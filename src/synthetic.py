@@ -26,6 +26,9 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
+if not __package__:                 # run as a file: python src/synthetic.py
+    import _file_run  # noqa: F401
+
 from src import atomic_io
 
 CATEGORY_NAMES = ("rectangle", "ellipse", "triangle", "star")   # COCO ids 1..4, in this order

@@ -19,6 +19,7 @@ from src import atomic_io
 from src.checkpoint import (CheckpointManager, TrainingState, find_checkpoints, format_load_report, load_pretrained,
                             load_resume_point)
 from src.config import Config
+from src.device import set_device
 from src.lr_schedule import dynamic_lr
 
 COMM_BACKENDS = {"Ascend": "hccl", "GPU": "nccl", "CPU": "mccl"}
@@ -42,12 +43,8 @@ def init_devices(cfg: Config, distributed: bool):
 
     Returns (rank, group_size).
     """
-    ms.set_context(mode=ms.GRAPH_MODE)
     device_id = os.getenv("DEVICE_ID")
-    if device_id is not None:
-        ms.set_device(cfg.train.device_target, int(device_id))
-    elif ms.get_context("device_target") != cfg.train.device_target:   # set_device fails once kernels ran
-        ms.set_device(cfg.train.device_target)
+    cfg.train.device_target = set_device(cfg.train.device_target, None if device_id is None else int(device_id))
     if not distributed:
         return 0, 1
     from mindspore.communication import get_group_size, get_rank, init

@@ -319,7 +319,8 @@ def test_distribute_script_checks_its_arguments(tmp_path):
 
 @pytest.mark.parametrize("table, message", [
     ("{not json", "is not an HCCL rank table"),
-    (json.dumps({"server_list": [{"device": []}, {"device": []}]}), "found 2 servers"),
+    (json.dumps({"server_list": [{"server_id": "10.255.0.1", "device": []},
+                                 {"server_id": "10.255.0.2", "device": []}]}), "none of them is this host"),
 ])
 def test_distribute_script_rejects_bad_rank_tables(tmp_path, table, message):
     path = tmp_path / "hccl.json"
