@@ -220,8 +220,9 @@ def train(options: RunOptions, cfg: Config, build_model: Optional[Callable[[Conf
     if resume:
         resume.restore_optimizer(optimizer)
     manager = CheckpointManager(ckpt_dir, tr.keep_checkpoint_max) if is_main and tr.save_checkpoint else None
+    # also `--resume auto` that found no checkpoint: a run killed before its first save logged steps from 1
     monitor = open_step_monitor(options.output_dir, rank, LOSS_NAMES, tr.log_interval, tr.epoch_size,
-                                steps_per_epoch, last_step, resumed_step=state.global_step if resume else None)
+                                steps_per_epoch, last_step, resumed_step=state.global_step if options.resume else None)
     loop = TrainingLoop(tr, epoch_dataset, train_cell, optimizer, net, lr_table, monitor, manager, LOSS_NAMES)
 
     run_start, first_step = time.perf_counter(), state.global_step

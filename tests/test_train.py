@@ -223,10 +223,15 @@ def test_damaged_resume_checkpoint_is_a_clear_error(tiny_mindrecord, tmp_path, c
     assert str(bad) in err and message in err
 
 
-def test_resume_auto_without_checkpoints_starts_fresh(tiny_mindrecord, tmp_path, capsys):
+def test_resume_auto_without_checkpoints_starts_fresh(full_run, tiny_mindrecord, tmp_path, capsys):
+    for name in ("loss_0.log", "metrics.jsonl"):              # a run killed during step 3, before its first save
+        (tmp_path / name).write_text("".join(open(os.path.join(full_run, name)).readlines()[:2]))
     assert training_run(tiny_mindrecord, tmp_path, resume="auto", max_steps=1) == 0
-    assert "no checkpoint in" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no checkpoint in" in out and "dropped 2 lines logged after global step 0" in out
     assert summary(tmp_path)["global_step"] == 1
+    assert [RECIPE_LINE.match(line).group(1, 2) for line in open(tmp_path / "loss_0.log")] == [("1", "1")]
+    assert [json.loads(row)["global_step"] for row in open(tmp_path / "metrics.jsonl")] == [1]
 
 
 # ---------------------------------------------------------------- the real model (slow)
