@@ -131,6 +131,7 @@ class MaskRcnnResnet50(nn.Cell):
         self.num_gts = cfg.data.max_instance_count
         self.rcnn_means = box_ops.as_tensor(cfg.rcnn.rcnn_target_means)
         self.rcnn_stds = box_ops.as_tensor(cfg.rcnn.rcnn_target_stds)
+        self.anchors_inside_only = cfg.rpn.anchors_inside_only
         self.sample_seed = Parameter(Tensor(0, ms.int32), name="sample_seed", requires_grad=False)
 
     def _features(self, image):
@@ -147,7 +148,10 @@ class MaskRcnnResnet50(nn.Cell):
     def _rpn_losses(self, cls_scores, bbox_deltas, image_shape, box, valid_num, seed):
         targets = ()
         for image in range(image_shape.shape[0]):
-            anchor_valid = box_ops.boxes_inside(self.all_anchors, image_shape[image])
+            if self.anchors_inside_only:
+                anchor_valid = box_ops.boxes_inside(self.all_anchors, image_shape[image])
+            else:
+                anchor_valid = ops.ones(self.all_anchors.shape[:1], ms.bool_)
             targets += (self.rpn_targets(box[image], valid_num[image], self.all_anchors, anchor_valid,
                                          seed, image),)
         bbox_targets, bbox_weights, labels, label_weights = _stack_fields(targets)
