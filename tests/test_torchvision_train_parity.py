@@ -7,6 +7,7 @@ gradients. Our model loads the converted weights under the torchvision preset (c
 fixture's sizes and replays the same samples through the samplers' `fix_sample` test hooks.
 """
 import os
+from dataclasses import fields
 
 import mindspore as ms
 import numpy as np
@@ -38,8 +39,15 @@ OUR_PARAM = {
 }
 LOSS_RTOL = 1e-4
 GRAD_RTOL = 1e-3            # relative to the largest entry of the gradient tensor
-NEEDS_ROI_ALIGN_PRESET = ("box and mask heads pool with our aligned RoIAlign; torchvision's aligned=False pooling is "
-                          "the inference preset's option (branch 'preset'): enable at merge")
+NEEDS_ROI_ALIGN_PRESET = ("the box head pools with our aligned RoIAlign: torchvision's aligned=False pooling is the "
+                          "inference preset's roi.roi_aligned option (branch 'preset'), not on this branch")
+MASK_TARGETS_DIFFER = ("mask targets: torchvision's roi_align(sampling_ratio=-1) takes ceil(h/28) x ceil(w/28) samples "
+                       "per bin, ours roi.roi_sample_ratio x roi.roi_sample_ratio (docs/torchvision_differences.md, "
+                       "training side); the mask head is checked on torchvision's targets below")
+
+
+def _has_option(section, name):
+    return name in {f.name for f in fields(section)}
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +69,9 @@ def net(cfg, reference, tmp_path_factory):
     convert_checkpoint(src, out, cfg)
     model = MaskRcnnResnet50(cfg)
     load_model_weights(out, model)
-    # torchvision's anchors (centred on cell corners, rounded): the inference preset's anchor option stands in
-    # for this at merge
-    model.all_anchors = Tensor(reference["anchors"])
+    if not _has_option(cfg.anchor, "anchor_offset"):
+        # torchvision's anchors (centred on cell corners, rounded) until the inference preset's anchor options land
+        model.all_anchors = Tensor(reference["anchors"])
     model.rpn_targets.sampler.fix_sample([reference[f"rpn_pos{b}"] for b in range(NUM_IMAGES)],
                                          [reference[f"rpn_neg{b}"] for b in range(NUM_IMAGES)])
     labels = [reference[f"roi_labels{b}"] for b in range(NUM_IMAGES)]
@@ -92,6 +100,9 @@ def step(net, reference):
 def test_torchvision_anchors_differ_from_ours_only_by_convention(cfg, reference):
     ours = np.concatenate(generate_anchors(cfg))
     assert ours.shape == reference["anchors"].shape
+    if _has_option(cfg.anchor, "anchor_offset"):
+        np.testing.assert_allclose(ours, reference["anchors"], atol=1e-4)
+        return
     # torchvision centres anchors on cell corners ((j * s, i * s), ours (j + 0.5) * s) and rounds their corners
     centre_shift = (ours[:, :2] + ours[:, 2:]) / 2 - (reference["anchors"][:, :2] + reference["anchors"][:, 2:]) / 2
     strides = np.concatenate([np.full(h * w * cfg.num_anchors, s, np.float32)
@@ -114,19 +125,26 @@ def test_rpn_head_gradients_equal_torchvision_s(step, reference, theirs):
     assert relative_error(grads[OUR_PARAM[theirs]], reference["grad:" + theirs]) <= GRAD_RTOL
 
 
+def _skip_unless_comparable(cfg, theirs):
+    if "mask" in theirs:
+        pytest.skip(MASK_TARGETS_DIFFER)
+    if not _has_option(cfg.roi, "roi_aligned"):
+        pytest.skip(NEEDS_ROI_ALIGN_PRESET)
+
+
 @pytest.mark.slow
-@pytest.mark.skip(reason=NEEDS_ROI_ALIGN_PRESET)
 @pytest.mark.parametrize("theirs", ["loss_classifier", "loss_box_reg", "loss_mask"])
-def test_head_losses_equal_torchvision_s(step, reference, theirs):
+def test_head_losses_equal_torchvision_s(cfg, step, reference, theirs):
+    _skip_unless_comparable(cfg, theirs)
     losses, _ = step
     expected = reference["losses"][list(LOSS_KEYS).index(theirs)]
     assert losses[OUR_LOSS[theirs]] == pytest.approx(expected, rel=LOSS_RTOL)
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason=NEEDS_ROI_ALIGN_PRESET)
 @pytest.mark.parametrize("theirs", [n for n in GRAD_NAMES if n.startswith("roi_heads.")])
-def test_head_gradients_equal_torchvision_s(step, reference, theirs):
+def test_head_gradients_equal_torchvision_s(cfg, step, reference, theirs):
+    _skip_unless_comparable(cfg, theirs)
     _, grads = step
     assert relative_error(grads[OUR_PARAM[theirs]], reference["grad:" + theirs]) <= GRAD_RTOL
 
