@@ -6,8 +6,8 @@ training-parity test (tests/test_torchvision_train_parity.py).
 Builds torchvision's Mask R-CNN at the sizes of TRAIN_OVERRIDES (our tiny preset's: 128 x 192 input, 5 classes,
 8..128 px anchors, 64 anchors and 32 RoIs sampled per image), fills it with `train_state` (NumPy only, so the test
 regenerates the same weights), runs one training forward and backward pass on `train_batch` and saves: the
-anchors, the anchors and RoIs its samplers picked (the samplers are wrapped to record their picks), its mask
-targets, the five losses and the gradients of a few head tensors (GRAD_NAMES). torch/torchvision are bench-only.
+anchors, the anchors its RPN sampler picked (the sampler is wrapped to record them), the RoIs its RoI sampler
+picked with their labels (from select_training_samples), its mask targets, the five losses and the gradients of a few head tensors (GRAD_NAMES). torch/torchvision are bench-only.
 """
 import argparse
 import os
@@ -15,10 +15,10 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 from bench.torchvision_reference import synthetic_state  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "tests", "fixtures", "torchvision_train_reference.npz")
 
 SEED = 21
@@ -59,7 +59,7 @@ def train_state(shapes):
 
 
 def train_batch(seed=SEED):
-    """(images (B, H, W, 3) uint8, boxes (B, M, 4) float32, labels (B, M) int32 in 1..4, masks (B, M, H, W) uint8):
+    """(images (B, H, W, 3) uint8, boxes (B, M, 4) float32, labels (B, M) int32 (1 rectangle, 2 ellipse), masks (B, M, H, W) uint8):
     flat rectangles and ellipses on a smooth background, the boxes tight around the masks."""
     rng = np.random.default_rng(seed)
     ys, xs = np.mgrid[0:HEIGHT, 0:WIDTH]
@@ -111,15 +111,16 @@ def build_model():
                     box_batch_size_per_image=ROI_SAMPLES, box_positive_fraction=ROI_POS_FRACTION)
 
 
-def _record_sampler(sampler, picks):
-    """Wrap a BalancedPositiveNegativeSampler instance so each call appends (positives, negatives) per image."""
-    draw = sampler.__call__
+class _RecordingSampler:
+    """A BalancedPositiveNegativeSampler that appends its (positives, negatives) index arrays per image to `picks`."""
 
-    def recording(labels):
-        pos, neg = draw(labels)
-        picks.append([(p.nonzero()[:, 0].numpy(), n.nonzero()[:, 0].numpy()) for p, n in zip(pos, neg)])
+    def __init__(self, sampler, picks):
+        self.sampler, self.picks = sampler, picks
+
+    def __call__(self, labels):
+        pos, neg = self.sampler(labels)
+        self.picks.append([(p.nonzero()[:, 0].numpy(), n.nonzero()[:, 0].numpy()) for p, n in zip(pos, neg)])
         return pos, neg
-    return recording
 
 
 def training_step(model, batch):
@@ -132,11 +133,8 @@ def training_step(model, batch):
     targets = [{"boxes": torch.from_numpy(boxes[b]), "labels": torch.from_numpy(labels[b]).long(),
                 "masks": torch.from_numpy(masks[b])} for b in range(len(images))]
     out = {}
-    rpn_picks, roi_picks, mask_targets, samples = [], [], [], {}
-    model.rpn.fg_bg_sampler = type("Recording", (), {"__call__": staticmethod(
-        _record_sampler(model.rpn.fg_bg_sampler, rpn_picks))})()
-    model.roi_heads.fg_bg_sampler = type("Recording", (), {"__call__": staticmethod(
-        _record_sampler(model.roi_heads.fg_bg_sampler, roi_picks))})()
+    rpn_picks, mask_targets, samples = [], [], {}
+    model.rpn.fg_bg_sampler = _RecordingSampler(model.rpn.fg_bg_sampler, rpn_picks)
     select = model.roi_heads.select_training_samples
 
     def recording_select(proposals, targets):
