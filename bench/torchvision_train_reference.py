@@ -30,6 +30,7 @@ RPN_SAMPLES, RPN_POS_FRACTION = 64, 0.5
 ROI_SAMPLES, ROI_POS_FRACTION = 32, 0.25
 PRE_NMS, POST_NMS = 200, 64
 JITTERED_PER_GT = 6
+THIN_GT = (1, 2)                       # (image, GT) drawn as a 40 x 3 px bar: its best anchor IoU is below 0.3
 IMAGE_MEAN, IMAGE_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Our config at the same sizes (the test loads configs/torchvision.yaml with these overrides).
 TRAIN_OVERRIDES = {
@@ -60,7 +61,8 @@ def train_state(shapes):
 
 def train_batch(seed=SEED):
     """(images (B, H, W, 3) uint8, boxes (B, M, 4) float32, labels (B, M) int32 (1 rectangle, 2 ellipse), masks (B, M, H, W) uint8):
-    flat rectangles and ellipses on a smooth background, the boxes tight around the masks."""
+    flat rectangles and ellipses on a smooth background, the boxes tight around the masks, one GT (THIN_GT) a thin
+    bar that only a low-quality match gives a positive anchor."""
     rng = np.random.default_rng(seed)
     ys, xs = np.mgrid[0:HEIGHT, 0:WIDTH]
     images = np.zeros((NUM_IMAGES, HEIGHT, WIDTH, 3), np.uint8)
@@ -73,6 +75,8 @@ def train_batch(seed=SEED):
             cy, cx = rng.uniform(0.25, 0.75) * HEIGHT, rng.uniform(0.2, 0.8) * WIDTH
             ry, rx = rng.uniform(8, 30), rng.uniform(8, 40)
             label = int(rng.integers(1, 3))
+            if (b, m) == THIN_GT:
+                ry, rx, label = 1.5, 20.0, 1
             if label == 1:
                 inside = (np.abs(ys + 0.5 - cy) <= ry) & (np.abs(xs + 0.5 - cx) <= rx)
             else:
@@ -134,6 +138,13 @@ def training_step(model, batch):
                 "masks": torch.from_numpy(masks[b])} for b in range(len(images))]
     out = {}
     rpn_picks, mask_targets, samples = [], [], {}
+    assign = model.rpn.assign_targets_to_anchors
+
+    def recording_assign(anchors, targets):
+        labels, matched_boxes = assign(anchors, targets)
+        samples["rpn_labels"], samples["rpn_matched_boxes"] = labels, matched_boxes
+        return labels, matched_boxes
+    model.rpn.assign_targets_to_anchors = recording_assign
     model.rpn.fg_bg_sampler = _RecordingSampler(model.rpn.fg_bg_sampler, rpn_picks)
     select = model.roi_heads.select_training_samples
 
@@ -178,6 +189,10 @@ def training_step(model, batch):
     out["anchors"] = images_anchors[0].numpy()
     for b, (pos, neg) in enumerate(rpn_picks[0]):
         out[f"rpn_pos{b}"], out[f"rpn_neg{b}"] = pos.astype(np.int32), neg.astype(np.int32)
+        # every anchor's label (1 object, 0 background, -1 ignored) and, on objects, the index of its GT
+        out[f"rpn_labels{b}"] = samples["rpn_labels"][b].numpy().astype(np.int8)
+        matched = samples["rpn_matched_boxes"][b].numpy()
+        out[f"rpn_matched{b}"] = np.abs(matched[:, None, :] - boxes[b][None]).sum(-1).argmin(1).astype(np.int8)
     for b in range(len(images)):
         rois, roi_labels = samples["rois"][b].detach().numpy(), samples["labels"][b].numpy()
         out[f"roi_boxes{b}"], out[f"roi_labels{b}"] = rois, roi_labels.astype(np.int32)

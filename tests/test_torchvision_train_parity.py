@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn, ops
 
-from bench.torchvision_train_reference import GRAD_NAMES, LOSS_KEYS, NUM_IMAGES, TRAIN_OVERRIDES, normalised, \
-    train_state
+from bench.torchvision_train_reference import GRAD_NAMES, LOSS_KEYS, NUM_IMAGES, THIN_GT, TRAIN_OVERRIDES, \
+    normalised, train_state
 from src.checkpoint import load_model_weights
 from src.config import load_config
 from src.convert_checkpoint import convert_checkpoint
@@ -108,6 +108,51 @@ def test_torchvision_anchors_differ_from_ours_only_by_convention(cfg, reference)
     strides = np.concatenate([np.full(h * w * cfg.num_anchors, s, np.float32)
                               for s, (h, w) in zip(cfg.anchor.anchor_strides, cfg.feature_shapes)])
     np.testing.assert_allclose(centre_shift, np.stack([strides / 2] * 2, axis=1), atol=0.5)
+
+
+class _AnchorAssignment(nn.Cell):
+    """Our stage-1 assignment of the model's anchors: (assigned_gt, positive, negative) for one image."""
+
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)     # keep the model's parameter names
+        self.model = model
+
+    def construct(self, gt, gt_valid, image_shape):
+        return self.model.rpn_targets.assigner(gt, gt_valid, self.model.all_anchors,
+                                               self.model.anchor_valid(image_shape))
+
+
+def _anchor_assignment(cfg, reference, image):
+    model = MaskRcnnResnet50(cfg)
+    model.all_anchors = Tensor(reference["anchors"])
+    _, image_shape, box, _, valid, _ = batch_inputs(reference)
+    return [t.asnumpy() for t in _AnchorAssignment(model)(box[image], valid[image], image_shape[image])]
+
+
+@pytest.mark.parametrize("image", range(NUM_IMAGES))
+def test_anchor_labels_equal_torchvision_s(cfg, reference, image):
+    """Every anchor: object, background or ignored as torchvision's Matcher says, objects regressing to the same
+    GT; includes a thin GT whose best anchors overlap it below the recipe's min_pos_iou and anchors crossing the
+    image border."""
+    assigned, positive, negative = _anchor_assignment(cfg, reference, image)
+    labels = reference[f"rpn_labels{image}"]
+    np.testing.assert_array_equal(positive, labels == 1)
+    np.testing.assert_array_equal(negative, labels == 0)
+    np.testing.assert_array_equal(assigned[positive], reference[f"rpn_matched{image}"][positive])
+
+
+def test_recipe_anchor_labels_differ_where_documented(reference):
+    """The recipe (min_pos_iou 0.3, anchors inside the image only) gives the thin GT of image 1 no positive anchor
+    and never takes a border-crossing anchor as background: the two preset options matter on this batch."""
+    cfg = load_config("coco", TRAIN_OVERRIDES)
+    _, positive, negative = _anchor_assignment(cfg, reference, 1)
+    labels, matched = reference["rpn_labels1"], reference["rpn_matched1"]
+    thin = THIN_GT[1]
+    assert np.any((labels == 1) & (matched == thin)) and not np.any(positive & (matched == thin))
+    anchors = reference["anchors"]
+    crossing = (anchors[:, 0] < 0) | (anchors[:, 1] < 0) | (anchors[:, 2] > cfg.data.img_width) | \
+        (anchors[:, 3] > cfg.data.img_height)
+    assert np.any((labels == 0) & crossing) and not np.any(negative & crossing)
 
 
 @pytest.mark.slow
