@@ -60,9 +60,9 @@ def train_state(shapes):
 
 
 def train_batch(seed=SEED):
-    """(images (B, H, W, 3) uint8, boxes (B, M, 4) float32, labels (B, M) int32 (1 rectangle, 2 ellipse), masks (B, M, H, W) uint8):
-    flat rectangles and ellipses on a smooth background, the boxes tight around the masks, one GT (THIN_GT) a thin
-    bar that only a low-quality match gives a positive anchor."""
+    """(images (B, H, W, 3) uint8, boxes (B, M, 4) float32, labels (B, M) int32 (1 rectangle, 2 ellipse),
+    masks (B, M, H, W) uint8): flat rectangles and ellipses on a smooth background, the boxes tight around the
+    masks, one GT (THIN_GT) a thin bar that only a low-quality match gives a positive anchor."""
     rng = np.random.default_rng(seed)
     ys, xs = np.mgrid[0:HEIGHT, 0:WIDTH]
     images = np.zeros((NUM_IMAGES, HEIGHT, WIDTH, 3), np.uint8)

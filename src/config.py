@@ -109,7 +109,7 @@ class RpnConfig:
     min_pos_iou: float = 0.3
     num_expected_total: int = 256               # sampled anchors per image
     pos_fraction: float = 0.5
-    anchors_inside_only: bool = True            # anchors crossing the image border are never sampled (torchvision: false)
+    anchors_inside_only: bool = True            # border-crossing anchors are never sampled (torchvision: false)
 
 
 @dataclass

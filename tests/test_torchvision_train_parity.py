@@ -76,7 +76,8 @@ def net(cfg, reference, tmp_path_factory):
                                          [reference[f"rpn_neg{b}"] for b in range(NUM_IMAGES)])
     labels = [reference[f"roi_labels{b}"] for b in range(NUM_IMAGES)]
     model.rcnn_targets.fix_sample([reference[f"roi_boxes{b}"] for b in range(NUM_IMAGES)],
-                                  [np.nonzero(lab > 0)[0] for lab in labels], [np.nonzero(lab == 0)[0] for lab in labels])
+                                  [np.nonzero(lab > 0)[0] for lab in labels],
+                                  [np.nonzero(lab == 0)[0] for lab in labels])
     return model
 
 
