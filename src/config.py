@@ -109,6 +109,7 @@ class RpnConfig:
     min_pos_iou: float = 0.3
     num_expected_total: int = 256               # sampled anchors per image
     pos_fraction: float = 0.5
+    anchors_inside_only: bool = True            # border-crossing anchors are never sampled (torchvision: false)
 
 
 @dataclass
@@ -146,7 +147,9 @@ class RcnnConfig:
     rcnn_loss_mask_weight: float = 1.0
     rcnn_target_means: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
     rcnn_target_stds: List[float] = field(default_factory=lambda: [0.1, 0.1, 0.2, 0.2])
+    rcnn_smooth_l1_beta: float = 1.0            # box-head regression loss (torchvision: 1/9)
     mask_shape: int = 28
+    mask_target_binary: bool = True             # mask targets thresholded at 0.5 (torchvision: soft, false)
 
 
 @dataclass
@@ -315,6 +318,7 @@ def validate(cfg: Config) -> Config:
            "must exceed data.max_instance_count (GT boxes are added to the stage-2 proposals)")
     _check(len(c.rcnn_target_stds) == 4 and all(s > 0 for s in c.rcnn_target_stds), "rcnn.rcnn_target_stds",
            "needs 4 values > 0")
+    _positive(c.rcnn_smooth_l1_beta, "rcnn.rcnn_smooth_l1_beta")
     _check(c.mask_shape == 2 * roi.mask_out_size, "rcnn.mask_shape",
            "must be twice roi.mask_out_size (the mask head upsamples by 2)")
 

@@ -146,6 +146,20 @@ def test_sampler_counts_and_choice_match_numpy(num_positive):
     assert np.all(neg_used[:neg_used.sum()])                 # used negative slots come first
 
 
+def test_fixed_sample_replaces_the_draw_per_image_and_is_checked():
+    net = SamplerNet(50, 4, 8)
+    net.sampler.fix_sample([[7, 3], []], [[0, 1, 2], [9, 8, 6, 5, 4, 49]])
+    everything = t(np.ones(50, bool))
+    for image, (pos, neg) in enumerate((([7, 3], [0, 1, 2]), ([], [9, 8, 6, 5, 4, 49]))):
+        pos_index, pos_used, neg_index, neg_used = (x.asnumpy() for x in net(
+            everything, everything, t(SEED, ms.int32), image))
+        assert list(pos_index[pos_used]) == pos and list(neg_index[neg_used]) == neg
+    with pytest.raises(ValueError, match="fixed positives must be at most 4 distinct indices in \\[0, 50\\)"):
+        net.sampler.fix_sample([[1, 1]], [[]])
+    with pytest.raises(ValueError, match="image 0: 4 positives \\+ 5 negatives exceed the 8 samples"):
+        net.sampler.fix_sample([[0, 1, 2, 3]], [[4, 5, 6, 7, 8]])
+
+
 def test_sampler_rejects_impossible_sizes():
     with pytest.raises(ValueError, match="num_total"):
         FixedCountSampler(10, 4, 16, RCNN_STREAM)
@@ -423,3 +437,23 @@ def test_assigner_kernel_equals_the_iou_matrix_version_with_ties_and_zero_min_po
                for implementation in IMPLEMENTATIONS]
         np.testing.assert_array_equal(got[0], got[1])
         np.testing.assert_array_equal(got[0], np_assign(gt, gt_valid, boxes, box_valid, *thresholds))
+
+
+def test_fixed_rcnn_sample_samples_the_given_rois(cfg):
+    """The stage-2 hook replays a given RoI sample: its proposals replace the RPN's, its picks the draw, while the
+    targets still come from our assigner (labels of the matched GTs, deltas to them)."""
+    net = Stage2Net(cfg)
+    gt = np.zeros((cfg.data.max_instance_count, 4), np.float32)
+    gt[:2] = [[10, 10, 50, 40], [60, 20, 100, 90]]
+    labels = np.zeros(cfg.data.max_instance_count, np.int32)
+    labels[:2] = [3, 1]
+    valid = np.arange(cfg.data.max_instance_count) < 2
+    given = np.array([[12, 8, 50, 44], [60, 20, 100, 90], [0, 100, 20, 120]], np.float32)
+    net.assign_sample.fix_sample([given], [[0, 1]], [[2]])
+    noise = np.tile(np.array([[0, 0, 5, 5]], np.float32), (cfg.proposal_train.max_num, 1))
+    rois, row_labels, label_weights, _, bbox_weights, pos_gt_index, pos_valid = (x.asnumpy() for x in net(
+        t(gt), t(labels), t(valid), t(noise), t(np.ones(cfg.proposal_train.max_num, bool)), t(SEED, ms.int32), 0))
+    used = label_weights > 0
+    np.testing.assert_array_equal(rois[used], given)
+    assert list(row_labels[used]) == [3, 1, 0] and list(bbox_weights[used]) == [1, 1, 0]
+    assert list(pos_gt_index[pos_valid]) == [0, 1]

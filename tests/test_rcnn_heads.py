@@ -191,6 +191,21 @@ def test_mask_target_of_a_rectangle(tiny, target_net):
     np.testing.assert_array_equal(targets[1], np.ones((size, size), np.float32))
 
 
+def test_soft_mask_targets_are_the_roi_align_of_the_mask(tiny):
+    """rcnn.mask_target_binary false (torchvision's targets): the RoIAlign itself, not thresholded."""
+    head = RcnnMask(load_config("tiny", {"rcnn.rcnn_mask_out_channels": 32, "rcnn.mask_target_binary": False}))
+    assert not head.targets.uses_kernel
+    size = tiny.rcnn.mask_shape
+    masks = np.zeros((1, 1, tiny.data.img_height, tiny.data.img_width), np.uint8)
+    masks[0, 0, :, 50:] = 1                                  # x >= 50
+    # 28 px wide RoI from x = 36.5: column u covers [36.5 + u, 37.5 + u), so column 13 is half inside
+    rois = np.array([[36.5, 10, 64.5, 38]], np.float32)
+    targets = HeadMethod(head, "mask_targets")(Tensor(masks), Tensor(rois), Tensor(np.zeros(1, np.int32))).asnumpy()
+    want = np.clip(np.arange(size) + 37.0 - 50.0 + 0.5, 0.0, 1.0)        # sample-averaged coverage per column
+    np.testing.assert_allclose(targets[0], np.tile(want, (size, 1)), atol=1e-6)
+    assert 0.0 < targets[0, 0, 13] < 1.0
+
+
 def test_mask_targets_match_numpy_and_pick_each_rois_gt(tiny, target_net):
     rng = np.random.RandomState(3)
     batch, num_gts, height, width = 2, tiny.data.max_instance_count, tiny.data.img_height, tiny.data.img_width

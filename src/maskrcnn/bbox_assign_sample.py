@@ -69,13 +69,35 @@ class FixedCountSampler(nn.Cell):
         self.num_pos = num_pos
         self.num_total = num_total
         self.stream = stream
+        self.num_candidates = num_candidates
         self.candidate_ids = ms.Tensor(np.arange(num_candidates, dtype=np.int64))
         self.negative_ranks = ms.Tensor(np.arange(num_total, dtype=np.int32))
+        self.fixed = None
+
+    def fix_sample(self, positives, negatives):
+        """Test hook: from now on return these picks instead of drawing (set before the graph compiles).
+
+        positives, negatives: one int array of candidate indices per image of the batch (at most num_pos
+        positives and num_total picks in all), e.g. the picks recorded from another implementation's sampler.
+        The picks are taken as given: a picked positive is a positive whatever the assigner says of it.
+        """
+        pos_slots = [_as_slots(p, self.num_pos, self.num_candidates, "positives") for p in positives]
+        neg_slots = [_as_slots(n, self.num_total, self.num_candidates, "negatives") for n in negatives]
+        for image, (p, n) in enumerate(zip(positives, negatives)):
+            if len(p) + len(n) > self.num_total:
+                raise ValueError(f"image {image}: {len(p)} positives + {len(n)} negatives exceed the "
+                                 f"{self.num_total} samples per image")
+        self.fixed = tuple(ms.Tensor(np.stack(field)) for field in (
+            [index for index, _ in pos_slots], [used for _, used in pos_slots],
+            [index for index, _ in neg_slots], [used for _, used in neg_slots]))
 
     def construct(self, positive, negative, seed, image_index):
         """positive, negative (N,) bool; seed int32 scalar Tensor; image_index int or int32 scalar Tensor ->
         (pos_index (num_pos,) int32, pos_used (num_pos,) bool,
          neg_index (num_total,) int32, neg_used (num_total,) bool); at most num_total slots are used."""
+        if self.fixed is not None:
+            return (self.fixed[0][image_index], self.fixed[1][image_index], self.fixed[2][image_index],
+                    self.fixed[3][image_index])
         keys = random_keys(seed, image_index, self.stream, self.candidate_ids)       # (N,)
         absent = ops.full_like(keys, NOT_A_CANDIDATE)
         pos_keys, pos_index = ops.topk(ops.where(positive, keys, absent), self.num_pos)
@@ -84,6 +106,18 @@ class FixedCountSampler(nn.Cell):
         neg_keys, neg_index = ops.topk(ops.where(negative, keys, absent), self.num_total)
         neg_used = ops.logical_and(neg_keys >= 0.0, self.negative_ranks < num_neg)
         return pos_index, pos_used, neg_index, neg_used
+
+
+def _as_slots(picks, num_slots, num_candidates, what):
+    """Candidate indices -> (index (num_slots,) int32, used (num_slots,) bool), the picks in the first slots."""
+    picks = np.asarray(picks, np.int64).reshape(-1)
+    if len(picks) > num_slots or len(np.unique(picks)) != len(picks) or \
+            (len(picks) and not 0 <= picks.min() <= picks.max() < num_candidates):
+        raise ValueError(f"fixed {what} must be at most {num_slots} distinct indices in [0, {num_candidates}), "
+                         f"got {len(picks)} in [{picks.min(initial=0)}, {picks.max(initial=0)}]")
+    index = np.zeros(num_slots, np.int32)
+    index[:len(picks)] = picks
+    return index, np.arange(num_slots) < len(picks)
 
 
 def rpn_num_pos(cfg) -> int:

@@ -41,6 +41,26 @@ class BboxAssignSampleForRcnn(nn.Cell):
         self.means = box_ops.as_tensor(c.rcnn_target_means)
         self.stds = box_ops.as_tensor(c.rcnn_target_stds)
         self.empty_slot_box = box_ops.as_tensor([[0.0, 0.0, cfg.data.img_width, cfg.data.img_height]])   # (1, 4)
+        self.num_proposals = cfg.proposal_train.max_num
+        self.fixed_proposals = None
+
+    def fix_sample(self, proposals, positives, negatives):
+        """Test hook: from now on sample exactly these RoIs (set before the graph compiles).
+
+        proposals: one (k, 4) array per image (k <= cfg.proposal_train.max_num) standing in for the RPN's
+        proposals; positives, negatives: per image, indices into that image's candidates (the k proposals,
+        then padding up to max_num, then the M GT boxes). Used to replay another implementation's RoI sample.
+        """
+        boxes = np.tile(self.empty_slot_box.asnumpy(), (len(proposals), self.num_proposals, 1))
+        valid = np.zeros((len(proposals), self.num_proposals), bool)
+        for image, rois in enumerate(proposals):
+            rois = np.asarray(rois, np.float32).reshape(-1, 4)
+            if len(rois) > self.num_proposals:
+                raise ValueError(f"image {image}: {len(rois)} fixed proposals exceed proposal_train.max_num "
+                                 f"({self.num_proposals})")
+            boxes[image, :len(rois)], valid[image, :len(rois)] = rois, True
+        self.sampler.fix_sample(positives, negatives)
+        self.fixed_proposals = (ms.Tensor(boxes), ms.Tensor(valid))
 
     def _slot_boxes(self, candidates, index, used):
         """Boxes of the chosen candidates, (K, 4); the whole-input box on unused slots."""
@@ -48,6 +68,8 @@ class BboxAssignSampleForRcnn(nn.Cell):
         return ops.where(used[:, None], boxes, ops.broadcast_to(self.empty_slot_box, boxes.shape))
 
     def construct(self, gt_bboxes, gt_labels, gt_valids, proposals, proposal_valid, seed, image_index):
+        if self.fixed_proposals is not None:
+            proposals, proposal_valid = self.fixed_proposals[0][image_index], self.fixed_proposals[1][image_index]
         candidates = ops.concat((proposals, gt_bboxes), axis=0)                      # (P + M, 4)
         candidate_valid = ops.concat((proposal_valid, gt_valids), axis=0)
         assigned_gt, positive, negative = self.assigner(gt_bboxes, gt_valids, candidates, candidate_valid)

@@ -131,6 +131,7 @@ class MaskRcnnResnet50(nn.Cell):
         self.num_gts = cfg.data.max_instance_count
         self.rcnn_means = box_ops.as_tensor(cfg.rcnn.rcnn_target_means)
         self.rcnn_stds = box_ops.as_tensor(cfg.rcnn.rcnn_target_stds)
+        self.anchors_inside_only = cfg.rpn.anchors_inside_only
         self.sample_seed = Parameter(Tensor(0, ms.int32), name="sample_seed", requires_grad=False)
 
     def _features(self, image):
@@ -144,11 +145,18 @@ class MaskRcnnResnet50(nn.Cell):
             return self._losses(feats, cls_scores, bbox_deltas, image_shape, box, label, valid_num, mask)
         return self._detect(feats, cls_scores, bbox_deltas, image_shape)
 
+    def anchor_valid(self, image_shape):
+        """(N,) bool: the anchors the stage-1 sampler may pick in an image of `image_shape` (4,); all of them
+        unless cfg.rpn.anchors_inside_only."""
+        if self.anchors_inside_only:
+            return box_ops.boxes_inside(self.all_anchors, image_shape)
+        return ops.ones(self.all_anchors.shape[:1], ms.bool_)
+
     def _rpn_losses(self, cls_scores, bbox_deltas, image_shape, box, valid_num, seed):
         targets = ()
         for image in range(image_shape.shape[0]):
-            anchor_valid = box_ops.boxes_inside(self.all_anchors, image_shape[image])
-            targets += (self.rpn_targets(box[image], valid_num[image], self.all_anchors, anchor_valid,
+            targets += (self.rpn_targets(box[image], valid_num[image], self.all_anchors,
+                                         self.anchor_valid(image_shape[image]),
                                          seed, image),)
         bbox_targets, bbox_weights, labels, label_weights = _stack_fields(targets)
         return self.rpn.loss(ops.concat(cls_scores, axis=1), ops.concat(bbox_deltas, axis=1),

@@ -11,7 +11,6 @@ from mindspore.common.initializer import Normal, XavierUniform
 
 CLS_INIT_STD = 0.01
 REG_INIT_STD = 0.001
-SMOOTH_L1_BETA = 1.0
 BOX_DIMS = 4
 
 
@@ -43,7 +42,7 @@ class RcnnCls(nn.Cell):
         self.cls_weight = c.rcnn_loss_cls_weight
         self.reg_weight = c.rcnn_loss_reg_weight
         self.softmax_ce = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="none")
-        self.smooth_l1 = ops.SmoothL1Loss(beta=SMOOTH_L1_BETA, reduction="none")
+        self.smooth_l1 = ops.SmoothL1Loss(beta=float(c.rcnn_smooth_l1_beta), reduction="none")
 
     def construct(self, roi_feats):
         rows = roi_feats.shape[0]

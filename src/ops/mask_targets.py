@@ -12,11 +12,13 @@ from src.ops.roi_align import SingleLevelRoIAlign
 class MaskTargets(nn.Cell):
     """construct(masks (B, M, H, W) uint8 0/1, rois (R, 5) = (mask row b * M + m, x1, y1, x2, y2) in mask pixels
     at `stride`) -> (R, size, size) float32: 1 where the RoIAlign of the RoI's mask row is >= the threshold
-    (constants.MASK_TARGET_THRESHOLD), else 0. No gradient flows."""
+    (constants.MASK_TARGET_THRESHOLD), else 0; with binary=False the RoIAlign itself (soft targets in [0, 1],
+    torchvision's). No gradient flows."""
 
-    def __init__(self, size: int, sample_ratio: int, stride: float):
+    def __init__(self, size: int, sample_ratio: int, stride: float, binary: bool = True):
         super().__init__()
-        self.uses_kernel = backend.enabled() and size in constants.MASK_TARGET_SIZES
+        self.binary = binary
+        self.uses_kernel = backend.enabled() and size in constants.MASK_TARGET_SIZES and binary
         self.kernel = kernel(f"MaskTargets{size}", lambda rois, settings, masks: [rois[0], size, size],
                              lambda rois, settings, masks: ms.float32) if self.uses_kernel else None
         self.settings = ms.Tensor(np.array([sample_ratio, stride], np.float32))
@@ -29,4 +31,6 @@ class MaskTargets(nn.Cell):
         batch, num_gts, height, width = masks.shape
         rows = masks.reshape(batch * num_gts, 1, height, width)                      # uint8: only taps become float
         soft = self.align(rows, rois)[:, 0]                                           # (R, size, size)
+        if not self.binary:
+            return ops.stop_gradient(soft)
         return ops.stop_gradient(ops.cast(soft >= constants.MASK_TARGET_THRESHOLD, ms.float32))
