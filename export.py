@@ -71,7 +71,7 @@ def export_model(cfg: Config, ckpt_file: str, file_format: str, file_name: str, 
     check_output_dirs({"the directory of --file_name": directory})
     os.makedirs(directory, exist_ok=True)
 
-    with backend.use_mindspore_kernels():      # exported graphs hold standard operators only
+    with backend.use_mindspore_kernels(onnx=file_format == "ONNX"):   # exported graphs hold standard operators
         net = build_inference_net(cfg, ckpt_file)
     inputs = [ms.Tensor(array) for array in export_inputs(cfg)]
     try:
