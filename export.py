@@ -4,7 +4,8 @@
 
 Graph inputs: image (1, 3, H, W) float32 and image_shape (1, 4) float32 at the configured input size;
 outputs: boxes, scores, labels, valid, masks as in docs/architecture.md (K = test.test_max_per_img).
-The file appears atomically as <file_name>.mindir / .air / .onnx.
+The file appears atomically as <file_name>.mindir / .air / .onnx. For ONNX the ops are built from operators
+MindSpore's ONNX exporter converts (src/ops/backend.py `use_mindspore_kernels(onnx=True)`), with the same values.
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def export_model(cfg: Config, ckpt_file: str, file_format: str, file_name: str, 
     check_output_dirs({"the directory of --file_name": directory})
     os.makedirs(directory, exist_ok=True)
 
-    with backend.use_mindspore_kernels():      # exported graphs hold standard operators only
+    with backend.use_mindspore_kernels(onnx=file_format == "ONNX"):   # exported graphs hold standard operators
         net = build_inference_net(cfg, ckpt_file)
     inputs = [ms.Tensor(array) for array in export_inputs(cfg)]
     try:

@@ -103,3 +103,19 @@ def test_every_convolution_and_roi_pool_of_the_model_runs_on_the_kernels():
     assert len(convolutions) > 50
     assert all(isinstance(cell, (conv.Conv2d, conv.Conv2dTranspose)) and cell.onednn is not None
                for cell in convolutions)
+
+
+@pytest.mark.parametrize("kwargs", [dict(has_bias=True), dict(has_bias=False)])
+def test_transposed_conv_for_onnx_export_is_the_same_layer_as_a_matmul(kwargs):
+    """The ONNX-export variant (kernel == stride: one output patch per input cell, as a matmul) gives MindSpore's
+    Conv2dTranspose; outside an ONNX export the layer is unchanged."""
+    ms.set_seed(0)
+    with backend.use_mindspore_kernels():
+        reference = conv.Conv2dTranspose(8, 16, 2, stride=2, pad_mode="valid", bias_init="normal", **kwargs)
+    with backend.use_mindspore_kernels(onnx=True):
+        exported = conv.Conv2dTranspose(8, 16, 2, stride=2, pad_mode="valid", **kwargs)
+        padded = conv.Conv2dTranspose(8, 16, 3, stride=2, pad_mode="pad", padding=1)
+    ms.load_param_into_net(exported, {p.name: p for p in reference.get_parameters()})
+    assert exported.as_matmul and not reference.as_matmul and not padded.as_matmul
+    x = ms.Tensor(np.random.default_rng(3).standard_normal((3, 8, 5, 7)).astype(np.float32))
+    np.testing.assert_allclose(exported(x).asnumpy(), reference(x).asnumpy(), rtol=1e-5, atol=1e-5)

@@ -37,3 +37,17 @@ def test_upsample_add_matches_nearest_interpolate_and_its_gradient(coarse_hw, fi
     np.testing.assert_array_equal(merged.asnumpy(), merged_ref.asnumpy())
     np.testing.assert_allclose(d_coarse.asnumpy(), d_coarse_ref.asnumpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(d_lateral.asnumpy(), d_lateral_ref.asnumpy())
+
+
+@pytest.mark.parametrize("coarse_hw, fine_hw", [((3, 5), (6, 10)), ((3, 5), (5, 9)), ((4, 4), (7, 11))])
+def test_onnx_export_variant_gives_the_same_merge(coarse_hw, fine_hw):
+    """ResizeNearestNeighbor (built for ONNX export) picks the cells ops.interpolate picks, also at uneven sizes."""
+    rng = np.random.default_rng(2)
+    coarse = ms.Tensor(rng.standard_normal((1, 3) + coarse_hw).astype(np.float32))
+    lateral = ms.Tensor(rng.standard_normal((1, 3) + fine_hw).astype(np.float32))
+    with backend.use_mindspore_kernels():
+        reference = UpsampleAdd()
+    with backend.use_mindspore_kernels(onnx=True):
+        exported = UpsampleAdd()
+    assert exported.onnx_export and not reference.onnx_export and not backend.onnx_export()
+    np.testing.assert_array_equal(exported(coarse, lateral).asnumpy(), reference(coarse, lateral).asnumpy())

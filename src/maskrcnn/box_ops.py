@@ -38,7 +38,7 @@ def encode(boxes, targets, means, stds):
     ph = ops.maximum(ph, MIN_ENCODE_SIZE)
     gw = ops.maximum(gw, MIN_ENCODE_SIZE)
     gh = ops.maximum(gh, MIN_ENCODE_SIZE)
-    deltas = ops.stack([(gx - px) / pw, (gy - py) / ph, ops.log(gw / pw), ops.log(gh / ph)], axis=-1)
+    deltas = ops.stack(((gx - px) / pw, (gy - py) / ph, ops.log(gw / pw), ops.log(gh / ph)), axis=-1)
     return (deltas - means) / stds
 
 
@@ -55,7 +55,7 @@ def decode(boxes, deltas, means, stds):
     cy = py + deltas[..., 1] * ph
     half_w = pw * ops.exp(dw) * 0.5
     half_h = ph * ops.exp(dh) * 0.5
-    return ops.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], axis=-1)
+    return ops.stack((cx - half_w, cy - half_h, cx + half_w, cy + half_h), axis=-1)
 
 
 def valid_region(image_shape):
@@ -70,7 +70,7 @@ def clip_boxes(boxes, height, width):
     y1 = ops.minimum(ops.maximum(boxes[..., 1], zero), height)
     x2 = ops.minimum(ops.maximum(boxes[..., 2], zero), width)
     y2 = ops.minimum(ops.maximum(boxes[..., 3], zero), height)
-    return ops.stack([x1, y1, x2, y2], axis=-1)
+    return ops.stack((x1, y1, x2, y2), axis=-1)
 
 
 def boxes_inside(boxes, image_shape):

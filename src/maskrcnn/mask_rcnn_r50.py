@@ -78,7 +78,8 @@ class DetectionSelector(nn.Cell):
         fg_scores = ops.where(usable, fg_scores, ops.full_like(fg_scores, DISCARDED)).reshape(-1)
         top_scores, pair_index = ops.topk(fg_scores, self.num_ranked)                 # sorted, (k,)
         box_index = pair_index // (num_classes - 1)
-        labels = pair_index % (num_classes - 1) + 1                                   # (k,) in 1..C-1
+        # pair_index mod (C - 1), spelt with operators MindSpore's ONNX exporter converts (it has no Remainder)
+        labels = pair_index - box_index * (num_classes - 1) + 1                       # (k,) in 1..C-1
         flat_boxes = boxes.reshape(-1, 4)
         top_boxes = ops.gather(flat_boxes, box_index * num_classes + labels, 0)       # (k, 4)
         offsets = ops.cast(labels, ms.float32)[:, None] * self.class_offset

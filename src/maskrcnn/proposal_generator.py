@@ -8,6 +8,14 @@ from src.maskrcnn import box_ops
 DISCARDED = -1.0
 
 
+def _stop_gradient_each(tensors):
+    """stop_gradient on each tensor of a tuple: on the tuple itself, the ONNX exporter drops the tuple's items."""
+    stopped = ()
+    for tensor in tensors:
+        stopped += (ops.stop_gradient(tensor),)
+    return stopped
+
+
 class Proposal(nn.Cell):
     """Fixed-size proposal sets for a batch, with gradients stopped.
 
@@ -68,15 +76,15 @@ class Proposal(nn.Cell):
         boxes = ops.gather(ops.concat(level_boxes, axis=0), index, 0)                      # (num_ranked, 4)
         valid = scores >= 0.0
         zero = ops.zeros_like(width)
-        whole_image = ops.broadcast_to(ops.stack([zero, zero, width, height])[None, :], (self.max_num, 4))
+        whole_image = ops.broadcast_to(ops.stack((zero, zero, width, height))[None, :], (self.max_num, 4))
         if self.num_padding > 0:
             boxes = ops.concat((boxes, whole_image[:self.num_padding]), axis=0)
             valid = ops.concat((valid, ops.zeros((self.num_padding,), ms.bool_)), axis=0)
         return ops.where(valid[:, None], boxes, whole_image), valid
 
     def construct(self, cls_scores, bbox_deltas, anchors, image_shape):
-        cls_scores = ops.stop_gradient(cls_scores)
-        bbox_deltas = ops.stop_gradient(bbox_deltas)
+        cls_scores = _stop_gradient_each(cls_scores)
+        bbox_deltas = _stop_gradient_each(bbox_deltas)
         proposals, valids = (), ()
         for image in range(image_shape.shape[0]):
             boxes, valid = self._image_proposals(cls_scores, bbox_deltas, anchors, image_shape, image)

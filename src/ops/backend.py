@@ -24,7 +24,7 @@ BUILD_DIR_ENV = "MASKRCNN_OPS_BUILD_DIR"   # where the library is built and look
 ENV_SWITCH = "MASKRCNN_CPU_KERNELS"        # "mindspore" turns the kernels off
 LIBRARY_STEM = "libmaskrcnn_ops"
 
-_state = {"forced_off": False, "warned": False}
+_state = {"forced_off": False, "onnx": False, "warned": False}
 
 
 def build_dir() -> Path:
@@ -69,14 +69,24 @@ def cap_isa_for_mindspore_kernels():
 
 
 @contextlib.contextmanager
-def use_mindspore_kernels():
-    """Ops built inside run MindSpore's own operators (for export, and as the reference in tests)."""
-    previous = _state["forced_off"]
+def use_mindspore_kernels(onnx: bool = False):
+    """Ops built inside run MindSpore's own operators (for export, and as the reference in tests).
+
+    onnx=True: ops whose usual operator MindSpore's ONNX exporter cannot convert are built from operators it
+    can (same values); see `onnx_export`.
+    """
+    previous = dict(_state)
     _state["forced_off"] = True
+    _state["onnx"] = _state["onnx"] or onnx
     try:
         yield
     finally:
-        _state["forced_off"] = previous
+        _state["forced_off"], _state["onnx"] = previous["forced_off"], previous["onnx"]
+
+
+def onnx_export() -> bool:
+    """True while ops are built for an ONNX export (inside `use_mindspore_kernels(onnx=True)`)."""
+    return _state["onnx"]
 
 
 def enabled() -> bool:

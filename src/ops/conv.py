@@ -166,8 +166,27 @@ class Conv2dTranspose(nn.Conv2dTranspose):
         self.onednn = None if geometry is None else _deconv_forward(*geometry, relu=False)
         self.onednn_relu = None if geometry is None else _deconv_forward(*geometry, relu=True)
         self.no_bias = ms.Tensor(np.zeros((self.out_channels,), np.float32))
+        # MindSpore's ONNX exporter writes ConvTranspose with a 4-d output_shape, which ONNX refuses
+        self.as_matmul = backend.onnx_export() and self._is_patch_expansion()
+
+    def _is_patch_expansion(self) -> bool:
+        """Kernel == stride, no padding or dilation, one group: each input cell writes its own output patch."""
+        return (tuple(self.kernel_size) == tuple(self.stride) and self.pad_mode == "valid" and self.group == 1
+                and set(self.dilation) == {1} and self.output_padding == 0)
+
+    def _patch_expansion(self, x):
+        """The transposed convolution as one matmul: (N, C, H, W) -> (N, O, H * kh, W * kw)."""
+        n, c, h, w = x.shape
+        kh, kw = self.kernel_size
+        out = self.out_channels
+        patches = ops.matmul(x.transpose(0, 2, 3, 1).reshape(n * h * w, c), self.weight.reshape(c, out * kh * kw))
+        output = patches.reshape(n, h, w, out, kh, kw).transpose(0, 3, 1, 4, 2, 5).reshape(n, out, h * kh, w * kw)
+        return output + self.bias.reshape(1, out, 1, 1) if self.has_bias else output
 
     def _run(self, x, relu):
+        if self.as_matmul:
+            output = self._patch_expansion(x)
+            return ops.relu(output) if relu else output
         if self.onednn is None:
             output = super().construct(x)
             return ops.relu(output) if relu else output
