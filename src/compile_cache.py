@@ -37,7 +37,7 @@ STAGING_MARK = ".staging-"
 STALE_STAGING_SECONDS = 24 * 3600            # a staging directory this old belongs to a run that was killed
 SRC = Path(__file__).resolve().parent
 
-_state = {"staging": None, "entry": None}
+_state = {"staging": None, "entry": None, "active": False, "used": False}
 
 
 def cache_root() -> Path:
@@ -78,9 +78,13 @@ def _source_files():
 
 def enable(cfg, device: str, purpose: str = "inference") -> Optional[Path]:
     """Points MindSpore's compile cache at the entry for this key (or a private staging directory when
-    there is none yet). Call before the first graph compiles. Returns the directory used, or None when off."""
-    if not enabled():
+    there is none yet). Call before the graph compiles. Returns the directory used, or None when off.
+
+    Once per process: MindSpore keeps the first cache path it saw and numbers cached graphs across the
+    process, so a second entry would receive graph 1 in the first entry's directory."""
+    if not enabled() or _state["used"]:
         return None
+    _state["used"] = True
     root = cache_root()
     entry = root / f"{purpose}-{cache_key(cfg, device, purpose)}"
     try:
@@ -98,12 +102,18 @@ def enable(cfg, device: str, purpose: str = "inference") -> Optional[Path]:
         return None
     os.environ[MS_ENABLE_ENV] = "1"
     os.environ[MS_PATH_ENV] = str(target)
+    _state["active"] = True
     return target
 
 
 def publish() -> None:
-    """After the graph ran: the staging directory becomes the entry (atomic rename), unless another run
-    published the same entry first."""
+    """After the first call of the cached graph: caching ends for this process (MindSpore numbers cached
+    graphs in compile order, so a later graph must neither load from nor land in the entry), and the staging
+    directory becomes the entry by one rename, unless another run published the same entry first."""
+    if _state["active"]:
+        _state["active"] = False
+        os.environ.pop(MS_ENABLE_ENV, None)
+        os.environ.pop(MS_PATH_ENV, None)
     staging, entry = _state["staging"], _state["entry"]
     if staging is None:
         return
