@@ -129,3 +129,31 @@ def test_predict_with_cold_warm_reweighted_and_reconfigured_cache(narrow_model, 
     assert len(os.listdir(cache)) == 2
     assert reconfigured != cold
     assert reconfigured == _predict(narrow_model.checkpoint, image, tmp_path / "rc_ref", cache, fewer, cache=False)
+
+
+def _train(tiny_mindrecord, out, cache_dir, max_steps, cache=True):
+    env = dict(os.environ, GLOG_v="3", **{compile_cache.DIR_ENV: str(cache_dir),
+                                          compile_cache.SWITCH_ENV: "1" if cache else "0"})
+    for name in (compile_cache.MS_ENABLE_ENV, compile_cache.MS_PATH_ENV):
+        env.pop(name, None)
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *config_cli_args(tiny_mindrecord.cfg),
+                          "--output_dir", str(out), "--max_steps", str(max_steps), "--save_checkpoint", "False"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(os.path.join(out, "train_summary_0.json"), encoding="utf-8") as handle:
+        summary = json.load(handle)
+    return summary["final_losses"], summary["parameter_sha256"]
+
+
+@pytest.mark.slow
+def test_training_with_cold_warm_and_rescheduled_cache(tiny_mindrecord, tmp_path):
+    cache = tmp_path / "cache"
+    cold = _train(tiny_mindrecord, tmp_path / "cold", cache, 2)
+    entries = os.listdir(cache)
+    assert len(entries) == 1 and entries[0].startswith("train-")
+    assert _train(tiny_mindrecord, tmp_path / "warm", cache, 2) == cold
+    assert os.listdir(cache) == entries
+    # a schedule of another length is another lr parameter shape: its own entry
+    shorter = _train(tiny_mindrecord, tmp_path / "short", cache, 1)
+    assert len(os.listdir(cache)) == 2
+    assert shorter != cold and shorter == _train(tiny_mindrecord, tmp_path / "short_ref", cache, 1, cache=False)
