@@ -1,5 +1,5 @@
-"""MindSpore's graph compile cache for the inference scripts: a repeated run loads the compiled graph
-instead of compiling it again.
+"""MindSpore's graph compile cache for predict.py, eval.py and single-device train.py: a repeated run loads
+the compiled graph instead of compiling it again.
 
 Where: $MASKRCNN_COMPILE_CACHE_DIR, else $XDG_CACHE_HOME/maskrcnn_mindspore/compile (~/.cache/...), one
 directory per key. MASKRCNN_COMPILE_CACHE=0 turns it off; a user who sets MindSpore's own
