@@ -75,17 +75,29 @@ def test_switches(fresh_state, monkeypatch):
     assert os.environ[compile_cache.MS_PATH_ENV] == "/somewhere/else" and not fresh_state.exists()
 
 
-def _predict(checkpoint, image, out, cache_dir, extra=(), cache=True):
+def _cache_env(cache_dir, cache=True):
     env = dict(os.environ, GLOG_v="3", **{compile_cache.DIR_ENV: str(cache_dir),
                                           compile_cache.SWITCH_ENV: "1" if cache else "0"})
     for name in (compile_cache.MS_ENABLE_ENV, compile_cache.MS_PATH_ENV):
         env.pop(name, None)
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"), image, "--checkpoint_path", checkpoint,
-                          "--out", str(out), "--score_thr", "0", *extra],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    return env
+
+
+def _predict_command(checkpoint, image, out, extra):
+    return [sys.executable, os.path.join(ROOT, "predict.py"), image, "--checkpoint_path", checkpoint,
+            "--out", str(out), "--score_thr", "0", *extra]
+
+
+def _detections(out):
     with open(os.path.join(out, "predictions.json"), encoding="utf-8") as handle:
         return [record["detections"] for record in json.load(handle)]
+
+
+def _predict(checkpoint, image, out, cache_dir, extra=(), cache=True):
+    run = subprocess.run(_predict_command(checkpoint, image, out, extra), cwd=ROOT, env=_cache_env(cache_dir, cache),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return _detections(out)
 
 
 @pytest.fixture(scope="module")
@@ -132,10 +144,7 @@ def test_predict_with_cold_warm_reweighted_and_reconfigured_cache(narrow_model, 
 
 
 def _train(tiny_mindrecord, out, cache_dir, max_steps, cache=True):
-    env = dict(os.environ, GLOG_v="3", **{compile_cache.DIR_ENV: str(cache_dir),
-                                          compile_cache.SWITCH_ENV: "1" if cache else "0"})
-    for name in (compile_cache.MS_ENABLE_ENV, compile_cache.MS_PATH_ENV):
-        env.pop(name, None)
+    env = _cache_env(cache_dir, cache)
     run = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *config_cli_args(tiny_mindrecord.cfg),
                           "--output_dir", str(out), "--max_steps", str(max_steps), "--save_checkpoint", "False"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -157,3 +166,20 @@ def test_training_with_cold_warm_and_rescheduled_cache(tiny_mindrecord, tmp_path
     shorter = _train(tiny_mindrecord, tmp_path / "short", cache, 1)
     assert len(os.listdir(cache)) == 2
     assert shorter != cold and shorter == _train(tiny_mindrecord, tmp_path / "short_ref", cache, 1, cache=False)
+
+
+@pytest.mark.slow
+def test_concurrent_cold_runs_leave_one_entry(narrow_model, tmp_path):
+    data_path, _ = val_paths(narrow_model.cfg)
+    image = os.path.join(data_path, sorted(os.listdir(data_path))[0])
+    cache = tmp_path / "cache"
+    runs = [subprocess.Popen(_predict_command(narrow_model.checkpoint, image, tmp_path / f"out{i}",
+                                              config_cli_args(narrow_model.cfg)),
+                             cwd=ROOT, env=_cache_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+    for run in runs:
+        _, stderr = run.communicate(timeout=600)
+        assert run.returncode == 0, stderr[-3000:]
+    assert _detections(tmp_path / "out0") == _detections(tmp_path / "out1")
+    entries = os.listdir(cache)
+    assert len(entries) == 1 and compile_cache.STAGING_MARK not in entries[0]
