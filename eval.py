@@ -17,6 +17,7 @@ from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
+from src import compile_cache
 from src.config import Config, config_from_args, resolved_paths
 from src.cli import check_output_dirs, run_script
 from src.coco_eval import (check_image_coverage, detections_to_coco, label_to_category_ids, load_coco,
@@ -69,7 +70,9 @@ def network_detector(net) -> Detector:
     from mindspore import Tensor
 
     def detect(batch):
-        return [out.asnumpy() for out in net(Tensor(batch["image"]), Tensor(batch["image_shape"]))]
+        outputs = [out.asnumpy() for out in net(Tensor(batch["image"]), Tensor(batch["image_shape"]))]
+        compile_cache.publish()
+        return outputs
     return detect
 
 
@@ -95,7 +98,7 @@ def evaluate(cfg: Config, checkpoint_path: str, ann_file: str, output_dir: str) 
 
     coco_gt = load_coco(ann_file)
     category_ids = label_to_category_ids(coco_gt.dataset["categories"], cfg.data.classes, ann_file)
-    setup_context(cfg.train.device_target)
+    compile_cache.enable(cfg, setup_context(cfg.train.device_target), "eval")
     net = build_inference_net(cfg, checkpoint_path)
     files = data_to_mindrecord(cfg, is_training=False)
     stored_ids = mindrecord_image_ids(files)

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from src.config import Config, config_from_args
-from src import atomic_io
+from src import atomic_io, compile_cache
 from src.cli import check_output_dirs, run_script
 from src.detections import Detections, detections_from_outputs
 from src.image_input import read_image_input
@@ -101,7 +101,7 @@ def predict(cfg: Config, checkpoint_path: str, source: str, out_dir: str, score_
     if not 0.0 <= score_thr <= 1.0:
         raise ValueError(f"--score_thr must be in [0, 1], got {score_thr}")
     images = list_images(source)                      # before the network is built: fail fast
-    setup_context(cfg.train.device_target)
+    compile_cache.enable(cfg, setup_context(cfg.train.device_target), "predict")
     net = build_inference_net(cfg, checkpoint_path)
     transform = EvalTransform(cfg)
     records, skipped = [], []
@@ -113,6 +113,7 @@ def predict(cfg: Config, checkpoint_path: str, source: str, out_dir: str, score_
             skipped.append(str(err))
             continue
         outputs = [out.asnumpy()[0] for out in net(Tensor(image), Tensor(image_shape))]
+        compile_cache.publish()
         detections = _filtered(detections_from_outputs(*outputs, image_shape[0], cfg.test.mask_thr_binary),
                                score_thr)
         picture = os.path.join(out_dir, os.path.basename(path) + ".png")

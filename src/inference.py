@@ -1,6 +1,7 @@
 """The inference network of the after-training scripts: graph mode on a device, weights from a checkpoint."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -20,7 +21,18 @@ def build_inference_net(cfg, checkpoint_path: str):
 
     if not os.path.isfile(checkpoint_path):    # before the seconds spent building the network
         raise FileNotFoundError(f"checkpoint '{checkpoint_path}' does not exist")
-    net = MaskRcnnResnet50(cfg)
+    with _skip_initialisation():
+        net = MaskRcnnResnet50(cfg)
     net.set_train(False)
     load_model_weights(checkpoint_path, net)
     return net
+
+
+def _skip_initialisation():
+    """Parameters without their random initialisation (most of the seconds spent building the network): the
+    strict load assigns every one of them or fails. MindSpore releases without the switch initialise."""
+    try:
+        from mindspore.nn.utils import no_init_parameters
+    except ImportError:
+        return contextlib.nullcontext()
+    return no_init_parameters()

@@ -15,7 +15,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from src import atomic_io
+from src import atomic_io, compile_cache
 from src.checkpoint import (CheckpointManager, TrainingState, find_checkpoints, format_load_report, load_pretrained,
                             load_resume_point)
 from src.config import Config
@@ -137,6 +137,7 @@ class TrainingLoop:
                 step_in_epoch, skip = skip, 0
                 for batch in dataset.create_tuple_iterator(num_epochs=1):
                     losses, finite = self.train_cell(*batch)
+                    compile_cache.publish()
                     self.last_losses = np.array([float(loss.asnumpy()) for loss in losses])
                     now = time.perf_counter()
                     step_time, clock = now - clock, now
@@ -225,6 +226,9 @@ def train(options: RunOptions, cfg: Config, build_model: Optional[Callable[[Conf
                                 steps_per_epoch, last_step, resumed_step=state.global_step if options.resume else None)
     loop = TrainingLoop(tr, epoch_dataset, train_cell, optimizer, net, lr_table, monitor, manager, LOSS_NAMES)
 
+    if group_size == 1 and build_model is None:   # ranks would share one entry; other models are not keyed
+        # the lr table is a parameter whose length is part of the graph
+        compile_cache.enable(cfg, cfg.train.device_target, f"train-{len(lr_table)}")
     run_start, first_step = time.perf_counter(), state.global_step
     state = loop.run(state, last_step, options.deadline)
     elapsed = time.perf_counter() - run_start

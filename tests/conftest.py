@@ -30,6 +30,21 @@ def graph_mode():
     ms.set_device("CPU")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_compile_cache(tmp_path_factory):
+    """The scripts run by the tests (and their subprocesses) keep compiled graphs in the session's own
+    directory, not in the user's cache."""
+    from src.compile_cache import DIR_ENV
+
+    previous = os.environ.get(DIR_ENV)
+    os.environ[DIR_ENV] = str(tmp_path_factory.mktemp("compile_cache"))
+    yield
+    if previous is None:
+        os.environ.pop(DIR_ENV, None)
+    else:
+        os.environ[DIR_ENV] = previous
+
+
 @pytest.fixture(scope="module")
 def tiny() -> Config:
     """The tiny preset, shared by the tests of one module."""

@@ -1,0 +1,185 @@
+"""src/compile_cache.py: the key, the staging/publish protocol, and predict.py with a cold, warm, re-weighted
+and re-configured cache giving the outputs of an uncached run."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from inference_helpers import MODEL_SEED, ROOT, config_cli_args, val_paths
+from src import compile_cache
+from src.config import load_config
+
+pytest_plugins = ["inference_fixtures"]
+
+
+@pytest.fixture
+def fresh_state(monkeypatch, tmp_path):
+    """A process that has not used the cache yet, with its root in tmp_path and no MindSpore cache variables
+    left behind."""
+    monkeypatch.setattr(compile_cache, "_state", {"staging": None, "entry": None, "active": False, "used": False})
+    monkeypatch.setenv(compile_cache.DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(compile_cache.SWITCH_ENV, raising=False)
+    for name in (compile_cache.MS_ENABLE_ENV, compile_cache.MS_PATH_ENV):
+        monkeypatch.delenv(name, raising=False)
+    yield tmp_path / "cache"
+    for name in (compile_cache.MS_ENABLE_ENV, compile_cache.MS_PATH_ENV):
+        os.environ.pop(name, None)
+
+
+def test_key_follows_config_purpose_device_and_kernels(monkeypatch):
+    cfg = load_config("tiny")
+    key = compile_cache.cache_key(cfg, "CPU", "predict")
+    assert compile_cache.cache_key(load_config("tiny"), "CPU", "predict") == key
+    assert compile_cache.cache_key(load_config("tiny", {"test.test_max_per_img": 5}), "CPU", "predict") != key
+    assert compile_cache.cache_key(cfg, "CPU", "eval") != key
+    assert compile_cache.cache_key(cfg, "GPU", "predict") != key
+    monkeypatch.setenv("MASKRCNN_CPU_KERNELS", "mindspore")          # the graph then holds MindSpore's ops
+    assert compile_cache.cache_key(cfg, "CPU", "predict") != key
+
+
+def test_cold_run_stages_then_publishes_and_ends_caching(fresh_state):
+    staging = compile_cache.enable(load_config("tiny"), "CPU", "predict")
+    assert staging.parent == fresh_state and compile_cache.STAGING_MARK in staging.name
+    assert os.environ[compile_cache.MS_PATH_ENV] == str(staging) and os.environ[compile_cache.MS_ENABLE_ENV] == "1"
+    (staging / "graph").write_text("compiled")
+    compile_cache.publish()
+    entries = os.listdir(fresh_state)
+    assert len(entries) == 1 and entries[0].startswith("predict-") and compile_cache.STAGING_MARK not in entries[0]
+    assert (fresh_state / entries[0] / "graph").read_text() == "compiled"
+    assert compile_cache.MS_ENABLE_ENV not in os.environ and compile_cache.MS_PATH_ENV not in os.environ
+    assert compile_cache.enable(load_config("tiny"), "CPU", "eval") is None      # once per process
+
+
+def test_warm_run_reads_the_entry_and_a_losing_racer_drops_its_copy(fresh_state, monkeypatch):
+    cfg = load_config("tiny")
+    staging = compile_cache.enable(cfg, "CPU", "predict")
+    (staging / "graph").write_text("racer")
+    entry = fresh_state / f"predict-{compile_cache.cache_key(cfg, 'CPU', 'predict')}"
+    entry.mkdir()
+    (entry / "graph").write_text("winner")                 # a concurrent run published first
+    compile_cache.publish()
+    assert os.listdir(fresh_state) == [entry.name] and (entry / "graph").read_text() == "winner"
+    monkeypatch.setattr(compile_cache, "_state", {"staging": None, "entry": None, "active": False, "used": False})
+    assert compile_cache.enable(cfg, "CPU", "predict") == entry
+
+
+def test_switches(fresh_state, monkeypatch):
+    monkeypatch.setenv(compile_cache.SWITCH_ENV, "0")
+    assert compile_cache.enable(load_config("tiny"), "CPU", "predict") is None
+    monkeypatch.delenv(compile_cache.SWITCH_ENV)
+    monkeypatch.setenv(compile_cache.MS_ENABLE_ENV, "1")                 # the user's own MindSpore settings
+    monkeypatch.setenv(compile_cache.MS_PATH_ENV, "/somewhere/else")
+    assert compile_cache.enable(load_config("tiny"), "CPU", "predict") is None
+    assert os.environ[compile_cache.MS_PATH_ENV] == "/somewhere/else" and not fresh_state.exists()
+
+
+def _cache_env(cache_dir, cache=True):
+    env = dict(os.environ, GLOG_v="3", **{compile_cache.DIR_ENV: str(cache_dir),
+                                          compile_cache.SWITCH_ENV: "1" if cache else "0"})
+    for name in (compile_cache.MS_ENABLE_ENV, compile_cache.MS_PATH_ENV):
+        env.pop(name, None)
+    return env
+
+
+def _predict_command(checkpoint, image, out, extra):
+    return [sys.executable, os.path.join(ROOT, "predict.py"), image, "--checkpoint_path", checkpoint,
+            "--out", str(out), "--score_thr", "0", *extra]
+
+
+def _detections(out):
+    with open(os.path.join(out, "predictions.json"), encoding="utf-8") as handle:
+        return [record["detections"] for record in json.load(handle)]
+
+
+def _predict(checkpoint, image, out, cache_dir, extra=(), cache=True):
+    run = subprocess.run(_predict_command(checkpoint, image, out, extra), cwd=ROOT, env=_cache_env(cache_dir, cache),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return _detections(out)
+
+
+@pytest.fixture(scope="module")
+def other_weights(narrow_model, tmp_path_factory):
+    """The narrow model with other random weights."""
+    import mindspore as ms
+    from src.maskrcnn.mask_rcnn_r50 import MaskRcnnResnet50
+
+    ms.set_seed(MODEL_SEED + 1)
+    path = str(tmp_path_factory.mktemp("other_weights") / "other.ckpt")
+    ms.save_checkpoint(MaskRcnnResnet50(narrow_model.cfg), path)
+    return path
+
+
+@pytest.mark.slow
+def test_predict_with_cold_warm_reweighted_and_reconfigured_cache(narrow_model, other_weights, tmp_path):
+    data_path, _ = val_paths(narrow_model.cfg)
+    image = os.path.join(data_path, sorted(os.listdir(data_path))[0])
+    args = config_cli_args(narrow_model.cfg)
+    cache = tmp_path / "cache"
+
+    cold = _predict(narrow_model.checkpoint, image, tmp_path / "cold", cache, args)
+    entries = os.listdir(cache)
+    assert len(entries) == 1 and compile_cache.STAGING_MARK not in entries[0]
+    graph_files = sorted((cache / entries[0]).rglob("*.mindir"))
+    assert graph_files
+    stamps = [path.stat().st_mtime_ns for path in graph_files]
+    assert sum(len(d) for d in cold) > 0
+
+    assert _predict(narrow_model.checkpoint, image, tmp_path / "warm", cache, args) == cold
+    assert os.listdir(cache) == entries and [path.stat().st_mtime_ns for path in graph_files] == stamps
+
+    # weights are not part of the cached graph
+    reweighted = _predict(other_weights, image, tmp_path / "rw", cache, args)
+    assert reweighted != cold
+    assert reweighted == _predict(other_weights, image, tmp_path / "rw_ref", cache, args, cache=False)
+
+    # another config bakes other constants into the graph: its own entry, its own outputs
+    fewer = args + ["--test.test_max_per_img", "3"]
+    reconfigured = _predict(narrow_model.checkpoint, image, tmp_path / "rc", cache, fewer)
+    assert len(os.listdir(cache)) == 2
+    assert reconfigured != cold
+    assert reconfigured == _predict(narrow_model.checkpoint, image, tmp_path / "rc_ref", cache, fewer, cache=False)
+
+
+def _train(tiny_mindrecord, out, cache_dir, max_steps, cache=True):
+    env = _cache_env(cache_dir, cache)
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *config_cli_args(tiny_mindrecord.cfg),
+                          "--output_dir", str(out), "--max_steps", str(max_steps), "--save_checkpoint", "False"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(os.path.join(out, "train_summary_0.json"), encoding="utf-8") as handle:
+        summary = json.load(handle)
+    return summary["final_losses"], summary["parameter_sha256"]
+
+
+@pytest.mark.slow
+def test_training_with_cold_warm_and_rescheduled_cache(tiny_mindrecord, tmp_path):
+    cache = tmp_path / "cache"
+    cold = _train(tiny_mindrecord, tmp_path / "cold", cache, 2)
+    entries = os.listdir(cache)
+    assert len(entries) == 1 and entries[0].startswith("train-")
+    assert _train(tiny_mindrecord, tmp_path / "warm", cache, 2) == cold
+    assert os.listdir(cache) == entries
+    # a schedule of another length is another lr parameter shape: its own entry
+    shorter = _train(tiny_mindrecord, tmp_path / "short", cache, 1)
+    assert len(os.listdir(cache)) == 2
+    assert shorter != cold and shorter == _train(tiny_mindrecord, tmp_path / "short_ref", cache, 1, cache=False)
+
+
+@pytest.mark.slow
+def test_concurrent_cold_runs_leave_one_entry(narrow_model, tmp_path):
+    data_path, _ = val_paths(narrow_model.cfg)
+    image = os.path.join(data_path, sorted(os.listdir(data_path))[0])
+    cache = tmp_path / "cache"
+    runs = [subprocess.Popen(_predict_command(narrow_model.checkpoint, image, tmp_path / f"out{i}",
+                                              config_cli_args(narrow_model.cfg)),
+                             cwd=ROOT, env=_cache_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+    for run in runs:
+        _, stderr = run.communicate(timeout=600)
+        assert run.returncode == 0, stderr[-3000:]
+    assert _detections(tmp_path / "out0") == _detections(tmp_path / "out1")
+    entries = os.listdir(cache)
+    assert len(entries) == 1 and compile_cache.STAGING_MARK not in entries[0]
