@@ -2,8 +2,9 @@
 
     # 1. (bench venv) train a torchvision maskrcnn_resnet50_fpn on the synthetic set for a few minutes
     .venv-bench/bin/python bench/torchvision_parity.py train --data DIR --out tv_synthetic.pth --minutes 12
-    # 2. (any python) convert it, evaluate it with our eval.py and the preset, and with torchvision + pycocotools
-    .venv/bin/python bench/torchvision_parity.py compare --checkpoint tv_synthetic.pth --data DIR --work WORK
+    # 2. (our venv) convert it, evaluate it with our eval.py and the preset, and with torchvision + pycocotools
+    .venv/bin/python bench/torchvision_parity.py compare --checkpoint tv_synthetic.pth --data DIR --work WORK \
+        [--bench_python .venv-bench/bin/python]
 
 `compare` takes any torchvision Mask R-CNN state dict whose class slots match --classes (or the 91 COCO slots
 with the COCO classes): it converts it (src.convert_checkpoint), writes the decoded validation images once
@@ -25,8 +26,7 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUR_PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
-BENCH_PYTHON = os.path.join(ROOT, ".venv-bench", "bin", "python")
+DEFAULT_BENCH_PYTHON = os.path.join(ROOT, ".venv-bench", "bin", "python")
 SYNTHETIC_CLASSES = ("rectangle", "ellipse", "triangle", "star")
 MIN_SIZE, MAX_SIZE = 128, 192          # the small size both sides run at in the bench (torchvision's min/max_size)
 BN_RECALIBRATION_BATCHES = 25          # batches whose mean statistics replace the running ones after training
@@ -198,6 +198,17 @@ def torchvision_eval(args):
     return 0
 
 
+def to_npz(args):
+    """A .pth state dict -> .npz (for the converter in a venv without torch)."""
+    import torch
+
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    np.savez(args.out + ".tmp.npz", **{name: value.numpy() for name, value in state.items()})
+    os.replace(args.out + ".tmp.npz", args.out)
+    return 0
+
+
 # ---------------------------------------------------------------- orchestration (our venv)
 
 def _run(command, log):
@@ -239,14 +250,19 @@ def compare(args):
     converted = os.path.join(args.work, "converted.ckpt")
     images = os.path.join(args.work, "val_images.npz")
     _decoded_val_images(args.data, images)
-    _run([OUR_PYTHON, "-m", "src.convert_checkpoint", "--src", args.checkpoint, "--out", converted,
+    source = args.checkpoint
+    if source.endswith(".pth"):                      # our venv has no torch: hand the converter an .npz
+        source = os.path.join(args.work, "torchvision_state.npz")
+        _run([args.bench_python, os.path.abspath(__file__), "to-npz", "--checkpoint", args.checkpoint, "--out", source],
+             os.path.join(args.work, "to_npz.log"))
+    _run([sys.executable, "-m", "src.convert_checkpoint", "--src", source, "--out", converted,
           "--config", "torchvision", *overrides], os.path.join(args.work, "convert.log"))
     tv_out = os.path.join(args.work, "torchvision_eval.json")
-    _run([BENCH_PYTHON, os.path.abspath(__file__), "tv-eval", "--checkpoint", args.checkpoint, "--images", images,
+    _run([args.bench_python, os.path.abspath(__file__), "tv-eval", "--checkpoint", args.checkpoint, "--images", images,
           "--ann_file", ann_file, "--out", tv_out, "--min_size", str(args.min_size), "--max_size",
           str(args.max_size)], os.path.join(args.work, "torchvision_eval.log"))
     ours_dir = os.path.join(args.work, "ours")
-    _run([OUR_PYTHON, "eval.py", "--config", "torchvision", "--checkpoint_path", converted, "--ann_file", ann_file,
+    _run([sys.executable, "eval.py", "--config", "torchvision", "--checkpoint_path", converted, "--ann_file", ann_file,
           "--output_dir", ours_dir, "--data.coco_root", args.data,
           "--data.mindrecord_dir", os.path.join(args.work, "mindrecord"), *overrides],
          os.path.join(args.work, "eval.log"))
@@ -268,7 +284,7 @@ def compare(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("train", "tv-eval", "compare"):
+    for name in ("train", "tv-eval", "to-npz", "compare"):
         p = sub.add_parser(name)
         p.add_argument("--min_size", type=int, default=MIN_SIZE)
         p.add_argument("--max_size", type=int, default=MAX_SIZE)
@@ -285,12 +301,16 @@ def main(argv=None):
     e.add_argument("--images", required=True, help="decoded images (.npz keyed by image id)")
     e.add_argument("--ann_file", required=True)
     e.add_argument("--out", required=True)
+    n = sub.choices["to-npz"]
+    n.add_argument("--checkpoint", required=True)
+    n.add_argument("--out", required=True)
     c = sub.choices["compare"]
     c.add_argument("--checkpoint", required=True, help="torchvision Mask R-CNN state dict (.pth or .npz)")
     c.add_argument("--data", required=True, help="synthetic COCO directory")
     c.add_argument("--work", required=True, help="output directory")
+    c.add_argument("--bench_python", default=DEFAULT_BENCH_PYTHON, help="python of the torch/torchvision venv")
     args = parser.parse_args(argv)
-    return {"train": train, "tv-eval": torchvision_eval, "compare": compare}[args.command](args)
+    return {"train": train, "tv-eval": torchvision_eval, "to-npz": to_npz, "compare": compare}[args.command](args)
 
 
 if __name__ == "__main__":
