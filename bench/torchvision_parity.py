@@ -160,6 +160,8 @@ def torchvision_eval(args):
     model = build_torchvision(num_classes, args.min_size, args.max_size, frozen=True)
     model.load_state_dict({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")})
     model.eval()
+    if args.canvas:              # pad every image to one canvas x canvas input, as our fixed-canvas graph does
+        model.transform.size_divisible = args.canvas
     coco_gt = COCO(args.ann_file)
     slot_to_category = {i + 1: c["id"] for i, c in enumerate(sorted(coco_gt.dataset["categories"],
                                                                      key=lambda c: c["id"]))}
@@ -243,6 +245,37 @@ def preset_overrides(min_size, max_size, classes):
             "--data.classes", json.dumps(["background", *classes]), "--test.test_batch_size", "1"]
 
 
+def detection_agreement(theirs, ours, min_iou=0.9, score_tol=0.01):
+    """Share of torchvision's detections (COCO results) that have one of ours in the same image with the same
+    category, box IoU >= min_iou and score within score_tol (greedy, best score first)."""
+    def by_image(results):
+        grouped = {}
+        for r in results:
+            grouped.setdefault(r["image_id"], []).append(r)
+        return grouped
+
+    ours_by_image, matched, total = by_image(ours), 0, 0
+    for image_id, dets in by_image(theirs).items():
+        candidates = sorted(ours_by_image.get(image_id, []), key=lambda r: -r["score"])
+        used = set()
+        for det in sorted(dets, key=lambda r: -r["score"]):
+            total += 1
+            x, y, w, h = det["bbox"]
+            for index, cand in enumerate(candidates):
+                if index in used or cand["category_id"] != det["category_id"] \
+                        or abs(cand["score"] - det["score"]) > score_tol:
+                    continue
+                cx, cy, cw, ch = cand["bbox"]
+                iw = max(0.0, min(x + w, cx + cw) - max(x, cx))
+                ih = max(0.0, min(y + h, cy + ch) - max(y, cy))
+                union = w * h + cw * ch - iw * ih
+                if union > 0 and iw * ih / union >= min_iou:
+                    used.add(index)
+                    matched += 1
+                    break
+    return matched / max(total, 1)
+
+
 def compare(args):
     os.makedirs(args.work, exist_ok=True)
     ann_file = os.path.join(args.data, "annotations", "instances_val2017.json")
@@ -267,10 +300,16 @@ def compare(args):
           "--data.mindrecord_dir", os.path.join(args.work, "mindrecord"), *overrides],
          os.path.join(args.work, "eval.log"))
     with open(tv_out, encoding="utf-8") as handle:
-        theirs = json.load(handle)["metrics"]
+        tv = json.load(handle)
+    theirs = tv["metrics"]
     with open(os.path.join(ours_dir, "eval_metrics.json"), encoding="utf-8") as handle:
         ours = json.load(handle)
-    report = {"torchvision": theirs, "ours": {k: ours[k] for k in ("bbox", "segm") if k in ours}}
+    with open(os.path.join(ours_dir, "detections.json"), encoding="utf-8") as handle:
+        ours_results = json.load(handle)
+    report = {"torchvision": theirs, "ours": {k: ours[k] for k in ("bbox", "segm", "detections") if k in ours},
+              "matched_share": detection_agreement(tv["results"], ours_results)}
+    print(f"detections: torchvision {theirs['detections']}, ours {ours['detections']}; share of torchvision's "
+          f"matched by ours (same class, IoU >= 0.9, score within 0.01): {report['matched_share']:.3f}")
     for iou_type in ("bbox", "segm"):
         diff = ours[iou_type]["AP"] - theirs[iou_type]["AP"]
         report[f"{iou_type}_AP_difference"] = diff
@@ -301,6 +340,8 @@ def main(argv=None):
     e.add_argument("--images", required=True, help="decoded images (.npz keyed by image id)")
     e.add_argument("--ann_file", required=True)
     e.add_argument("--out", required=True)
+    e.add_argument("--canvas", type=int, default=0,
+                   help="pad to canvas x canvas instead of each image's own multiple of 32 (measures row 5)")
     n = sub.choices["to-npz"]
     n.add_argument("--checkpoint", required=True)
     n.add_argument("--out", required=True)
