@@ -2,7 +2,6 @@
 batch, anchors, proposals, detections and pasted masks (tests/fixtures/torchvision_reference.npz, written by
 bench/torchvision_reference.py); each option of the preset is checked on its own against a reference."""
 import cv2
-import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import Tensor, nn
