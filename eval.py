@@ -38,7 +38,8 @@ def pad_batch(batch: Dict[str, np.ndarray], batch_size: int) -> Dict[str, np.nda
 
 
 def detect_dataset(detect: Detector, batches: Iterable[Dict[str, np.ndarray]], batch_size: int, total: int,
-                   category_ids: np.ndarray, mask_threshold: float) -> Tuple[List[dict], List[int], float]:
+                   category_ids: np.ndarray, mask_threshold: float,
+                   mask_paste: str = "centres") -> Tuple[List[dict], List[int], float]:
     """Run the detector over eval batches -> (COCO results, image ids in order, images/s).
 
     images/s leaves out the first batch, which includes graph compilation.
@@ -53,7 +54,7 @@ def detect_dataset(detect: Detector, batches: Iterable[Dict[str, np.ndarray]], b
             for i in range(count):
                 image_id = int(batch["image_id"][i])
                 detections = detections_from_outputs(*(out[i] for out in outputs), batch["image_shape"][i],
-                                                      mask_threshold)
+                                                      mask_threshold, mask_paste)
                 results.extend(detections_to_coco(image_id, detections, category_ids))
                 image_ids.append(image_id)
             progress.update(count)
@@ -108,7 +109,8 @@ def evaluate(cfg: Config, checkpoint_path: str, ann_file: str, output_dir: str) 
     dataset = create_maskrcnn_dataset(cfg, files, is_training=False, batch_size=batch_size)
     batches = dataset.create_dict_iterator(output_numpy=True, num_epochs=1)
     results, image_ids, images_per_second = detect_dataset(network_detector(net), batches, batch_size,
-                                                           len(stored_ids), category_ids, cfg.test.mask_thr_binary)
+                                                           len(stored_ids), category_ids, cfg.test.mask_thr_binary,
+                                                           cfg.test.mask_paste)
     print(f"evaluated {len(image_ids)} images, {len(results)} detections, {images_per_second:.2f} images/s "
           f"(batch {batch_size}, after the first batch)")
     return score_and_save(coco_gt, ann_file, image_ids, results, output_dir,

@@ -33,7 +33,8 @@ def postprocess(cfg: Config, result_dir: str, input_dir: str, ann_file: str, out
     results = []
     for image_id in tqdm(image_ids, unit="img", desc="postprocess"):
         detections = detections_from_outputs(*read_outputs(result_dir, image_id, cfg),
-                                             read_image_shape(input_dir, image_id)[0], cfg.test.mask_thr_binary)
+                                             read_image_shape(input_dir, image_id)[0], cfg.test.mask_thr_binary,
+                                             cfg.test.mask_paste)
         results.extend(detections_to_coco(image_id, detections, category_ids))
     print(f"scored {len(image_ids)} images, {len(results)} detections")
     return score_and_save(coco_gt, ann_file, image_ids, results, output_dir,

@@ -114,7 +114,8 @@ def predict(cfg: Config, checkpoint_path: str, source: str, out_dir: str, score_
             continue
         outputs = [out.asnumpy()[0] for out in net(Tensor(image), Tensor(image_shape))]
         compile_cache.publish()
-        detections = _filtered(detections_from_outputs(*outputs, image_shape[0], cfg.test.mask_thr_binary),
+        detections = _filtered(detections_from_outputs(*outputs, image_shape[0], cfg.test.mask_thr_binary,
+                                                       cfg.test.mask_paste),
                                score_thr)
         picture = os.path.join(out_dir, os.path.basename(path) + ".png")
         ok, encoded = cv2.imencode(".png", draw_detections(rgb, detections, cfg.data.classes))

@@ -66,6 +66,12 @@ class DataConfig:
     img_std: List[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
     num_parallel_workers: int = 2
     convert_workers: int = 2
+    # Eval input geometry (docs/torchvision_differences.md 2-5); the defaults are the recipe's, the torchvision
+    # preset sets the others.
+    resize_mode: str = "fit"                    # fit: keep-ratio into img_height x img_width | short_long
+    min_size: int = 800                         # short_long: short side (read by short_long only)
+    max_size: int = 1333                        # short_long: long side at most
+    resize_kernel: str = "warp"                 # warp (cv2.warpAffine, zero border) | torch (edge-clamped bilinear)
 
     @property
     def num_classes(self) -> int:
@@ -94,6 +100,8 @@ class AnchorConfig:
     anchor_scales: List[float] = field(default_factory=lambda: [8.0])
     anchor_ratios: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     anchor_strides: List[int] = field(default_factory=lambda: [4, 8, 16, 32, 64])
+    anchor_offset: float = 0.5                  # anchor centre = (cell index + offset) * stride; torchvision 0.0
+    round_base_anchors: bool = False            # round the cell anchors' corners to integers (torchvision)
 
 
 @dataclass
@@ -130,6 +138,7 @@ class RoiConfig:
     roi_align_out_channels: int = 256
     roi_align_featmap_strides: List[int] = field(default_factory=lambda: [4, 8, 16, 32])
     roi_align_finest_scale: int = 56
+    roi_aligned: bool = True                    # false: torchvision's RoIAlign(aligned=False), no half-cell shift
 
 
 @dataclass
@@ -160,6 +169,8 @@ class TestConfig:
     test_nms_pre: int = 1000                    # (box, class) candidates ranked before per-class NMS
     test_batch_size: int = 2
     mask_thr_binary: float = 0.5
+    test_min_box_size: float = 0.0              # (box, class) pairs narrower or lower than this are dropped
+    mask_paste: str = "centres"                 # centres | torchvision (src/mask_paste.py)
 
 
 @dataclass
@@ -272,6 +283,12 @@ def validate(cfg: Config) -> Config:
     _positive(d.num_parallel_workers, "data.num_parallel_workers")
     _positive(d.convert_workers, "data.convert_workers")
     _positive(d.mindrecord_shards, "data.mindrecord_shards")
+    _check(d.resize_mode in ("fit", "short_long"), "data.resize_mode",
+           f"must be 'fit' or 'short_long', got '{d.resize_mode}'")
+    _check(d.resize_kernel in ("warp", "torch"), "data.resize_kernel",
+           f"must be 'warp' or 'torch', got '{d.resize_kernel}'")
+    if d.resize_mode == "short_long":
+        _check(0 < d.min_size <= d.max_size, "data.min_size", f"must be in 1..data.max_size, got {d.min_size}")
 
     b = cfg.backbone
     _check(len(b.resnet_block) == 4, "backbone.resnet_block", "needs 4 stage depths")
@@ -285,6 +302,7 @@ def validate(cfg: Config) -> Config:
     a = cfg.anchor
     _check(all(s > 0 for s in a.anchor_scales), "anchor.anchor_scales", "values must be > 0")
     _check(all(r > 0 for r in a.anchor_ratios), "anchor.anchor_ratios", "values must be > 0")
+    _check(0.0 <= a.anchor_offset < 1.0, "anchor.anchor_offset", f"must be in [0, 1), got {a.anchor_offset}")
     _check(all(s > 0 and d.img_height % s == 0 and d.img_width % s == 0 for s in a.anchor_strides[:-1]),
            "anchor.anchor_strides", "strides except the last must divide the image size")
 
@@ -329,6 +347,9 @@ def validate(cfg: Config) -> Config:
     _positive(t.test_max_per_img, "test.test_max_per_img")
     _check(t.test_nms_pre >= t.test_max_per_img, "test.test_nms_pre", "must be >= test.test_max_per_img")
     _positive(t.test_batch_size, "test.test_batch_size")
+    _check(t.test_min_box_size >= 0, "test.test_min_box_size", f"must be >= 0, got {t.test_min_box_size}")
+    _check(t.mask_paste in ("centres", "torchvision"), "test.mask_paste",
+           f"must be 'centres' or 'torchvision', got '{t.mask_paste}'")
 
     tr = cfg.train
     _check(tr.device_target in ("auto", "CPU", "GPU", "Ascend"), "train.device_target",

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from src.mask_paste import paste_masks
+from src.mask_paste import PASTE_RULES
 
 
 @dataclass
@@ -39,8 +39,9 @@ def boxes_to_original(boxes: np.ndarray, image_shape: Sequence[float]) -> np.nda
 
 
 def detections_from_outputs(boxes, scores, labels, valid, masks, image_shape,
-                            mask_threshold: float) -> Detections:
-    """One image's fixed-size outputs (K rows; masks (K, S, S)) -> its valid detections, original frame."""
+                            mask_threshold: float, mask_paste: str = "centres") -> Detections:
+    """One image's fixed-size outputs (K rows; masks (K, S, S)) -> its valid detections, original frame;
+    masks pasted by the `mask_paste` rule (test.mask_paste: centres | torchvision)."""
     keep = np.asarray(valid, bool).reshape(-1)
     ori_h, ori_w = int(round(float(image_shape[0]))), int(round(float(image_shape[1])))
     kept_boxes = boxes_to_original(np.asarray(boxes)[keep], image_shape)
@@ -48,7 +49,7 @@ def detections_from_outputs(boxes, scores, labels, valid, masks, image_shape,
         boxes=kept_boxes,
         scores=np.asarray(scores, np.float32)[keep],
         labels=np.asarray(labels, np.int32)[keep],
-        masks=paste_masks(np.asarray(masks)[keep], kept_boxes, ori_h, ori_w, mask_threshold),
+        masks=PASTE_RULES[mask_paste](np.asarray(masks)[keep], kept_boxes, ori_h, ori_w, mask_threshold),
     )
 
 

@@ -3,9 +3,13 @@
 Training augmentation follows the recipe: expand (probability expand_ratio * EXPAND_COIN, canvas filled
 with the mean), keep-ratio rescale into img_height x img_width, horizontal flip, photometric distortion.
 All geometric steps are folded into one affine map applied identically to image, boxes and masks.
+`data.resize_mode: short_long` sizes images torchvision's way (short side min_size, long side at most max_size,
+floor rounding); `data.resize_kernel: torch` resamples eval images with torch's bilinear rule (edge clamped)
+instead of cv2.warpAffine (zero border, 1/32-px positions). docs/torchvision_differences.md 2-4.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence, Tuple
 
@@ -15,6 +19,7 @@ from pycocotools import mask as mask_utils
 
 from src.config import Config
 from src.data.records import column_bytes, column_scalar, decode_image, decode_instances
+from src.mask_paste import torch_bilinear_matrix
 
 EXPAND_RATIO_RANGE = (1.0, 4.0)              # canvas side / image side for the expand augmentation (mmdet)
 EXPAND_COIN = 0.5                            # the recipe's Expand flips its own coin: expand_ratio 1.0 -> 50 %
@@ -74,8 +79,19 @@ class Geometry:
 
 
 def fitted_size(canvas_h: int, canvas_w: int, cfg: Config) -> Tuple[int, int]:
-    """(out_h, out_w): keep-ratio fit inside img_height x img_width, or exactly that size."""
+    """(out_h, out_w): keep-ratio fit inside img_height x img_width, or exactly that size; with resize_mode
+    short_long, torchvision's size: scale = min(min_size / short side, max_size / long side) in float64,
+    each side floor(side * scale)."""
     height, width = cfg.data.img_height, cfg.data.img_width
+    if cfg.data.resize_mode == "short_long":
+        scale = min(cfg.data.min_size / min(canvas_h, canvas_w), cfg.data.max_size / max(canvas_h, canvas_w))
+        out_h, out_w = max(1, math.floor(canvas_h * scale)), max(1, math.floor(canvas_w * scale))
+        if out_h > height or out_w > width:
+            raise ValueError(f"a {canvas_h}x{canvas_w} image resized to {out_h}x{out_w} (data.min_size "
+                             f"{cfg.data.min_size}, data.max_size {cfg.data.max_size}) does not fit the "
+                             f"{height}x{width} canvas: set data.img_height and data.img_width to at least "
+                             f"data.max_size rounded up to 32")
+        return out_h, out_w
     if not cfg.data.keep_ratio:
         return height, width
     scale = min(height / canvas_h, width / canvas_w)
@@ -137,17 +153,32 @@ def warp_planes(planes: Sequence[np.ndarray], geometry: Geometry, out: np.ndarra
 class _Normaliser:
     """Normalise an RGB image and warp it into the zero-padded (3, H, W) float32 input."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, kernel: str = "warp"):
         self.height, self.width = cfg.data.img_height, cfg.data.img_width
         self.mean = np.asarray(cfg.data.img_mean, np.float32)
         self.inv_std = 1.0 / np.asarray(cfg.data.img_std, np.float32)
+        self.kernel = kernel
 
     def __call__(self, image: np.ndarray, geometry: Geometry) -> np.ndarray:
         # normalising first (at source size) makes the warp's zero border the mean colour: expand canvas
         normalised = (image.astype(np.float32) - self.mean) * self.inv_std                  # (h, w, 3)
+        if self.kernel == "torch":
+            return self._torch_resize(normalised, geometry)
         out = warp_planes(cv2.split(normalised), geometry, np.empty((3, self.height, self.width), np.float32))
         out[:, geometry.out_h:] = 0.0            # bilinear taps can reach half a pixel past the valid region
         out[:, :, geometry.out_w:] = 0.0
+        return out
+
+    def _torch_resize(self, normalised: np.ndarray, geometry: Geometry) -> np.ndarray:
+        """torch's F.interpolate(bilinear, align_corners=False) of the whole image to out_h x out_w, zero-padded."""
+        if geometry.flip or geometry.top or geometry.left or (geometry.canvas_h, geometry.canvas_w) != \
+                normalised.shape[:2]:
+            raise ValueError("resize_kernel 'torch' resizes whole images only (no expand or flip: eval inputs)")
+        rows = torch_bilinear_matrix(geometry.out_h, geometry.canvas_h)                   # (out_h, h)
+        cols = torch_bilinear_matrix(geometry.out_w, geometry.canvas_w)                   # (out_w, w)
+        out = np.zeros((3, self.height, self.width), np.float32)
+        for channel in range(3):
+            out[channel, :geometry.out_h, :geometry.out_w] = rows @ normalised[..., channel] @ cols.T
         return out
 
 
@@ -187,11 +218,12 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Record columns -> eval columns: keep-ratio rescale, normalise, pad; no randomness."""
+    """Record columns -> eval columns: keep-ratio rescale (data.resize_mode, data.resize_kernel), normalise, pad;
+    no randomness."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.normalise = _Normaliser(cfg)
+        self.normalise = _Normaliser(cfg, cfg.data.resize_kernel)
 
     def __call__(self, image, image_id):
         rgb = decode_image(column_bytes(image))

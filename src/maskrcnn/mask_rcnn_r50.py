@@ -56,7 +56,8 @@ class DetectionSelector(nn.Cell):
     The `test_nms_pre` best (box, class) pairs above `test_score_thr` are ranked; boxes are shifted by a
     per-class offset so that one NMS never lets two classes suppress each other, which equals running NMS
     per class. The result equals exhaustive per-class NMS whenever `test_max_per_img` detections survive
-    among the ranked pairs (NMS only ever removes lower-scoring boxes).
+    among the ranked pairs (NMS only ever removes lower-scoring boxes). Pairs whose clipped box is narrower or
+    lower than `test_min_box_size` are not ranked (0: all kept).
     construct(scores (P, C) softmax, boxes (P, C, 4) clipped, proposal_valid (P,) bool) ->
       boxes (K, 4), scores (K,), labels (K,) int32 in 1..C-1, valid (K,) bool; K = test_max_per_img.
     """
@@ -68,6 +69,7 @@ class DetectionSelector(nn.Cell):
         self.num_ranked = min(t.test_nms_pre, num_pairs)
         self.num_kept = t.test_max_per_img
         self.score_thr = t.test_score_thr
+        self.min_box_size = t.test_min_box_size
         self.class_offset = float(max(cfg.data.img_height, cfg.data.img_width) + 1)
         self.nms = ops.NMSWithMask(t.test_iou_thr)
 
@@ -75,6 +77,11 @@ class DetectionSelector(nn.Cell):
         num_classes = scores.shape[1]
         fg_scores = scores[:, 1:]                                                     # (P, C-1)
         usable = ops.logical_and(fg_scores > self.score_thr, proposal_valid[:, None])
+        if self.min_box_size > 0:                                                     # torchvision drops tiny boxes
+            fg_boxes = boxes[:, 1:]                                                   # (P, C-1, 4)
+            large = ops.logical_and(fg_boxes[..., 2] - fg_boxes[..., 0] >= self.min_box_size,
+                                    fg_boxes[..., 3] - fg_boxes[..., 1] >= self.min_box_size)
+            usable = ops.logical_and(usable, large)
         fg_scores = ops.where(usable, fg_scores, ops.full_like(fg_scores, DISCARDED)).reshape(-1)
         top_scores, pair_index = ops.topk(fg_scores, self.num_ranked)                 # sorted, (k,)
         box_index = pair_index // (num_classes - 1)

@@ -32,7 +32,7 @@ class MultiLevelRoIAlign(nn.Cell):
 
     MultiLevelRoIAlign(cfg, out_size, featmap_strides=None, finest_scale=None, sample_ratio=None): the
     optional arguments default to cfg.roi (roi_align_featmap_strides, roi_align_finest_scale,
-    roi_sample_ratio). Used with out_size = cfg.roi.roi_out_size (box head) and mask_out_size (mask head).
+    roi_sample_ratio); cfg.roi.roi_aligned chooses the aligned (default) or torchvision's aligned=False grid. Used with out_size = cfg.roi.roi_out_size (box head) and mask_out_size (mask head).
 
     construct(rois (R, 5) = (batch index, x1, y1, x2, y2) in input pixels,
               feats: tuple of one (B, C, h_l, w_l) map per stride) -> (R, C, out_size, out_size).
@@ -46,7 +46,7 @@ class MultiLevelRoIAlign(nn.Cell):
         sample_ratio = cfg.roi.roi_sample_ratio if sample_ratio is None else sample_ratio
         self.num_levels = len(strides)
         self.out_size = out_size
-        self.align = PyramidRoIAlign(out_size, sample_ratio, strides)
+        self.align = PyramidRoIAlign(out_size, sample_ratio, strides, cfg.roi.roi_aligned)
 
     def prepare(self, feats):
         """The pyramid as `pool` reads it."""

@@ -6,7 +6,7 @@ from mindspore import nn, ops
 
 from src.ops import backend, constants
 from src.ops.custom import kernel
-from src.ops.roi_align import SingleLevelRoIAlign
+from src.ops.roi_align import CELL_CENTRE, SingleLevelRoIAlign
 
 
 class MaskTargets(nn.Cell):
@@ -21,7 +21,7 @@ class MaskTargets(nn.Cell):
         self.uses_kernel = backend.enabled() and size in constants.MASK_TARGET_SIZES and binary
         self.kernel = kernel(f"MaskTargets{size}", lambda rois, settings, masks: [rois[0], size, size],
                              lambda rois, settings, masks: ms.float32) if self.uses_kernel else None
-        self.settings = ms.Tensor(np.array([sample_ratio, stride], np.float32))
+        self.settings = ms.Tensor(np.array([sample_ratio, CELL_CENTRE, stride], np.float32))
         self.align = SingleLevelRoIAlign(size, stride, sample_ratio)
 
     def construct(self, masks, rois):

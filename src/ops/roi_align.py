@@ -1,8 +1,10 @@
-"""RoIAlign: aligned bilinear pooling of RoIs from NCHW maps, one output size per op.
+"""RoIAlign: bilinear pooling of RoIs from NCHW maps, one output size per op.
 
 Coordinate convention: RoIs are continuous input-pixel boxes (x1, y1, x2, y2). Feature cell k of a level with
 stride s covers input pixels [k * s, (k + 1) * s), so its value sits at input coordinate (k + 0.5) * s and
-input coordinate X maps to feature coordinate X / s - 0.5 (the "aligned" RoIAlign of detectron2/torchvision).
+input coordinate X maps to feature coordinate X / s - 0.5 (the "aligned" RoIAlign of detectron2/torchvision,
+the default). With aligned=False (torchvision's Mask R-CNN, `roi.roi_aligned: false`) X maps to X / s: the
+sampling grid sits half a cell towards the bottom right.
 There is no legacy "+1" on the box end; RoIs narrower than one feature cell are widened to one cell, so
 degenerate boxes still give finite, bounded outputs. Each bin averages sample_ratio x sample_ratio
 bilinear samples; a sample more than one cell outside the map counts as zero, one less than a cell
@@ -26,6 +28,11 @@ from src.ops.custom import kernel
 
 BATCH_COLUMN = 0            # RoI column holding the image index
 CELL_CENTRE = 0.5           # feature cell k's value sits at k + 0.5 cells from the map's edge
+
+
+def cell_offset(aligned: bool) -> float:
+    """Feature coordinate = input coordinate / stride - cell_offset."""
+    return CELL_CENTRE if aligned else 0.0
 CORNERS = 2                 # bilinear taps per sample along one axis
 
 
@@ -40,16 +47,17 @@ def flatten_levels(feats):
 
 
 class TableRoIAlign(nn.Cell):
-    """Aligned RoIAlign of RoIs that each name their level, from a table made by `flatten_levels`.
+    """RoIAlign of RoIs that each name their level, from a table made by `flatten_levels`.
 
     construct(table (N, C), rois (R, 5), level (R,) int32, level_shapes: tuple of (B, C, h, w) per level,
               strides: tuple of floats per level) -> (R, C, out, out) float32.
     """
 
-    def __init__(self, out_size: int, sample_ratio: int):
+    def __init__(self, out_size: int, sample_ratio: int, aligned: bool = True):
         super().__init__()
         self.out_size = out_size
         self.sample_ratio = sample_ratio
+        self.cell_offset = cell_offset(aligned)
         samples = out_size * sample_ratio
         # Sample k of an axis sits at (k + 0.5) / samples of the RoI extent: bin k // sr, sub-sample k % sr.
         self.sample_positions = ms.Tensor(((np.arange(samples) + 0.5) / samples).astype(np.float32)[None, :])
@@ -93,8 +101,8 @@ class TableRoIAlign(nn.Cell):
         image_rows = (self._per_roi(level, level_rows, ms.int32)                     # (R,) first row of the RoI's map
                       + ops.cast(rois[:, BATCH_COLUMN], ms.int32) * self._per_roi(level, cells, ms.int32))
 
-        x1 = rois[:, 1] / stride - CELL_CENTRE
-        y1 = rois[:, 2] / stride - CELL_CENTRE
+        x1 = rois[:, 1] / stride - self.cell_offset
+        y1 = rois[:, 2] / stride - self.cell_offset
         roi_w = ops.maximum((rois[:, 3] - rois[:, 1]) / stride, 1.0)
         roi_h = ops.maximum((rois[:, 4] - rois[:, 2]) / stride, 1.0)
         y_index, y_weight = self._axis_taps(y1, roi_h, height)                        # (R, out, 2sr)
@@ -117,16 +125,16 @@ class TableRoIAlign(nn.Cell):
 
 
 class SingleLevelRoIAlign(nn.Cell):
-    """Aligned RoIAlign from one (B, C, h, w) map of the given stride: rois (R, 5) -> (R, C, out, out) float32.
+    """RoIAlign from one (B, C, h, w) map of the given stride: rois (R, 5) -> (R, C, out, out) float32.
 
     Also the tool for mask targets: stride 1 over the (B*M, 1, H, W) GT masks, which may stay uint8 (only
     the sampled taps are converted to float32).
     """
 
-    def __init__(self, out_size: int, stride: float, sample_ratio: int):
+    def __init__(self, out_size: int, stride: float, sample_ratio: int, aligned: bool = True):
         super().__init__()
         self.strides = (float(stride),)
-        self.pool = TableRoIAlign(out_size, sample_ratio)
+        self.pool = TableRoIAlign(out_size, sample_ratio, aligned)
 
     def construct(self, features, rois):
         level = ops.zeros((rois.shape[0],), ms.int32)
@@ -134,7 +142,8 @@ class SingleLevelRoIAlign(nn.Cell):
 
 
 def _pyramid_kernel(out_size: int):
-    """(rois (R, 5), level (R,) int32, settings (1 + L,) = (sample_ratio, stride per level), L maps (B, C, h, w))
+    """(rois (R, 5), level (R,) int32, settings (2 + L,) = (sample_ratio, cell offset, stride per level), L maps
+    (B, C, h, w))
     -> (R, C, out_size, out_size), with its gradient to the maps."""
     backward = kernel(f"RoiAlignBackward{out_size}",
                       lambda dout, rois, level, settings, m0, m1, m2, m3: [m0, m1, m2, m3],
@@ -151,22 +160,22 @@ def _pyramid_kernel(out_size: int):
 
 
 class PyramidRoIAlign(nn.Cell):
-    """Aligned RoIAlign of RoIs that each name their pyramid level.
+    """RoIAlign (aligned unless told otherwise) of RoIs that each name their pyramid level.
 
     `prepare(feats)`: the L maps (B, C, h_l, w_l) as this op reads them (several pools of the same levels may share
     it); construct(rois (R, 5) = (batch index, x1, y1, x2, y2) in input pixels, level (R,) int32, prepared) ->
     (R, C, out_size, out_size) float32, with its gradient to the maps.
     """
 
-    def __init__(self, out_size: int, sample_ratio: int, strides):
+    def __init__(self, out_size: int, sample_ratio: int, strides, aligned: bool = True):
         super().__init__()
         self.strides = tuple(float(s) for s in strides)
         self.num_levels = len(self.strides)
         self.uses_kernel = (backend.enabled() and out_size in constants.ROI_ALIGN_SIZES
                             and self.num_levels == constants.ROI_ALIGN_LEVELS)
         self.kernel = _pyramid_kernel(out_size) if self.uses_kernel else None
-        self.kernel_settings = ms.Tensor(np.array((sample_ratio,) + self.strides, np.float32))
-        self.table_pool = TableRoIAlign(out_size, sample_ratio)
+        self.kernel_settings = ms.Tensor(np.array((sample_ratio, cell_offset(aligned)) + self.strides, np.float32))
+        self.table_pool = TableRoIAlign(out_size, sample_ratio, aligned)
 
     def prepare(self, feats):
         """The kernel reads the maps themselves; the gather version reads the channels-last table (then the maps,

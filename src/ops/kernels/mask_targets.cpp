@@ -1,5 +1,5 @@
 // Mask targets (src/ops/mask_targets.py): MaskTargets<out>(rois (R, 5) = (mask row, x1, y1, x2, y2), settings
-// (2,) = (sample_ratio, stride), masks uint8 (B, M, H, W), read as B * M one-channel maps) -> (R, out, out)
+// (3,) = (sample_ratio, cell offset, stride), masks uint8 (B, M, H, W), read as B * M one-channel maps) -> (R, out, out)
 // float32: 1 where the RoIAlign of the RoI's mask is >= the threshold (constants.h), else 0; for each out of
 // MASKRCNN_MASK_TARGET_SIZES.
 #include "roi_taps.h"

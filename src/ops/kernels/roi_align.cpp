@@ -1,5 +1,5 @@
 // RoIAlign over an FPN pyramid (src/ops/roi_align.py), read straight from the NCHW maps, with its gradient:
-//   RoiAlignForward<out>(rois (R, 5), level (R,) int32, settings (1 + L,), the L maps (B, C, h_l, w_l))
+//   RoiAlignForward<out>(rois (R, 5), level (R,) int32, settings (2 + L,), the L maps (B, C, h_l, w_l))
 //       -> (R, C, out, out)
 //   RoiAlignBackward<out>(dout, rois, level, settings, the L maps (shapes only)) -> the L map gradients
 // for each out of MASKRCNN_ROI_ALIGN_SIZES and L = kRoiAlignLevels (constants.h).

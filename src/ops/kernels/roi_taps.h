@@ -1,5 +1,6 @@
 // RoIAlign's sampling taps, shared by the pyramid RoIAlign (roi_align.cpp) and the mask targets
-// (mask_targets.cpp): the conventions of src/ops/roi_align.py (aligned RoIAlign, RoIs at least one cell wide).
+// (mask_targets.cpp): the conventions of src/ops/roi_align.py (RoIs at least one cell wide; the cell offset setting
+// is 0.5 for the aligned RoIAlign, 0 for torchvision's aligned=False).
 #pragma once
 
 #include <cmath>
@@ -8,8 +9,9 @@
 
 namespace maskrcnn_ops {
 
-// settings (1 + L,) float32: the sample ratio, then the stride of each of the L levels.
-enum RoiSetting { kSampleRatio = 0, kFirstStride = 1 };
+// settings (2 + L,) float32: the sample ratio, the cell offset (input coordinate X maps to feature coordinate
+// X / stride - offset), then the stride of each of the L levels.
+enum RoiSetting { kSampleRatio = 0, kCellOffset = 1, kFirstStride = 2 };
 
 struct AxisTaps {  // per sample along one axis: the two cells and their weights (bin average folded in)
   std::vector<int> low, high;
@@ -32,7 +34,7 @@ inline void ComputeAxisTaps(float start, float extent, int size, int samples, in
   }
 }
 
-// Inputs shared by both passes: rois (R, 5), level (R,) int32, settings (1 + L,) = sample_ratio, strides...,
+// Inputs shared by both passes: rois (R, 5), level (R,) int32, settings (2 + L,) = sample_ratio, offset, strides...,
 // then the L maps (B, C, h_l, w_l) (for the backward pass only their shapes are used). Each RoI's taps are
 // worked out once, as (cell offset in a channel plane, weight) per tap, grouped by output bin, and serve all
 // channels.
@@ -67,8 +69,8 @@ inline RoiProblem MakeRoiProblem(int out, const float *rois, const int32_t *leve
     float stride = settings[kFirstStride + l];
     int height = static_cast<int>(map_shapes[l][2]), width = static_cast<int>(map_shapes[l][3]);
     float roi_w = std::max((roi[3] - roi[1]) / stride, 1.0f), roi_h = std::max((roi[4] - roi[2]) / stride, 1.0f);
-    ComputeAxisTaps(roi[2] / stride - 0.5f, roi_h, height, out * sr, sr, &y);
-    ComputeAxisTaps(roi[1] / stride - 0.5f, roi_w, width, out * sr, sr, &x);
+    ComputeAxisTaps(roi[2] / stride - settings[kCellOffset], roi_h, height, out * sr, sr, &y);
+    ComputeAxisTaps(roi[1] / stride - settings[kCellOffset], roi_w, width, out * sr, sr, &x);
     size_t t = static_cast<size_t>(r) * p.bins * p.taps_per_bin;
     for (int by = 0; by < out; ++by) {
       for (int bx = 0; bx < out; ++bx) {
