@@ -37,6 +37,8 @@ COCO_CLASSES = (
     "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
     "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
 )
+# MindSpore's mixed-precision levels (src/amp.py says what each computes in); `auto` picks one per device.
+AMP_LEVELS = ("O0", "O1", "O2", "O3")
 
 
 class ConfigError(ValueError):
@@ -157,6 +159,7 @@ class TestConfig:
     test_nms_pre: int = 1000                    # (box, class) candidates ranked before per-class NMS
     test_batch_size: int = 2
     mask_thr_binary: float = 0.5
+    amp_level: str = "auto"                     # inference (eval.py, predict.py) precision, as train.amp_level
 
 
 @dataclass
@@ -169,7 +172,12 @@ class TrainConfig:
     warmup_mode: str = "linear"
     warmup_ratio: float = 1.0 / 3.0
     batch_size: int = 2
-    loss_scale: float = 1.0
+    # Mixed precision (src/amp.py): O0 float32 | O1 / O2 / O3: on CPU the convolutions on bfloat16 inputs
+    # (float32 accumulation), on Ascend / GPU float16 (O2, O3) | auto: O0 on CPU, O2 on Ascend and GPU.
+    # Weights, optimizer state, losses and box math stay float32 at every level.
+    amp_level: str = "auto"
+    loss_scale: float = 1.0                     # the recipe's fixed scale; the start value when dynamic
+    loss_scale_mode: str = "fixed"              # fixed | dynamic (halved on overflow, doubled after 2000 good steps)
     momentum: float = 0.91
     weight_decay: float = 1e-4
     optimizer: str = "momentum"                 # momentum (the recipe's SGD) | adam | adamw (from scratch)
@@ -250,6 +258,10 @@ def _positive(value, key: str) -> None:
     _check(value > 0, key, f"must be > 0, got {value}")
 
 
+def _check_amp_level(value: str, key: str) -> None:
+    _check(value == "auto" or value in AMP_LEVELS, key, f"must be auto, {', '.join(AMP_LEVELS)}, got '{value}'")
+
+
 def validate(cfg: Config) -> Config:
     """Raise ConfigError naming the first impossible value; return cfg unchanged otherwise."""
     d = cfg.data
@@ -323,6 +335,7 @@ def validate(cfg: Config) -> Config:
     _positive(t.test_max_per_img, "test.test_max_per_img")
     _check(t.test_nms_pre >= t.test_max_per_img, "test.test_nms_pre", "must be >= test.test_max_per_img")
     _positive(t.test_batch_size, "test.test_batch_size")
+    _check_amp_level(t.amp_level, "test.amp_level")
 
     tr = cfg.train
     _check(tr.device_target in ("auto", "CPU", "GPU", "Ascend"), "train.device_target",
@@ -335,6 +348,9 @@ def validate(cfg: Config) -> Config:
     _in_unit(tr.warmup_ratio, "train.warmup_ratio")
     _positive(tr.batch_size, "train.batch_size")
     _positive(tr.loss_scale, "train.loss_scale")
+    _check_amp_level(tr.amp_level, "train.amp_level")
+    _check(tr.loss_scale_mode in ("fixed", "dynamic"), "train.loss_scale_mode",
+           f"must be 'fixed' or 'dynamic', got '{tr.loss_scale_mode}'")
     _check(0.0 <= tr.momentum < 1.0, "train.momentum", f"must be in [0, 1), got {tr.momentum}")
     _check(tr.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {tr.weight_decay}")
     _check(tr.optimizer in ("momentum", "adam", "adamw"), "train.optimizer",
