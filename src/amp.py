@@ -33,10 +33,13 @@ def resolve(level: str, device: str) -> str:
     return DEFAULT_LEVELS[device] if level == AUTO else level
 
 
-def describe(level: str, device: str) -> str:
-    """One line saying what `level` computes in on `device`."""
+def describe(level: str, device: str, kernel_convolutions: int = 1) -> str:
+    """One line saying what `level` computes in on `device` (CPU: with this many convolutions on our kernels)."""
     if level == "O0":
         return "precision: float32 (amp O0)"
+    if device == "CPU" and kernel_convolutions == 0:
+        return (f"precision: float32 (amp {level} on CPU asks for bfloat16 convolutions, but none runs on our "
+                "kernels here: MindSpore's CPU operators have no bfloat16)")
     if device == "CPU":
         return f"precision: convolutions on bfloat16 inputs, float32 elsewhere (amp {level} on CPU)"
     return f"precision: float16 in {', '.join(COMPUTE_CELLS)} (amp {level}), float32 elsewhere"
@@ -69,7 +72,10 @@ def apply(net, level: str, device: str):
 
 def set_precision(net, level: str, device: str, announce: bool = True):
     """`apply` with `level` resolved for `device` (auto: that device's default); prints the choice once."""
+    from src.ops import conv
+
     chosen = resolve(level, device)
+    net = apply(net, chosen, device)
     if announce:
-        print(describe(chosen, device), flush=True)
-    return apply(net, chosen, device)
+        print(describe(chosen, device, conv.kernel_convolutions(net)), flush=True)
+    return net

@@ -119,3 +119,12 @@ def test_cpu_levels_set_the_convolutions_bf16_flag_and_o0_clears_it(tiny):
 def test_bad_amp_keys_are_rejected_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("tiny", {key: value})
+
+
+def test_the_announced_precision_says_float32_when_no_convolution_is_on_the_kernels(tiny, capsys):
+    with backend.use_mindspore_kernels():          # as export.py builds its graph
+        net = MaskRcnnResnet50(tiny)
+    amp.set_precision(net, "O2", "CPU")
+    assert "precision: float32 (amp O2 on CPU" in capsys.readouterr().out
+    amp.set_precision(MaskRcnnResnet50(tiny), "auto", "CPU")
+    assert capsys.readouterr().out.strip() == "precision: float32 (amp O0)"

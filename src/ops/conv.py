@@ -94,14 +94,22 @@ def _flags(input_layout=Layout.PLAIN, output_layout=Layout.PLAIN, bf16_math=Fals
                               np.int32))
 
 
+def _layers(network: nn.Cell):
+    return [cell for _, cell in network.cells_and_names() if isinstance(cell, (Conv2d, Conv2dTranspose))]
+
+
 def set_bf16_math(network: nn.Cell, enabled: bool) -> int:
     """Let (or forbid) every convolution of `network` on the kernels compute its products in bfloat16 (see the
     module docstring); takes effect when the network's graph is next compiled. Returns how many layers run on
     the kernels (the others are MindSpore's float32 operators)."""
-    layers = [cell for _, cell in network.cells_and_names() if isinstance(cell, (Conv2d, Conv2dTranspose))]
-    for layer in layers:
+    for layer in _layers(network):
         layer.set_bf16_math(enabled)
-    return sum(layer.onednn is not None for layer in layers)
+    return kernel_convolutions(network)
+
+
+def kernel_convolutions(network: nn.Cell) -> int:
+    """How many convolutions of `network` run on our kernels."""
+    return sum(layer.onednn is not None for layer in _layers(network))
 
 
 class Conv2d(nn.Conv2d):
