@@ -293,7 +293,7 @@ def format_table(results, sizes, modes, precisions):
              + " | ".join(f"{t} first call s" for t in theirs) + " | ours peak RSS MiB | "
              + " | ".join(f"{t} peak RSS MiB" for t in theirs)
              + " | detections per image / total loss after the last step (ours / " + " / ".join(theirs) + ") |",
-             "|---" * (5 + 4 * len(precisions)) + "|---|"]
+             "|---" * (7 + 4 * len(precisions)) + "|"]
     labels = {"train": "train step (batch 2)", "infer": "inference per image (batch 2)",
               "infer_equal": "inference per image, ours with every detection slot valid"}
 
