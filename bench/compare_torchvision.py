@@ -1,6 +1,7 @@
 """Our MaskRcnnResnet50 against torchvision's maskrcnn_resnet50_fpn on this CPU: train step, inference, memory.
 
     .venv/bin/python bench/compare_torchvision.py [--sizes 384x640 768x1280] [--steps 5] [--modes train infer]
+        [--precisions fp32 bf16]
 
 Each (framework, size, mode) runs in its own process, one after the other, so that peak resident memory
 (ru_maxrss) belongs to that job alone and one framework's thread pools never compete with the other's.
@@ -24,6 +25,10 @@ per image, with the number of detections each model made (untrained models diffe
 EQUAL_WORK_OVERRIDES; ours is also timed with every detection slot valid). The first call (our graph
 compilation; torchvision's allocator warm-up) is reported apart, then the median over --steps calls. The
 table is printed and written between markers into --results.
+
+Precisions: fp32 runs both in float32; bf16 runs ours at amp level O2 (on CPU: convolutions on bfloat16 inputs,
+src/amp.py) and torchvision's forward under torch.autocast("cpu", torch.bfloat16) (backward follows the
+autocast graph). Every row of ours is set against torchvision in both precisions, all from the same run.
 """
 import argparse
 import json
@@ -100,6 +105,7 @@ def time_calls(run, steps):
 
 def run_ours(job):
     sys.path.insert(0, ROOT)
+    from src import amp
     from src.config import load_config              # importing src loads our CPU kernels (or caps oneDNN at AVX2)
     from src.maskrcnn.mask_rcnn_r50 import LOSS_NAMES, MaskRcnnResnet50
     from src.network_define import build_train_step
@@ -110,15 +116,17 @@ def run_ours(job):
     ms.set_device("CPU")
     ms.device_context.cpu.op_tuning.threads_num(THREADS)
     height, width = job["height"], job["width"]
-    cfg = load_config(None, {"data.img_height": height, "data.img_width": width,
-                             "train.batch_size": BATCH, "test.test_batch_size": BATCH, **job.get("overrides", {})})
+    level = AMP_LEVELS[job["precision"]]
+    cfg = load_config(None, {"data.img_height": height, "data.img_width": width, "train.amp_level": level,
+                             "test.amp_level": level, "train.batch_size": BATCH, "test.test_batch_size": BATCH,
+                             **job.get("overrides", {})})
     ms.set_seed(cfg.train.seed)
     scene = synthetic_scene(height, width, cfg.data.max_instance_count)
     mean = np.asarray(cfg.data.img_mean, np.float32)
     std = np.asarray(cfg.data.img_std, np.float32)
     image = ((scene["pixels"].astype(np.float32) - mean) / std).transpose(0, 3, 1, 2)      # (B, 3, H, W)
     image_shape = np.tile(np.array([[height, width, 1.0, 1.0]], np.float32), (BATCH, 1))
-    net = MaskRcnnResnet50(cfg)
+    net = amp.apply(MaskRcnnResnet50(cfg), level, "CPU")
     detections = []                                   # per inference call: valid detections per image
     final_loss = []                                   # per training call: total loss
     if job["mode"] == "train":
@@ -200,6 +208,10 @@ def run_torchvision(job):
     model = build_torchvision(NUM_CLASSES, height, width, job["torch_backbone"])
     scene = synthetic_scene(height, width, OBJECTS_PER_IMAGE)
     images = [torch.from_numpy(p.transpose(2, 0, 1).astype(np.float32) / PIXEL_MAX) for p in scene["pixels"]]
+    bf16 = job["precision"] == "bf16"
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     detections = []                                   # per inference call: detections per image
     final_loss = []                                   # per training call: total loss
     if job["mode"] == "train":
@@ -211,8 +223,9 @@ def run_torchvision(job):
         model.train()
 
         def run():
-            losses = model(images, targets)
-            total = sum(losses.values())
+            with autocast():
+                losses = model(images, targets)
+            total = sum(loss.float() for loss in losses.values())
             optimizer.zero_grad()
             total.backward()
             optimizer.step()
@@ -221,7 +234,7 @@ def run_torchvision(job):
         model.eval()
 
         def run():
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast():
                 outputs = model(images)
             detections.append(sum(len(out["boxes"]) for out in outputs) / BATCH)
     first, median, fastest = time_calls(run, job["steps"])
@@ -236,6 +249,7 @@ WORKERS = {"ours": run_ours, "torchvision": run_torchvision}
 # head for missing detections. So inference is also timed with our score threshold at 0, which makes
 # every one of the K = 100 detection slots valid: at least torchvision's mask and box work.
 EQUAL_WORK_OVERRIDES = {"test.test_score_thr": 0.0}
+AMP_LEVELS = {"fp32": "O0", "bf16": "O2"}             # our amp level per --precisions value
 
 
 # ---------------------------------------------------------------- driver
@@ -289,27 +303,37 @@ def format_ms(result, per_image):
     return f"{value:,.0f}"
 
 
-def format_table(results, sizes, modes):
-    lines = ["| size (HxW) | measure | ours ms | torchvision ms | ours / torchvision | ours first call s "
-             "(compile + run) | torchvision first call s | ours peak RSS MiB | torchvision peak RSS MiB | "
-             "detections per image / total loss after the last step (ours / torchvision) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+def format_table(results, sizes, modes, precisions):
+    """One row per (size, measure, our precision), set against torchvision in every precision that ran."""
+    theirs = [f"torchvision {p}" for p in precisions]
+    lines = ["| size (HxW) | measure | ours | ours ms | " + " | ".join(f"{t} ms" for t in theirs) + " | "
+             + " | ".join(f"ours / {t}" for t in theirs) + " | ours first call s (compile + run) | "
+             + " | ".join(f"{t} first call s" for t in theirs) + " | ours peak RSS MiB | "
+             + " | ".join(f"{t} peak RSS MiB" for t in theirs)
+             + " | detections per image / total loss after the last step (ours / " + " / ".join(theirs) + ") |",
+             "|---" * (7 + 4 * len(precisions)) + "|"]
     labels = {"train": "train step (batch 2)", "infer": "inference per image (batch 2)",
               "infer_equal": "inference per image, ours with every detection slot valid"}
+
+    def cell(result, text):
+        return text(result) if "error" not in result else "-"
     for height, width in sizes:
         for mode in [m for mode in modes for m in ((mode, "infer_equal") if mode == "infer" else (mode,))]:
-            ours = results.get(("ours", height, width, mode), {"error": "not run"})
-            torch_result = results.get(("torchvision", height, width, mode.split("_")[0]), {"error": "not run"})
-            per_image = mode != "train"
-            counts = [f"{r['detections']:.0f}" if r.get("detections") is not None
-                      else f"{r['loss']:.2f}" if r.get("loss") is not None else "-" for r in (ours, torch_result)]
-            ratio = (f"{ours['median_ms'] / torch_result['median_ms']:.2f}"
-                     if "error" not in ours and "error" not in torch_result else "-")
-            first = [f"{r['first_s']:.1f}" if "error" not in r else "-" for r in (ours, torch_result)]
-            rss = [f"{r['peak_rss_mb']:,.0f}" if "error" not in r else "-" for r in (ours, torch_result)]
-            lines.append(f"| {height}x{width} | {labels[mode]} | {format_ms(ours, per_image)} | "
-                         f"{format_ms(torch_result, per_image)} | {ratio} | {first[0]} | {first[1]} | {rss[0]} | "
-                         f"{rss[1]} | {' / '.join(counts)} |")
+            for precision in precisions:
+                ours = results.get(("ours", precision, height, width, mode), {"error": "not run"})
+                others = [results.get(("torchvision", p, height, width, mode.split("_")[0]), {"error": "not run"})
+                          for p in precisions]
+                per_image = mode != "train"
+                counts = [f"{r['detections']:.0f}" if r.get("detections") is not None
+                          else f"{r['loss']:.2f}" if r.get("loss") is not None else "-" for r in [ours] + others]
+                ratios = [f"{ours['median_ms'] / r['median_ms']:.2f}" if "error" not in ours and "error" not in r
+                          else "-" for r in others]
+                first = [cell(r, lambda r: f"{r['first_s']:.1f}") for r in [ours] + others]
+                rss = [cell(r, lambda r: f"{r['peak_rss_mb']:,.0f}") for r in [ours] + others]
+                lines.append(f"| {height}x{width} | {labels[mode]} | {precision} | {format_ms(ours, per_image)} | "
+                             + " | ".join(format_ms(r, per_image) for r in others) + " | " + " | ".join(ratios)
+                             + " | " + " | ".join(first) + " | " + " | ".join(rss) + " | " + " / ".join(counts)
+                             + " |")
     return lines
 
 
@@ -337,6 +361,8 @@ def main():
                         help="input sizes HxW (multiples of 32); default 384x640 768x1280")
     parser.add_argument("--modes", nargs="+", choices=("train", "infer"), default=["train", "infer"])
     parser.add_argument("--frameworks", nargs="+", choices=sorted(WORKERS), default=["ours", "torchvision"])
+    parser.add_argument("--precisions", nargs="+", choices=sorted(AMP_LEVELS), default=["fp32", "bf16"],
+                        help="fp32: both float32; bf16: ours at amp O2, torchvision under autocast bfloat16")
     parser.add_argument("--steps", type=int, default=5, help="timed calls after the first one (median)")
     parser.add_argument("--lr", type=float, default=0.0,
                         help="SGD learning rate of the timed training steps (0: the weights stay, see above)")
@@ -366,22 +392,25 @@ def main():
     jobs = []
     for height, width in args.sizes:
         for mode in args.modes:
-            for framework in args.frameworks:
-                job = {"framework": framework, "mode": mode, "height": height, "width": width, "steps": args.steps,
-                       "sgd": sgd, "torch_backbone": args.torch_backbone}
-                jobs.append((mode, job))
-                if framework == "ours" and mode == "infer":
-                    jobs.append(("infer_equal", dict(job, overrides=EQUAL_WORK_OVERRIDES)))
+            for precision in args.precisions:
+                for framework in args.frameworks:
+                    job = {"framework": framework, "mode": mode, "height": height, "width": width,
+                           "steps": args.steps, "sgd": sgd, "torch_backbone": args.torch_backbone,
+                           "precision": precision}
+                    jobs.append((mode, job))
+                    if framework == "ours" and mode == "infer":
+                        jobs.append(("infer_equal", dict(job, overrides=EQUAL_WORK_OVERRIDES)))
     for label, job in jobs:
-        framework, height, width = job["framework"], job["height"], job["width"]
+        framework, height, width, precision = job["framework"], job["height"], job["width"], job["precision"]
         result = run_job(job, pythons[framework], args.timeout)
-        results[(framework, height, width, label)] = result
+        results[(framework, precision, height, width, label)] = result
         versions.setdefault(framework, result.get("version"))
         shown = (f"median {result['median_ms']:.0f} ms, first {result['first_s']:.1f} s, "
                  f"peak RSS {result['peak_rss_mb']:.0f} MiB, detections/img {result.get('detections')}, "
                  f"loss {result.get('loss')}"
                  if "error" not in result else result["error"])
-        print(f"{framework:11s} {height}x{width} {label:11s}: {shown}  (load {os.getloadavg()[0]:.1f})", flush=True)
+        print(f"{framework:11s} {precision} {height}x{width} {label:11s}: {shown}  (load {os.getloadavg()[0]:.1f})",
+              flush=True)
     load_after = os.getloadavg()
     header = [f"Machine: {machine_description()}.",
               f"Software: {'; '.join(v for v in versions.values() if v)}.",
@@ -390,7 +419,7 @@ def main():
               f"'{args.torch_backbone}'; "
               f"1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
               f"(other jobs shared the {os.cpu_count()} cores).", ""]
-    table = format_table(results, args.sizes, args.modes)
+    table = format_table(results, args.sizes, args.modes, args.precisions)
     print("\n".join(header + table))
     if args.results:
         write_block(args.results, "\n".join(header + table) + "\n")

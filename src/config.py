@@ -37,6 +37,8 @@ COCO_CLASSES = (
     "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
     "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
 )
+# MindSpore's mixed-precision levels (src/amp.py says what each computes in); `auto` picks one per device.
+AMP_LEVELS = ("O0", "O1", "O2", "O3")
 
 
 class ConfigError(ValueError):
@@ -171,6 +173,7 @@ class TestConfig:
     mask_thr_binary: float = 0.5
     test_min_box_size: float = 0.0              # (box, class) pairs narrower or lower than this are dropped
     mask_paste: str = "centres"                 # centres | torchvision (src/mask_paste.py)
+    amp_level: str = "auto"                     # inference (eval.py, predict.py) precision, as train.amp_level
 
 
 @dataclass
@@ -185,7 +188,12 @@ class TrainConfig:
     # [at_step, total_steps, warmup_step] per re-plan of a running schedule (src/lr_schedule.py); [] = none
     lr_replans: List[List[int]] = field(default_factory=list)
     batch_size: int = 2
-    loss_scale: float = 1.0
+    # Mixed precision (src/amp.py): O0 float32 | O1 / O2 / O3: on CPU the convolutions on bfloat16 inputs
+    # (float32 accumulation), on Ascend / GPU float16 (O2, O3) | auto: O0 on CPU, O2 on Ascend and GPU.
+    # Weights, optimizer state, losses and box math stay float32 at every level.
+    amp_level: str = "auto"
+    loss_scale: float = 1.0                     # the recipe's fixed scale; the start value when dynamic
+    loss_scale_mode: str = "fixed"              # fixed | dynamic (halved on overflow, doubled after 2000 good steps)
     momentum: float = 0.91
     weight_decay: float = 1e-4
     optimizer: str = "momentum"                 # momentum (the recipe's SGD) | adam | adamw (from scratch)
@@ -264,6 +272,10 @@ def _in_unit(value: float, key: str, low_open: bool = True) -> None:
 
 def _positive(value, key: str) -> None:
     _check(value > 0, key, f"must be > 0, got {value}")
+
+
+def _check_amp_level(value: str, key: str) -> None:
+    _check(value == "auto" or value in AMP_LEVELS, key, f"must be auto, {', '.join(AMP_LEVELS)}, got '{value}'")
 
 
 def validate(cfg: Config) -> Config:
@@ -350,6 +362,7 @@ def validate(cfg: Config) -> Config:
     _check(t.test_min_box_size >= 0, "test.test_min_box_size", f"must be >= 0, got {t.test_min_box_size}")
     _check(t.mask_paste in ("centres", "torchvision"), "test.mask_paste",
            f"must be 'centres' or 'torchvision', got '{t.mask_paste}'")
+    _check_amp_level(t.amp_level, "test.amp_level")
 
     tr = cfg.train
     _check(tr.device_target in ("auto", "CPU", "GPU", "Ascend"), "train.device_target",
@@ -370,6 +383,9 @@ def validate(cfg: Config) -> Config:
         previous = at
     _positive(tr.batch_size, "train.batch_size")
     _positive(tr.loss_scale, "train.loss_scale")
+    _check_amp_level(tr.amp_level, "train.amp_level")
+    _check(tr.loss_scale_mode in ("fixed", "dynamic"), "train.loss_scale_mode",
+           f"must be 'fixed' or 'dynamic', got '{tr.loss_scale_mode}'")
     _check(0.0 <= tr.momentum < 1.0, "train.momentum", f"must be in [0, 1), got {tr.momentum}")
     _check(tr.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {tr.weight_decay}")
     _check(tr.optimizer in ("momentum", "adam", "adamw"), "train.optimizer",

@@ -15,7 +15,11 @@ def setup_context(device_target: str, device_id: Optional[int] = None) -> str:
 
 
 def build_inference_net(cfg, checkpoint_path: str):
-    """MaskRcnnResnet50 in inference mode with all weights from the checkpoint (strict names and shapes)."""
+    """MaskRcnnResnet50 in inference mode with all weights from the checkpoint (strict names and shapes), at the
+    precision of test.amp_level."""
+    import mindspore as ms
+
+    from src.amp import set_precision
     from src.checkpoint import load_model_weights
     from src.maskrcnn.mask_rcnn_r50 import MaskRcnnResnet50
 
@@ -25,7 +29,7 @@ def build_inference_net(cfg, checkpoint_path: str):
         net = MaskRcnnResnet50(cfg)
     net.set_train(False)
     load_model_weights(checkpoint_path, net)
-    return net
+    return set_precision(net, cfg.test.amp_level, ms.get_context("device_target"))
 
 
 def _skip_initialisation():

@@ -4,7 +4,9 @@ The model's training construct returns the eight recipe losses (``LOSS_NAMES``).
 turns them into (scaled total loss, all losses) so that gradients flow from the total only while all
 eight are returned for logging. ``TrainOneStepCell`` runs forward + backward, averages gradients over
 devices when data parallel, divides the loss scale out, optionally clips them to a global norm, checks
-them for NaN/Inf and applies the configured optimizer (``build_optimizer``) only to finite gradients.
+them for NaN/Inf and applies the configured optimizer (``build_optimizer``) only to finite gradients. The loss
+scale is fixed (the recipe's) or dynamic: halved on every step whose gradients overflow (that step is skipped),
+doubled after ``DYNAMIC_SCALE_WINDOW`` finite steps in a row.
 """
 from __future__ import annotations
 
@@ -28,16 +30,18 @@ TOTAL_LOSS = "total_loss"
 LOSS_DECIMALS = 5                   # the recipe's loss log precision
 BAR_WIDTH = 24                      # characters of the console progress bar
 LOSS_LINE_POSITION = re.compile(r"epoch:(\d+) step:(\d+) ,")
+DYNAMIC_SCALE_FACTOR = 2            # dynamic loss scale: the factor it is halved / doubled by
+DYNAMIC_SCALE_WINDOW = 2000         # and the finite steps in a row after which it grows
 
 
 class MaskRcnnObjective(nn.Cell):
     """(image, image_shape, box, label, valid_num, mask) -> (total_loss * loss_scale, *losses).
 
-    The total is scaled by the fixed loss scale so small gradients survive low precision;
-    ``TrainOneStepCell`` divides the scale out of the gradients again.
+    The total is scaled by the loss scale (a float, or a Parameter when dynamic) so small gradients survive low
+    precision; ``TrainOneStepCell`` divides the scale out of the gradients again.
     """
 
-    def __init__(self, network: nn.Cell, loss_names: Sequence[str], loss_scale: float):
+    def __init__(self, network: nn.Cell, loss_names: Sequence[str], loss_scale):
         super().__init__(auto_prefix=False)     # keep the model's parameter names in checkpoints
         self.network = network
         self.total_index = list(loss_names).index(TOTAL_LOSS)
@@ -91,9 +95,17 @@ class TrainOneStepCell(nn.Cell):
         self.weights = optimizer.parameters
         self.grad_fn = ops.value_and_grad(objective, None, self.weights, has_aux=True)
         self.hyper_map = ops.HyperMap()
-        self.inverse_loss_scale = 1.0 / objective.loss_scale
+        self.dynamic_scale = isinstance(objective.loss_scale, ms.Parameter)
+        self.scale_update = None
+        if self.dynamic_scale:
+            self.scale_update = nn.DynamicLossScaleUpdateCell(float(objective.loss_scale.asnumpy()),
+                                                              DYNAMIC_SCALE_FACTOR, DYNAMIC_SCALE_WINDOW)
+            self.inverse_loss_scale = 1.0
+        else:
+            self.inverse_loss_scale = 1.0 / objective.loss_scale
         self.grad_clip_norm = float(grad_clip_norm)
-        self.rescales_gradients = self.grad_clip_norm > 0.0 or self.inverse_loss_scale != 1.0
+        self.rescales_gradients = (self.grad_clip_norm > 0.0 or self.inverse_loss_scale != 1.0
+                                   or self.dynamic_scale)
         self.grad_reducer = ops.identity
         if is_data_parallel():
             self.grad_reducer = nn.DistributedGradReducer(
@@ -104,13 +116,17 @@ class TrainOneStepCell(nn.Cell):
         losses = outputs[1:]
         grads = self.grad_reducer(grads)
         factor = self.inverse_loss_scale
+        if self.dynamic_scale:
+            factor = 1.0 / self.objective.loss_scale
         if self.grad_clip_norm > 0.0:
             scaled_norm_sq = ops.stack(self.hyper_map(_squared_sum, grads)).sum()
             finite = ops.isfinite(scaled_norm_sq) & ops.isfinite(outputs[0])
-            norm = ops.sqrt(scaled_norm_sq) * self.inverse_loss_scale
+            norm = ops.sqrt(scaled_norm_sq) * factor
             factor = factor * self.grad_clip_norm / ops.maximum(norm, self.grad_clip_norm)
         else:
             finite = ops.isfinite(ops.stack(self.hyper_map(_plain_sum, grads)).sum()) & ops.isfinite(outputs[0])
+        if self.dynamic_scale:
+            finite = ops.depend(finite, self.scale_update(self.objective.loss_scale, ops.logical_not(finite)))
         if self.rescales_gradients:
             grads = self.hyper_map(ops.partial(ops.mul, factor), grads)
         if finite:
@@ -135,7 +151,10 @@ def build_train_step(network: nn.Cell, loss_names: Sequence[str], train_cfg, lea
     Returns (optimizer, train_cell); `learning_rate` is a float or a per-step table (Tensor).
     """
     optimizer = build_optimizer(network.trainable_params(), learning_rate, train_cfg)
-    cell = TrainOneStepCell(MaskRcnnObjective(network, loss_names, train_cfg.loss_scale), optimizer,
+    loss_scale = train_cfg.loss_scale
+    if train_cfg.loss_scale_mode == "dynamic":
+        loss_scale = ms.Parameter(ms.Tensor(loss_scale, ms.float32), name="loss_scale", requires_grad=False)
+    cell = TrainOneStepCell(MaskRcnnObjective(network, loss_names, loss_scale), optimizer,
                             train_cfg.grad_clip_norm)
     cell.set_train(True)
     return optimizer, cell
@@ -147,10 +166,15 @@ class NonFiniteLossError(RuntimeError):
     """The loss or its gradients became NaN/Inf; training must stop without saving the bad state."""
 
 
-def check_finite(losses: Dict[str, float], finite: bool, epoch: int, step_in_epoch: int, global_step: int) -> None:
-    """Raise NonFiniteLossError naming the step and the offending losses."""
+def check_finite(losses: Dict[str, float], finite: bool, epoch: int, step_in_epoch: int, global_step: int,
+                 overflow_skips: bool = False) -> None:
+    """Raise NonFiniteLossError naming the step and the offending losses. With `overflow_skips` (dynamic loss
+    scale) gradients overflowing under finite losses only skip the step, which this reports."""
     bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
     if finite and not bad:
+        return
+    if overflow_skips and not bad:
+        print(f"gradients overflowed at global step {global_step}: step skipped, loss scale halved", flush=True)
         return
     what = ", ".join(f"{name}={value}" for name, value in bad.items()) or "gradients are NaN/Inf"
     raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {step_in_epoch} (global step {global_step}): "

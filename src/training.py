@@ -19,6 +19,7 @@ from src import atomic_io, compile_cache
 from src.checkpoint import (CheckpointManager, TrainingState, find_checkpoints, format_load_report, load_pretrained,
                             load_resume_point)
 from src.config import Config
+from src.amp import set_precision
 from src.device import set_device
 from src.lr_schedule import dynamic_lr
 
@@ -144,7 +145,7 @@ class TrainingLoop:
                     step_in_epoch += 1
                     state = TrainingState(epoch, step_in_epoch, state.global_step + 1, state.steps_per_epoch)
                     check_finite(dict(zip(self.loss_names, self.last_losses)), bool(finite.asnumpy()), epoch + 1,
-                                 step_in_epoch, state.global_step)
+                                 step_in_epoch, state.global_step, self.tr.loss_scale_mode == "dynamic")
                     self.monitor.step(epoch + 1, step_in_epoch, state.global_step, self.last_losses,
                                       float(self.lr_table[state.global_step - first_step - 1]), step_time)
                     if self.tr.save_checkpoint_steps and state.global_step % self.tr.save_checkpoint_steps == 0:
@@ -206,6 +207,7 @@ def train(options: RunOptions, cfg: Config, build_model: Optional[Callable[[Conf
 
     net = (build_model or MaskRcnnResnet50)(cfg)
     net.set_train(True)
+    net = set_precision(net, tr.amp_level, tr.device_target, announce=is_main)
     state, resume = start_state(options, net, ckpt_dir, steps_per_epoch, is_main)
     if is_main:
         print(f"{model_summary(net, cfg)}; batch {tr.batch_size} per device x {group_size} device(s), "

@@ -161,6 +161,34 @@ def test_nan_gradients_under_a_finite_loss_skip_the_update(grad_clip_norm):
     assert bool(cell(*batch)[1])                            # the next step is finite again and trains
 
 
+def test_dynamic_loss_scale_halves_and_skips_on_overflow_and_matches_the_fixed_step_otherwise():
+    """Gradients overflowing at scale 3e38 skip the step and halve the scale; at a scale that fits, the step
+    equals the fixed-scale one (the scale is divided out)."""
+    net, opt, cell = build_train_cell(loss_scale=3e38, loss_scale_mode="dynamic")
+    batch = make_batch(1)
+    weights = snapshot(net.trainable_params())
+    losses, finite = cell(*batch)
+    assert not bool(finite) and np.isfinite(float(losses[-1].asnumpy()))
+    assert float(cell.objective.loss_scale.asnumpy()) == pytest.approx(1.5e38)
+    for name, value in snapshot(net.trainable_params()).items():
+        np.testing.assert_array_equal(value, weights[name])
+    dynamic_net, _, dynamic_cell = build_train_cell(loss_scale=256.0, loss_scale_mode="dynamic")
+    fixed_net, _, fixed_cell = build_train_cell(loss_scale=256.0)
+    for _ in range(2):
+        assert bool(dynamic_cell(*batch)[1]) and bool(fixed_cell(*batch)[1])
+    assert float(dynamic_cell.objective.loss_scale.asnumpy()) == 256.0      # grows only after the window
+    fixed = snapshot(fixed_net.trainable_params())
+    for name, value in snapshot(dynamic_net.trainable_params()).items():
+        np.testing.assert_allclose(value, fixed[name], rtol=1e-6, atol=1e-7)
+
+
+def test_check_finite_with_dynamic_scale_skips_gradient_overflow_but_not_a_nan_loss(capsys):
+    check_finite({"total_loss": 1.0}, False, 1, 4, 4, overflow_skips=True)
+    assert "gradients overflowed at global step 4" in capsys.readouterr().out
+    with pytest.raises(NonFiniteLossError, match="total_loss=nan"):
+        check_finite({"total_loss": float("nan")}, False, 1, 4, 4, overflow_skips=True)
+
+
 def test_check_finite_catches_gradient_only_overflow():
     check_finite({"total_loss": 1.0}, True, 1, 1, 1)
     with pytest.raises(NonFiniteLossError, match="gradients are NaN/Inf"):

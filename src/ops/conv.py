@@ -5,6 +5,10 @@ MindSpore's CPU Conv2D passes oneDNN plain OIHW weights, which leaves it AVX2 at
 pick its layouts (bench/bench_conv.py measures the difference), run bias, ReLU and a folded frozen BatchNorm inside
 the call, and can hand oneDNN's blocked tensors from one convolution to the next (layout.py). The layers keep
 nn.Conv2d's parameters, so checkpoints do not change.
+
+Mixed precision (`set_bf16_math`, chosen by src/amp.py): the layers keep float32 tensors and weights, and their
+products may round the inputs to bfloat16 with float32 accumulation (oneDNN's fpmath mode bf16: AMX / AVX512-BF16
+kernels where the CPU has them). It applies to every pass, forward and both backward ones.
 """
 import mindspore as ms
 import numpy as np
@@ -36,55 +40,76 @@ def _geometry(layer):
 
 
 def _backward_weightskernel(stride, pad):
-    """(x, dy, w, s, layout) -> (dw, db): the weight and bias gradients of conv(x, w * s) + b (w gives dw's
-    shape; layout: how x and dy are held, see Conv2d)."""
-    return kernel(f"ConvBackwardWeightsS{stride}P{pad}", lambda x, dy, w, s, layout: [w, [w[0]]],
-                   lambda x, dy, w, s, layout: [w, w])
+    """(x, dy, w, s, flags) -> (dw, db): the weight and bias gradients of conv(x, w * s) + b (w gives dw's
+    shape; flags: see _flags)."""
+    return kernel(f"ConvBackwardWeightsS{stride}P{pad}", lambda x, dy, w, s, flags: [w, [w[0]]],
+                   lambda x, dy, w, s, flags: [w, w])
 
 
 _relu_gradient = ReluGrad()
 
 
 def _conv_forward(stride, pad, relu):
-    """Convolution with filters scaled per output channel, + bias (+ ReLU): (x, w, b, s, layout) ->
-    conv(x, w * s) + b, with its gradient (none to s); layout (2,) int32: whether x and y are held blocked."""
+    """Convolution with filters scaled per output channel, + bias (+ ReLU): (x, w, b, s, flags) ->
+    conv(x, w * s) + b, with its gradient (none to s); flags: see _flags."""
     geometry = f"S{stride}P{pad}"
-    backward_data = kernel("ConvBackwardData" + geometry, lambda dy, w, x, s, layout: x)
+    backward_data = kernel("ConvBackwardData" + geometry, lambda dy, w, x, s, flags: x)
     backward_weights = _backward_weightskernel(stride, pad)
 
-    def shape(x, w, b, s, layout):
+    def shape(x, w, b, s, flags):
         return [x[0], w[0], (x[2] + 2 * pad - w[2]) // stride + 1, (x[3] + 2 * pad - w[3]) // stride + 1]
 
-    def bprop(x, w, b, s, layout, out, dout):
+    def bprop(x, w, b, s, flags, out, dout):
         if relu:
             dout = _relu_gradient(dout, out)   # from the ReLU's output (the same layout: elementwise)
-        dw, db = backward_weights(x, dout, w, s, layout)
-        return backward_data(dout, w, x, s, layout), dw, db, ops.zeros_like(s), ops.zeros_like(layout)
+        dw, db = backward_weights(x, dout, w, s, flags)
+        return backward_data(dout, w, x, s, flags), dw, db, ops.zeros_like(s), ops.zeros_like(flags)
     return kernel(("ConvReluForward" if relu else "ConvForward") + geometry, shape, bprop=bprop)
 
 
 def _deconv_forward(stride, pad, relu):
-    """Transposed convolution + bias (+ ReLU) (x, w, b) -> y, i.e. a convolution's backward-data pass: dx is a
-    convolution of dy, and dw is a convolution's weight gradient with dy as its source."""
+    """Transposed convolution + bias (+ ReLU) (x, w, b, flags) -> y (NCHW; flags: see _flags, layouts plain), i.e.
+    a convolution's backward-data pass: dx is a convolution of dy, and dw is a convolution's weight gradient with
+    dy as its source."""
     conv_forward = _conv_forward(stride, pad, relu=False)
     backward_weights = _backward_weightskernel(stride, pad)
     bias_gradient = kernel("BiasGrad", lambda dy: [dy[1]])        # dy (N, C, H, W) summed per channel
 
-    def shape(x, w, b):
+    def shape(x, w, b, flags):
         return [x[0], w[1], (x[2] - 1) * stride - 2 * pad + w[2], (x[3] - 1) * stride - 2 * pad + w[3]]
 
-    def bprop(x, w, b, out, dout):
+    def bprop(x, w, b, flags, out, dout):
         if relu:
             dout = _relu_gradient(dout, out)   # from the ReLU's output
         as_conv = ops.ones((w.shape[0],), ms.float32)               # w as a convolution's filters: w[0] outputs
-        plain = ops.zeros((2,), ms.int32)
-        dw, _ = backward_weights(dout, x, w, as_conv, plain)
-        return conv_forward(dout, w, ops.zeros_like(as_conv), as_conv, plain), dw, bias_gradient(dout)
+        dw, _ = backward_weights(dout, x, w, as_conv, flags)
+        return (conv_forward(dout, w, ops.zeros_like(as_conv), as_conv, flags), dw, bias_gradient(dout),
+                ops.zeros_like(flags))
     return kernel(f"{'DeconvReluForward' if relu else 'DeconvForward'}S{stride}P{pad}", shape, bprop=bprop)
 
 
-# A convolution's layout flags (input held blocked, output held blocked), indexed 2 * input + output.
-_LAYOUTS = tuple(ms.Tensor(np.array(flags, np.int32)) for flags in ((0, 0), (0, 1), (1, 0), (1, 1)))
+def _flags(input_layout=Layout.PLAIN, output_layout=Layout.PLAIN, bf16_math=False):
+    """A call's flags (3,) int32 (kernels/conv.cpp): input held blocked, output held blocked, bf16 math."""
+    return ms.Tensor(np.array([input_layout is Layout.BLOCKED, output_layout is Layout.BLOCKED, bf16_math],
+                              np.int32))
+
+
+def _layers(network: nn.Cell):
+    return [cell for _, cell in network.cells_and_names() if isinstance(cell, (Conv2d, Conv2dTranspose))]
+
+
+def set_bf16_math(network: nn.Cell, enabled: bool) -> int:
+    """Let (or forbid) every convolution of `network` on the kernels compute its products in bfloat16 (see the
+    module docstring); takes effect when the network's graph is next compiled. Returns how many layers run on
+    the kernels (the others are MindSpore's float32 operators)."""
+    for layer in _layers(network):
+        layer.set_bf16_math(enabled)
+    return kernel_convolutions(network)
+
+
+def kernel_convolutions(network: nn.Cell) -> int:
+    """How many convolutions of `network` run on our kernels."""
+    return sum(layer.onednn is not None for layer in _layers(network))
 
 
 class Conv2d(nn.Conv2d):
@@ -93,7 +118,8 @@ class Conv2d(nn.Conv2d):
     Beyond nn.Conv2d: `relu(x)` = ReLU(self(x)) and `affine(x, scale, shift, relu)` = [ReLU](conv(x) * scale +
     shift) with per-output-channel scale and shift (a frozen BatchNorm folded in, the layer's bias ignored),
     each one oneDNN call with the bias and the ReLU fused into it when `fuses_affine`. On the kernels a layer
-    may also read and write tensors held blocked (src/ops/layout.py), as set by `hold`.
+    may also read and write tensors held blocked (src/ops/layout.py), as set by `hold`, and compute in bf16
+    (`set_bf16_math`).
     """
 
     def __init__(self, *args, **kwargs):
@@ -104,7 +130,8 @@ class Conv2d(nn.Conv2d):
         self.no_bias = ms.Tensor(np.zeros((self.out_channels,), np.float32))
         self.unit_scale = ms.Tensor(np.ones((self.out_channels,), np.float32))
         self.input_layout = self.output_layout = Layout.PLAIN
-        self.layout_flags = _LAYOUTS[0]
+        self.bf16_math = False
+        self.flags = _flags()
 
     @property
     def fuses_affine(self) -> bool:
@@ -127,8 +154,12 @@ class Conv2d(nn.Conv2d):
                              f"{constants.BLOCK_CHANNELS}")
         self.input_layout = input_layout or self.input_layout
         self.output_layout = output_layout or self.output_layout
-        self.layout_flags = _LAYOUTS[2 * (self.input_layout is Layout.BLOCKED)
-                                     + (self.output_layout is Layout.BLOCKED)]
+        self.flags = _flags(self.input_layout, self.output_layout, self.bf16_math)
+
+    def set_bf16_math(self, enabled: bool):
+        """Whether the products may round their inputs to bfloat16 (on the kernels only; float32 otherwise)."""
+        self.bf16_math = bool(enabled)
+        self.flags = _flags(self.input_layout, self.output_layout, self.bf16_math)
 
     def _run(self, x, bias, scale, relu):
         if self.onednn is None:
@@ -140,8 +171,8 @@ class Conv2d(nn.Conv2d):
         bias = self.no_bias if bias is None else bias
         scale = self.unit_scale if scale is None else scale
         if relu:
-            return self.onednn_relu(x, self.weight, bias, scale, self.layout_flags)
-        return self.onednn(x, self.weight, bias, scale, self.layout_flags)
+            return self.onednn_relu(x, self.weight, bias, scale, self.flags)
+        return self.onednn(x, self.weight, bias, scale, self.flags)
 
     def construct(self, x):
         return self._run(x, self.bias if self.has_bias else None, None, False)
@@ -166,6 +197,7 @@ class Conv2dTranspose(nn.Conv2dTranspose):
         self.onednn = None if geometry is None else _deconv_forward(*geometry, relu=False)
         self.onednn_relu = None if geometry is None else _deconv_forward(*geometry, relu=True)
         self.no_bias = ms.Tensor(np.zeros((self.out_channels,), np.float32))
+        self.flags = _flags()
         # MindSpore's ONNX exporter writes ConvTranspose with a 4-d output_shape, which ONNX refuses
         self.as_matmul = backend.onnx_export() and self._is_patch_expansion()
 
@@ -183,6 +215,10 @@ class Conv2dTranspose(nn.Conv2dTranspose):
         output = patches.reshape(n, h, w, out, kh, kw).transpose(0, 3, 1, 4, 2, 5).reshape(n, out, h * kh, w * kw)
         return output + self.bias.reshape(1, out, 1, 1) if self.has_bias else output
 
+    def set_bf16_math(self, enabled: bool):
+        """As Conv2d.set_bf16_math."""
+        self.flags = _flags(bf16_math=enabled)
+
     def _run(self, x, relu):
         if self.as_matmul:
             output = self._patch_expansion(x)
@@ -191,7 +227,8 @@ class Conv2dTranspose(nn.Conv2dTranspose):
             output = super().construct(x)
             return ops.relu(output) if relu else output
         bias = self.bias if self.has_bias else self.no_bias
-        return self.onednn_relu(x, self.weight, bias) if relu else self.onednn(x, self.weight, bias)
+        onednn = self.onednn_relu if relu else self.onednn
+        return onednn(x, self.weight, bias, self.flags)
 
     def construct(self, x):
         return self._run(x, False)

@@ -9,13 +9,17 @@
 // elementwise MindSpore operators touch them in between).
 //
 // Convolution entry points, one per stride S and padding P (on every side) of MASKRCNN_CONV_GEOMETRIES (constants.h;
-// e.g. ConvForwardS2P1); tensors are float32 NCHW / OIHW, biases and scales (O,), and `l` (2,) int32 says whether
-// x (and dx) and y (and dy) are held NCHW (0) or blocked (1):
-//   ConvForward(x, w, b, s, l) -> y = conv(x, w * s) + b     ConvReluForward: the same, then ReLU (a post-op)
-//   ConvBackwardData(dy, w, x, s, l) -> dx                    (x gives dx's shape only)
-//   ConvBackwardWeights(x, dy, w, s, l) -> dw, db             (w gives dw's shape only; db = dy summed per channel)
-//   DeconvForward(x, w, b) -> y (NCHW)                        (transposed convolution = backward data, + b)
-//   DeconvReluForward: the same, then ReLU
+// e.g. ConvForwardS2P1); tensors are float32 NCHW / OIHW, biases and scales (O,), and the flags `f` (3,) int32
+// say whether x (and dx) and y (and dy) are held NCHW (0) or blocked (1), and whether the products take bfloat16
+// inputs (1) or float32 ones (0). In bfloat16 the pass's two inputs are rounded to bfloat16 by the reorders that
+// bring them into the primitive's layout (AVX512-BF16 / AMX kernels), its output and accumulation stay float32.
+// (oneDNN's fpmath mode bf16 would say the same for float32 tensors, but its convolutions ignore it on CPUs
+// without AMX.)
+//   ConvForward(x, w, b, s, f) -> y = conv(x, w * s) + b     ConvReluForward: the same, then ReLU (a post-op)
+//   ConvBackwardData(dy, w, x, s, f) -> dx                    (x gives dx's shape only)
+//   ConvBackwardWeights(x, dy, w, s, f) -> dw, db             (w gives dw's shape only; db = dy summed per channel)
+//   DeconvForward(x, w, b, f) -> y (NCHW)                     (transposed convolution = backward data, + b; f's
+//   DeconvReluForward: the same, then ReLU                     layout flags must be 0)
 // where s scales each output channel's filter (a frozen BatchNorm folded in; ones otherwise), applied while the
 // weights are reordered anyway; plus BiasGrad(dy) -> db, the deconvolution's bias gradient.
 #include <map>
@@ -60,10 +64,20 @@ struct Conv {
   int stride, pad;
   bool relu;  // ReLU on the output of a forward or transposed-convolution pass
   bool src_blocked, dst_blocked;  // the layouts src and dst are held in: nChw16c, else NCHW
+  bool bf16_math;                 // the pass's inputs rounded to bfloat16, its output float32
 };
 
-memory::desc Any(const memory::dims &dims) {
-  return memory::desc(dims, memory::data_type::f32, memory::format_tag::any);
+// The flags vector's entries (see the top of this file).
+enum Flag { kSrcBlockedFlag = 0, kDstBlockedFlag = 1, kBf16MathFlag = 2, kFlags };
+
+memory::desc Any(const memory::dims &dims, memory::data_type type = memory::data_type::f32) {
+  return memory::desc(dims, type, memory::format_tag::any);
+}
+
+// A held side's descriptor in the primitive: its fixed blocked layout, else oneDNN's choice.
+memory::desc Side(const memory::dims &dims, bool blocked, memory::data_type type) {
+  if (!blocked) return Any(dims, type);
+  return memory::desc(dims, type, memory::format_tag::nChw16c);
 }
 
 memory::desc BiasDesc(const memory::dims &weights) {
@@ -74,33 +88,41 @@ Plan MakePlan(Runtime &rt, const Conv &conv, const memory::dims &src, const memo
               const memory::dims &dst) {
   using namespace dnnl;
   memory::dims strides = {conv.stride, conv.stride}, pads = {conv.pad, conv.pad};
-  // a blocked tensor fixes its side's layout; otherwise oneDNN chooses
-  memory::desc src_md = conv.src_blocked ? Blocked(src) : Any(src), dst_md = conv.dst_blocked ? Blocked(dst) : Any(dst);
+  // a blocked tensor fixes its side's layout; otherwise oneDNN chooses. In bf16 the pass's inputs are bf16:
+  // forward src and weights, backward-data diff_dst and weights, backward-weights src and diff_dst.
+  using type = memory::data_type;
+  type input = conv.bf16_math ? type::bf16 : type::f32;
+  bool src_in = conv.pass != Pass::kBackwardData, dst_in = conv.pass != Pass::kForward;
+  bool weights_in = conv.pass != Pass::kBackwardWeights;
+  memory::desc src_md = Side(src, conv.src_blocked, src_in ? input : type::f32);
+  memory::desc dst_md = Side(dst, conv.dst_blocked, dst_in ? input : type::f32);
+  memory::desc weights_md = Any(weights, weights_in ? input : type::f32);
+  // The backward passes' hint: the forward pass over the same tensors in the inputs' type.
+  memory::desc hint_src = Side(src, conv.src_blocked, input), hint_dst = Side(dst, conv.dst_blocked, input);
   primitive_attr attr;
   if (conv.pass == Pass::kForward && conv.relu) {
     post_ops ops;
     ops.append_eltwise(algorithm::eltwise_relu, 0.0f, 0.0f);
     attr.set_post_ops(ops);
   }
-  auto forward = convolution_forward::primitive_desc(
-      rt.engine, prop_kind::forward_training, algorithm::convolution_direct, src_md, Any(weights),
-      BiasDesc(weights), dst_md, strides, pads, pads, attr);
-  switch (conv.pass) {
-    case Pass::kForward:
-      return {convolution_forward(forward), forward.src_desc(), forward.weights_desc(), forward.dst_desc()};
-    case Pass::kBackwardData: {
-      auto pd = convolution_backward_data::primitive_desc(rt.engine, algorithm::convolution_direct, src_md,
-                                                          Any(weights), dst_md, strides, pads, pads, forward);
-      return {convolution_backward_data(pd), pd.diff_src_desc(), pd.weights_desc(), pd.diff_dst_desc()};
-    }
-    case Pass::kBackwardWeights: {
-      auto pd = convolution_backward_weights::primitive_desc(rt.engine, algorithm::convolution_direct, src_md,
-                                                             Any(weights), BiasDesc(weights), dst_md, strides,
-                                                             pads, pads, forward);
-      return {convolution_backward_weights(pd), pd.src_desc(), pd.diff_weights_desc(), pd.diff_dst_desc()};
-    }
+  if (conv.pass == Pass::kForward) {
+    auto forward = convolution_forward::primitive_desc(
+        rt.engine, prop_kind::forward_training, algorithm::convolution_direct, src_md, weights_md,
+        BiasDesc(weights), dst_md, strides, pads, pads, attr);
+    return {convolution_forward(forward), forward.src_desc(), forward.weights_desc(), forward.dst_desc()};
   }
-  throw std::logic_error("unknown pass");
+  auto forward = convolution_forward::primitive_desc(
+      rt.engine, prop_kind::forward_training, algorithm::convolution_direct, hint_src, Any(weights, input),
+      BiasDesc(weights), hint_dst, strides, pads, pads);
+  if (conv.pass == Pass::kBackwardData) {
+    auto pd = convolution_backward_data::primitive_desc(rt.engine, algorithm::convolution_direct, src_md,
+                                                        weights_md, dst_md, strides, pads, pads, forward);
+    return {convolution_backward_data(pd), pd.diff_src_desc(), pd.weights_desc(), pd.diff_dst_desc()};
+  }
+  auto pd = convolution_backward_weights::primitive_desc(rt.engine, algorithm::convolution_direct, src_md,
+                                                         weights_md, BiasDesc(weights), dst_md, strides, pads,
+                                                         pads, forward);
+  return {convolution_backward_weights(pd), pd.src_desc(), pd.diff_weights_desc(), pd.diff_dst_desc()};
 }
 
 // A memory of `desc` over the slot's kept buffer, grown when needed.
@@ -143,7 +165,7 @@ int Run(const Conv &conv) {
     memory::dims src_dims = Dims(conv.src_shape), weights_dims = Dims(conv.weights_shape);
     memory::dims dst_dims = Dims(conv.dst_shape);
     std::vector<int64_t> key = {static_cast<int64_t>(conv.pass), conv.stride, conv.pad, conv.relu, conv.src_blocked,
-                                conv.dst_blocked};
+                                conv.dst_blocked, conv.bf16_math};
     for (const auto *dims : {&src_dims, &weights_dims, &dst_dims}) key.insert(key.end(), dims->begin(), dims->end());
     auto &plans = GetCache().plans;
     auto found = plans.find(key);
@@ -193,41 +215,42 @@ int Run(const Conv &conv) {
 }
 
 // The argument slots of each kind of entry point, in MindSpore's order: inputs, then outputs.
-enum ForwardArg { kForwardX, kForwardW, kForwardBias, kForwardScale, kForwardLayout, kForwardY };
-enum BackwardDataArg { kBackwardDataDy, kBackwardDataW, kBackwardDataX, kBackwardDataScale, kBackwardDataLayout,
+enum ForwardArg { kForwardX, kForwardW, kForwardBias, kForwardScale, kForwardFlags, kForwardY };
+enum BackwardDataArg { kBackwardDataDy, kBackwardDataW, kBackwardDataX, kBackwardDataScale, kBackwardDataFlags,
                        kBackwardDataDx };  // x gives dx's shape only
 enum BackwardWeightsArg { kBackwardWeightsX, kBackwardWeightsDy, kBackwardWeightsW, kBackwardWeightsScale,
-                          kBackwardWeightsLayout, kBackwardWeightsDw, kBackwardWeightsDb };  // w gives dw's shape
-enum DeconvArg { kDeconvX, kDeconvW, kDeconvBias, kDeconvY };
+                          kBackwardWeightsFlags, kBackwardWeightsDw, kBackwardWeightsDb };  // w gives dw's shape
+enum DeconvArg { kDeconvX, kDeconvW, kDeconvBias, kDeconvFlags, kDeconvY };
 constexpr int kAbsent = -1;
 
 // Where a pass finds the convolution's tensors: params[src], [weights], [dst] are its 4-d tensors (for the
 // backward passes their gradients), params[bias] its 1-d bias, params[scale] its 1-d filter scale and
-// params[layout] its int32 layout flags; the first `inputs` of the nparam are inputs, the rest outputs.
+// params[flags] its int32 flags; the first `inputs` of the nparam are inputs, the rest outputs.
 struct Slots {
-  int inputs, src, weights, dst, bias, scale, layout;
+  int inputs, src, weights, dst, bias, scale, flags;
 };
 constexpr Slots kForwardSlots = {kForwardY, kForwardX, kForwardW, kForwardY,
-                                 kForwardBias, kForwardScale, kForwardLayout};
+                                 kForwardBias, kForwardScale, kForwardFlags};
 constexpr Slots kBackwardDataSlots = {kBackwardDataDx, kBackwardDataDx, kBackwardDataW, kBackwardDataDy,
-                                      kAbsent, kBackwardDataScale, kBackwardDataLayout};
+                                      kAbsent, kBackwardDataScale, kBackwardDataFlags};
 constexpr Slots kBackwardWeightsSlots = {kBackwardWeightsDw, kBackwardWeightsX, kBackwardWeightsDw,
                                          kBackwardWeightsDy, kBackwardWeightsDb, kBackwardWeightsScale,
-                                         kBackwardWeightsLayout};
+                                         kBackwardWeightsFlags};
 // A transposed convolution is a convolution's backward-data pass: its x is that pass's dy, its y the dx.
-constexpr Slots kDeconvSlots = {kDeconvY, kDeconvY, kDeconvW, kDeconvX, kDeconvBias, kAbsent, kAbsent};
+constexpr Slots kDeconvSlots = {kDeconvY, kDeconvY, kDeconvW, kDeconvX, kDeconvBias, kAbsent, kDeconvFlags};
 
 int Call(Pass pass, Slots slots, bool relu, int stride, int pad, int nparam, void **params, const int *ndims,
          int64_t **shapes, const char **dtypes) {
   int outputs = pass == Pass::kBackwardWeights ? 2 : 1;
   if (nparam != slots.inputs + outputs) return kBadArguments;
   for (int i = 0; i < nparam; ++i) {
-    bool vector = i == slots.bias || i == slots.scale || i == slots.layout;
-    if (ndims[i] != (vector ? 1 : 4) || !IsDtype(dtypes[i], i == slots.layout ? "int32" : "float32")) {
+    bool vector = i == slots.bias || i == slots.scale || i == slots.flags;
+    if (ndims[i] != (vector ? 1 : 4) || !IsDtype(dtypes[i], i == slots.flags ? "int32" : "float32")) {
       return kBadArguments;
     }
   }
-  const int32_t *layout = slots.layout < 0 ? nullptr : static_cast<const int32_t *>(params[slots.layout]);
+  if (shapes[slots.flags][0] != kFlags) return kBadArguments;
+  const int32_t *flags = static_cast<const int32_t *>(params[slots.flags]);
   auto tensor = [&](int slot) { return slot < 0 ? nullptr : static_cast<float *>(params[slot]); };
   // A scale of ones (every layer without a folded norm) is no scale: the weights then skip the scaled reorder.
   float *scale = tensor(slots.scale);
@@ -236,7 +259,7 @@ int Call(Pass pass, Slots slots, bool relu, int stride, int pad, int nparam, voi
   }
   return Run(Conv{pass, shapes[slots.src], shapes[slots.weights], shapes[slots.dst], tensor(slots.src),
                   tensor(slots.weights), tensor(slots.dst), tensor(slots.bias), scale, stride, pad, relu,
-                  layout != nullptr && layout[0] != 0, layout != nullptr && layout[1] != 0});
+                  flags[kSrcBlockedFlag] != 0, flags[kDstBlockedFlag] != 0, flags[kBf16MathFlag] != 0});
 }
 
 // BiasGrad(dy (N, C, H, W)) -> db (C,): dy summed over everything but the channel.
