@@ -76,6 +76,11 @@ def _source_files():
     return files + ([Path(main).resolve()] if main and os.path.isfile(main) else [])
 
 
+def _entry_script_readable() -> bool:
+    """MindSpore's cache reads the entry script (sys.argv[0]) for its dependencies; `python -c` has none."""
+    return bool(sys.argv) and os.path.isfile(sys.argv[0])
+
+
 def enable(cfg, device: str, purpose: str = "inference") -> Optional[Path]:
     """Points MindSpore's compile cache at the entry for this key (or a private staging directory when
     there is none yet). Call before the graph compiles. Returns the directory used, or None when off.
@@ -85,6 +90,8 @@ def enable(cfg, device: str, purpose: str = "inference") -> Optional[Path]:
     if not enabled() or _state["used"]:
         return None
     _state["used"] = True
+    if not _entry_script_readable():
+        return None
     root = cache_root()
     entry = root / f"{purpose}-{cache_key(cfg, device, purpose)}"
     try:

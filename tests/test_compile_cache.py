@@ -75,6 +75,13 @@ def test_switches(fresh_state, monkeypatch):
     assert os.environ[compile_cache.MS_PATH_ENV] == "/somewhere/else" and not fresh_state.exists()
 
 
+def test_off_when_the_entry_is_no_script_file(fresh_state, monkeypatch):
+    """`python -c ...` (argv[0] '-c'): MindSpore's cache would open '-c' for its dependency scan and fail."""
+    monkeypatch.setattr(sys, "argv", ["-c"])
+    assert compile_cache.enable(load_config("tiny"), "CPU", "train") is None
+    assert compile_cache.MS_ENABLE_ENV not in os.environ and not fresh_state.exists()
+
+
 def _cache_env(cache_dir, cache=True):
     env = dict(os.environ, GLOG_v="3", **{compile_cache.DIR_ENV: str(cache_dir),
                                           compile_cache.SWITCH_ENV: "1" if cache else "0"})
