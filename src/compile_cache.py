@@ -77,8 +77,18 @@ def _source_files():
 
 
 def _entry_script_readable() -> bool:
-    """MindSpore's cache reads the entry script (sys.argv[0]) for its dependencies; `python -c` has none."""
-    return bool(sys.argv) and os.path.isfile(sys.argv[0])
+    """MindSpore's cache reads the entry script for its dependencies: sys.argv[0] as it was when MindSpore was
+    imported (`python -c` gives '-c', which it would fail to open)."""
+    import importlib
+
+    path = sys.argv[0] if sys.argv else None
+    for module in ("mindspore.graph.api", "mindspore.common.api"):
+        try:
+            path = importlib.import_module(module).entry_script_path
+            break
+        except (ImportError, AttributeError):
+            continue
+    return bool(path) and os.path.isfile(path)
 
 
 def enable(cfg, device: str, purpose: str = "inference") -> Optional[Path]:
