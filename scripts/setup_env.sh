@@ -2,6 +2,8 @@
 # Create .venv and install requirements once (later calls skip that unless a requirements file changed), then
 # build our CPU kernels (`python -m src.ops.build`: a no-op when up to date; if it cannot build it says why in one
 # line and MindSpore's operators run).
+# Started by `sh` (dash on Debian/Ubuntu): run again under bash, which this script is written for.
+[ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"

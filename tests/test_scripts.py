@@ -81,6 +81,15 @@ def test_scripts_run_under_dash_in_every_documented_form(script, form, checkout)
     assert result.returncode == code and message in result.stdout + result.stderr, result.stderr[-2000:]
 
 
+def test_setup_script_runs_under_dash():
+    """scripts/setup_env.sh (what every other script calls first) under `sh`: with the venv and the kernels up
+    to date it only checks them."""
+    result = subprocess.run([dash(), os.path.join("scripts", "setup_env.sh")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env=dict(os.environ, GLOG_v="3"))
+    assert "Illegal option" not in result.stderr
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--workers", "0"], "--workers needs a positive integer, got '0'"),
     (["--workers", "1", "--nodes", "2"], "--nodes 2 needs --master_addr"),
