@@ -24,26 +24,26 @@ def blockable(channels: int) -> bool:
     return channels % constants.BLOCK_CHANNELS == 0
 
 
-class ToPlain(nn.Cell):
+class _Relayout(nn.Cell):
+    """One layout conversion kernel, with the opposite one as its gradient."""
+    FORWARD = BACKWARD = ""
+
+    def __init__(self):
+        super().__init__()
+        self.convert = custom.relayout_pair(self.FORWARD, self.BACKWARD)
+
+    def construct(self, x):
+        return self.convert(x)
+
+
+class ToPlain(_Relayout):
     """(N, C, H, W) held blocked -> the same tensor as NCHW, with its gradient (kernels only)."""
-
-    def __init__(self):
-        super().__init__()
-        self.convert = custom.relayout_pair("BlockedToPlain", "PlainToBlocked")
-
-    def construct(self, x):
-        return self.convert(x)
+    FORWARD, BACKWARD = "BlockedToPlain", "PlainToBlocked"
 
 
-class ToBlocked(nn.Cell):
+class ToBlocked(_Relayout):
     """(N, C, H, W) NCHW -> the same tensor held blocked, with its gradient (kernels only)."""
-
-    def __init__(self):
-        super().__init__()
-        self.convert = custom.relayout_pair("PlainToBlocked", "BlockedToPlain")
-
-    def construct(self, x):
-        return self.convert(x)
+    FORWARD, BACKWARD = "PlainToBlocked", "BlockedToPlain"
 
 
 def hand_over(producer, readers) -> Layout:
