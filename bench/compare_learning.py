@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ DEFAULT_RESULTS = os.path.join(ROOT, "bench", "results.md")
 TABLE_TITLE = "## Learning per step: ours and torchvision on the same synthetic set (bench/compare_learning.py)"
 TABLE_HEADER = ("| date (UTC) | style, seed | train / val images | side | steps | train wall s | bbox AP | segm AP |\n"
                 "|---|---|---|---|---|---|---|---|\n")
+# rows of runs with --ours_options name the options after the side: "ours (--rcnn.x 1)"
 THREADS = 2
 SIDES = ("ours", "torchvision")
 
@@ -258,7 +260,11 @@ def run_torchvision(job, python):
 
 def table_rows(results, args) -> str:
     date = time.strftime("%Y-%m-%d", time.gmtime())
-    return "".join(f"| {date} | {args.style}, {args.seed} | {args.images} / {args.val_images} | {r['side']} | "
+    def side(result):
+        options = " ".join(args.ours_options) if result["side"] == "ours" else ""
+        return f"{result['side']} (`{options}`)" if options else result["side"]
+
+    return "".join(f"| {date} | {args.style}, {args.seed} | {args.images} / {args.val_images} | {side(r)} | "
                    f"{r['steps']} | {r['train_seconds']:.0f} | {r['bbox_AP']:.3f} | {r['segm_AP']:.3f} |\n"
                    for r in results)
 
@@ -303,6 +309,9 @@ def build_parser():
     parser.add_argument("--out", default=os.path.join(ROOT, "bench_output", "compare_learning"), help="work folder")
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     parser.add_argument("--torch_python", default=DEFAULT_TORCH_PYTHON, help="python with torch and torchvision")
+    parser.add_argument("--ours_options", type=shlex.split, default=[], metavar="'OPTIONS'",
+                        help="config overrides of our side as demo.py takes them, in one argument, e.g. "
+                             "--ours_options='--rcnn.rcnn_smooth_l1_beta 0.111' (they also reach its eval stage)")
     parser.add_argument("--results", default=DEFAULT_RESULTS, help="markdown file to append to ('' = do not write)")
     return parser
 
@@ -310,7 +319,7 @@ def build_parser():
 def demo_argv(args) -> list:
     """demo.py options for our side (its --steps path: warmup min(50, steps / 10), cosine over the steps)."""
     return ["--steps", str(args.steps), "--images", str(args.images), "--val_images", str(args.val_images),
-            "--style", args.style, "--seed", str(args.seed), "--out", os.path.abspath(args.out)]
+            "--style", args.style, "--seed", str(args.seed), "--out", os.path.abspath(args.out)] + args.ours_options
 
 
 def main(argv=None) -> int:

@@ -81,3 +81,15 @@ def test_ground_truth_given_as_detections_scores_ap_one(synthetic_coco):
     assert len(results) > 0
     ap = compare_learning.coco_ap(gt, [s[0] for s in val], results)
     assert ap["bbox"] > 0.99 and ap["segm"] > 0.99
+
+
+def test_our_side_options_reach_demo_and_name_the_row(tmp_path):
+    args = compare_learning.build_parser().parse_args(
+        ["--steps", "20", "--out", str(tmp_path), "--ours_options=--rcnn.rcnn_smooth_l1_beta 0.25 --test.mask_paste torchvision"])
+    _, overrides, cfg = demo.parse_args(compare_learning.demo_argv(args))
+    assert cfg.rcnn.rcnn_smooth_l1_beta == 0.25 and cfg.test.mask_paste == "torchvision"
+    results = [{"side": side, "steps": 20, "train_seconds": 1.0, "bbox_AP": 0.5, "segm_AP": 0.25}
+               for side in ("ours", "torchvision")]
+    ours_row, torch_row = compare_learning.table_rows(results, args).splitlines()
+    assert "| ours (`--rcnn.rcnn_smooth_l1_beta 0.25 --test.mask_paste torchvision`) |" in ours_row
+    assert "| torchvision |" in torch_row
