@@ -1,7 +1,7 @@
 """End-to-end parity with torchvision: the same Mask R-CNN checkpoint evaluated by torchvision and by our graph.
 
     # 1. (bench venv) train a torchvision maskrcnn_resnet50_fpn on the synthetic set for a few minutes
-    .venv-bench/bin/python bench/torchvision_parity.py train --data DIR --out tv_synthetic.pth --minutes 12
+    .venv-bench/bin/python bench/torchvision_parity.py train --data DIR --out tv_synthetic.pth --minutes 12 [--steps N]
     # 2. (our venv) convert it, evaluate it with our eval.py and the preset, and with torchvision + pycocotools
     .venv/bin/python bench/torchvision_parity.py compare --checkpoint tv_synthetic.pth --data DIR --work WORK \
         [--bench_python .venv-bench/bin/python]
@@ -96,7 +96,7 @@ def train(args):
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     rng = np.random.default_rng(args.seed)
     start, step, losses = time.time(), 0, []
-    while time.time() - start < args.minutes * 60.0:
+    while (step < args.steps) if args.steps else (time.time() - start < args.minutes * 60.0):
         batch = [samples[i] for i in rng.choice(len(samples), args.batch_size, replace=False)]
         inputs, targets = [], []
         for rgb, target in batch:
@@ -332,6 +332,7 @@ def main(argv=None):
     t.add_argument("--data", required=True, help="synthetic COCO directory (python -m src.synthetic)")
     t.add_argument("--out", required=True, help="state dict to write (.pth)")
     t.add_argument("--minutes", type=float, default=12.0)
+    t.add_argument("--steps", type=int, default=0, help="train exactly this many steps (0: as many as --minutes allow)")
     t.add_argument("--batch_size", type=int, default=4)
     t.add_argument("--lr", type=float, default=3e-4)
     t.add_argument("--seed", type=int, default=0)
