@@ -1,9 +1,14 @@
 """src/compile_cache.py: the key, the staging/publish protocol, and predict.py with a cold, warm, re-weighted
-and re-configured cache giving the outputs of an uncached run."""
+and re-configured cache giving the outputs of an uncached run.
+
+The two racing cold predict runs (cold_runs) are also the cold step of the cold/warm test, which continues on
+their cache: one compile fewer than a cold run of its own."""
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -121,15 +126,45 @@ def other_weights(narrow_model, tmp_path_factory):
     return path
 
 
-@pytest.mark.slow
-def test_predict_with_cold_warm_reweighted_and_reconfigured_cache(narrow_model, other_weights, tmp_path):
+@dataclass
+class ColdRuns:
+    """Two predict.py runs started together on an empty cache: their detections and the entries they left."""
+    cache: Path
+    image: str
+    detections: list
+    entries: list
+
+
+@pytest.fixture(scope="module")
+def cold_runs(narrow_model, tmp_path_factory) -> ColdRuns:
+    """Racing cold runs (both compile; one publishes); the cold/warm test then continues on their cache."""
     data_path, _ = val_paths(narrow_model.cfg)
     image = os.path.join(data_path, sorted(os.listdir(data_path))[0])
-    args = config_cli_args(narrow_model.cfg)
-    cache = tmp_path / "cache"
+    base = tmp_path_factory.mktemp("cold_runs")
+    cache = base / "cache"
+    runs = [subprocess.Popen(_predict_command(narrow_model.checkpoint, image, base / f"out{i}",
+                                              config_cli_args(narrow_model.cfg)),
+                             cwd=ROOT, env=_cache_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+    for run in runs:
+        _, stderr = run.communicate(timeout=600)
+        assert run.returncode == 0, stderr[-3000:]
+    return ColdRuns(cache, image, [_detections(base / f"out{i}") for i in range(2)], sorted(os.listdir(cache)))
 
-    cold = _predict(narrow_model.checkpoint, image, tmp_path / "cold", cache, args)
-    entries = os.listdir(cache)
+
+@pytest.mark.slow
+def test_concurrent_cold_runs_leave_one_entry(cold_runs):
+    assert cold_runs.detections[0] == cold_runs.detections[1]
+    assert len(cold_runs.entries) == 1 and compile_cache.STAGING_MARK not in cold_runs.entries[0]
+
+
+@pytest.mark.slow
+def test_predict_with_cold_warm_reweighted_and_reconfigured_cache(narrow_model, other_weights, cold_runs, tmp_path):
+    """Continues on the cache of the cold runs (cold_runs)."""
+    image, cache = cold_runs.image, cold_runs.cache
+    args = config_cli_args(narrow_model.cfg)
+
+    cold, entries = cold_runs.detections[0], cold_runs.entries
     assert len(entries) == 1 and compile_cache.STAGING_MARK not in entries[0]
     graph_files = sorted((cache / entries[0]).rglob("*.mindir"))
     assert graph_files
@@ -137,7 +172,7 @@ def test_predict_with_cold_warm_reweighted_and_reconfigured_cache(narrow_model, 
     assert sum(len(d) for d in cold) > 0
 
     assert _predict(narrow_model.checkpoint, image, tmp_path / "warm", cache, args) == cold
-    assert os.listdir(cache) == entries and [path.stat().st_mtime_ns for path in graph_files] == stamps
+    assert sorted(os.listdir(cache)) == entries and [path.stat().st_mtime_ns for path in graph_files] == stamps
 
     # weights are not part of the cached graph
     reweighted = _predict(other_weights, image, tmp_path / "rw", cache, args)
@@ -175,20 +210,3 @@ def test_training_with_cold_warm_and_rescheduled_cache(tiny_mindrecord, tmp_path
     shorter = _train(tiny_mindrecord, tmp_path / "short", cache, 1)
     assert len(os.listdir(cache)) == 2
     assert shorter != cold and shorter == _train(tiny_mindrecord, tmp_path / "short_ref", cache, 1, cache=False)
-
-
-@pytest.mark.slow
-def test_concurrent_cold_runs_leave_one_entry(narrow_model, tmp_path):
-    data_path, _ = val_paths(narrow_model.cfg)
-    image = os.path.join(data_path, sorted(os.listdir(data_path))[0])
-    cache = tmp_path / "cache"
-    runs = [subprocess.Popen(_predict_command(narrow_model.checkpoint, image, tmp_path / f"out{i}",
-                                              config_cli_args(narrow_model.cfg)),
-                             cwd=ROOT, env=_cache_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for i in range(2)]
-    for run in runs:
-        _, stderr = run.communicate(timeout=600)
-        assert run.returncode == 0, stderr[-3000:]
-    assert _detections(tmp_path / "out0") == _detections(tmp_path / "out1")
-    entries = os.listdir(cache)
-    assert len(entries) == 1 and compile_cache.STAGING_MARK not in entries[0]

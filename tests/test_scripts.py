@@ -7,39 +7,24 @@ fails these tests rather than skipping them: install it with `apt-get install -y
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from inference_helpers import config_cli_args
+from inference_helpers import ROOT, config_cli_args
+from launch_helpers import PARALLEL_STEPS, SCRIPTS, STANDALONE_STEPS, dash, free_port, make_checkout
 from src.synthetic import make_synthetic_coco
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = os.path.join(ROOT, "scripts")
+pytest_plugins = ["launch_fixtures"]
+
 OWN_SCRIPTS = sorted(name for name in os.listdir(SCRIPTS) if name.endswith(".sh") and name != "setup_env.sh")
-DASH = shutil.which("dash")
 FORMS = ("sh scripts/X.sh", "bash scripts/X.sh", "cd scripts && sh X.sh")
-
-
-def dash():
-    assert DASH, "dash is missing: the scripts must work under Debian's /bin/sh (apt-get install -y dash)"
-    return DASH
 
 
 @pytest.fixture
 def checkout(tmp_path):
-    """A checkout whose scripts/ is a fresh directory (so `cd scripts && sh X.sh` writes its outputs
-    there, not into the repository); everything else is the repository's own."""
-    repo = tmp_path / "repo"
-    (repo / "scripts").mkdir(parents=True)
-    for name in os.listdir(ROOT):
-        if name not in ("scripts", ".git"):
-            os.symlink(os.path.join(ROOT, name), repo / name)
-    for name in os.listdir(SCRIPTS):
-        os.symlink(os.path.join(SCRIPTS, name), repo / "scripts" / name)
-    return repo
+    return make_checkout(tmp_path / "repo")
 
 
 def run_form(form, repo, script, *args, cwd=None, env=None, timeout=600):
@@ -189,30 +174,26 @@ def test_entry_point_runs_as_file_and_as_module(entry, form, tmp_path):
 # ---------------------------------------------------------------- the real model through the script (slow)
 
 @pytest.mark.slow
-def test_standalone_script_trains_under_dash_from_scripts_dir(checkout, tiny_mindrecord):
-    extra = config_cli_args(tiny_mindrecord.cfg) + ["--max_steps", "1"]
-    result = run_form("cd scripts && sh X.sh", checkout, "run_standalone_train.sh", "none", "--", *extra,
-                      timeout=1200)
-    out = checkout / "scripts" / "train"
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert len((out / "loss_0.log").read_text().splitlines()) == 1
+def test_standalone_script_trains_under_dash_from_scripts_dir(standalone_launch):
+    """The real model through `cd scripts && sh run_standalone_train.sh` (the launch is shared with
+    test_train.py's tests of its logs, checkpoints and resume)."""
+    run, out = standalone_launch.run, standalone_launch.out
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert len((out / "loss_0.log").read_text().splitlines()) == STANDALONE_STEPS
     assert "device: CPU (auto" in (out / "log").read_text()
 
 
 @pytest.mark.slow
-def test_msrun_on_two_hosts_trains_as_two_workers_on_one(checkout, tiny_mindrecord, tmp_path):
+def test_msrun_on_two_hosts_trains_as_two_workers_on_one(checkout, tiny_mindrecord, two_worker_launch, tmp_path):
     """Two "hosts" on the loopback (two msrun launches of one worker each, --nodes 2) give the losses of
-    one launch of two workers: same ranks, same shards, same all-reduced gradients."""
-    extra = ["--", *config_cli_args(tiny_mindrecord.cfg), "--max_steps", "2", "--save_checkpoint", "false"]
-    env = dict(os.environ, GLOG_v="3", DEVICE_TARGET="CPU")
-    one_host = tmp_path / "one_host"
-    one_host.mkdir()
-    single = subprocess.run(["bash", os.path.join(checkout, "scripts", "run_distribute_train.sh"), "--workers", "2",
-                             "--master_port", str(_free_port()), "none", *extra],
-                            cwd=one_host, env=env, capture_output=True, text=True, timeout=1500)
+    one launch of two workers: same ranks, same shards, same all-reduced gradients. The one launch is shared
+    with test_train.py (it also saves checkpoints, which does not change the losses)."""
+    single, one_host = two_worker_launch.run, two_worker_launch.out
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
-
-    port = str(_free_port())
+    extra = ["--", *config_cli_args(tiny_mindrecord.cfg), "--max_steps", str(PARALLEL_STEPS),
+             "--save_checkpoint", "false"]
+    env = dict(os.environ, GLOG_v="3", DEVICE_TARGET="CPU")
+    port = str(free_port())
     launches = []
     for node in (0, 1):
         host = tmp_path / f"host{node}"
@@ -225,15 +206,8 @@ def test_msrun_on_two_hosts_trains_as_two_workers_on_one(checkout, tiny_mindreco
     assert [launch.returncode for launch in launches] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
 
     for rank in (0, 1):
-        together = (one_host / "train_parallel" / f"loss_{rank}.log").read_text()
+        together = (one_host / f"loss_{rank}.log").read_text()
         apart = (tmp_path / f"host{rank}" / "train_parallel" / f"loss_{rank}.log").read_text()
-        assert len(together.splitlines()) == 2 and apart == together
+        assert len(together.splitlines()) == PARALLEL_STEPS and apart == together
         assert json.loads((tmp_path / f"host{rank}" / "train_parallel" / f"train_summary_{rank}.json")
                           .read_text())["group_size"] == 2
-
-
-def _free_port():
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 
@@ -26,6 +25,8 @@ from src.training import RunOptions, train as run_training
 import train
 from contract_net import RECIPE_LINE, ContractNet
 from inference_helpers import config_cli_args
+
+pytest_plugins = ["launch_fixtures"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH = 4                 # 8 synthetic training images, batch 2
@@ -236,20 +237,13 @@ def test_resume_auto_without_checkpoints_starts_fresh(full_run, tiny_mindrecord,
 
 # ---------------------------------------------------------------- the real model (slow)
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def script_run(tiny_mindrecord, tmp_path_factory):
-    """The real (narrow) model trained 3 steps by run_standalone_train.sh, a checkpoint after every step."""
-    cwd = tmp_path_factory.mktemp("standalone")
-    extra = config_cli_args(tiny_mindrecord.cfg) + ["--max_steps", "3", "--save_checkpoint_steps", "1"]
-    result = run_script("run_standalone_train.sh", "none", "CPU", "--", *extra, cwd=cwd)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return cwd / "train"
+def script_run(standalone_launch):
+    """The real (narrow) model trained STANDALONE_STEPS steps by `cd scripts && sh run_standalone_train.sh`, a
+    checkpoint after every step (launch_fixtures.py: the same launch serves test_scripts.py)."""
+    run = standalone_launch.run
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return standalone_launch.out
 
 
 @pytest.mark.slow
@@ -275,12 +269,10 @@ def test_real_model_resume_matches_the_uninterrupted_run(script_run, tiny_mindre
 
 
 @pytest.mark.slow
-def test_two_msrun_workers_train_in_sync_on_different_shards(tiny_mindrecord, tmp_path):
-    out = tmp_path / "parallel"
-    env = dict(os.environ, TRAIN_OUTPUT_DIR=str(out), MASTER_PORT=str(_free_port()), DEVICE_TARGET="CPU")
-    extra = config_cli_args(tiny_mindrecord.cfg) + ["--max_steps", "2", "--save_checkpoint_steps", "1"]
-    result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_distribute_train.sh"), "--workers", "2",
-                             "none", "--", *extra], env=env, capture_output=True, text=True, timeout=1500)
+def test_two_msrun_workers_train_in_sync_on_different_shards(two_worker_launch):
+    """Output folder and master port from TRAIN_OUTPUT_DIR and MASTER_PORT (launch_fixtures.py: the same launch
+    is test_scripts.py's reference for two hosts)."""
+    result, out = two_worker_launch.run, two_worker_launch.out
     logs = {rank: open(out / "msrun_log" / f"worker_{rank}.log").read() for rank in (0, 1)}
     assert result.returncode == 0, result.stderr[-3000:] + logs[0][-3000:] + logs[1][-3000:]
     ranks = [summary(out, rank) for rank in (0, 1)]
