@@ -7,4 +7,4 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup_env.sh"
 cd "$root"
 export PATH="$root/.venv/bin:$PATH" GLOG_v="${GLOG_v:-3}"
-exec python -m pytest -q "$@" tests
+exec python -m pytest -q -n "${MASKRCNN_TEST_WORKERS:-2}" --dist loadgroup "$@" tests

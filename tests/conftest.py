@@ -15,6 +15,29 @@ SYNTHETIC_SEED = 0
 SYNTHETIC_SIZE_RANGE = (100, 260)
 
 
+# scripts/run_tests.sh runs the suite on two pytest-xdist workers (--dist loadgroup): each test file is one unit
+# of work, so its module fixtures are built once; files sharing an expensive session fixture form one unit.
+SHARED_FIXTURE_GROUPS = {
+    "test_scripts": "launches", "test_train": "launches",                     # launch_fixtures.py
+    "test_eval": "narrow_inference", "test_export": "narrow_inference",      # narrow_eval, narrow_mindir
+    "test_postprocess": "narrow_inference",
+}
+# The longest units start first so that the two workers end together (durations under `--durations`).
+LONGEST_FIRST = ("launches", "test_compile_cache", "test_demo", "test_train_soak", "test_mask_rcnn_r50",
+                 "narrow_inference", "test_torchvision_weights", "test_torchvision_preset", "test_amp")
+
+
+def pytest_collection_modifyitems(config, items):
+    def group(item):
+        module = os.path.splitext(os.path.basename(str(item.fspath)))[0]
+        return SHARED_FIXTURE_GROUPS.get(module, module)
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group(item), len(rank)))       # stable: file order kept otherwise
+
+
 @dataclass
 class TinyMindRecord:
     """The synthetic set converted with the tiny config: shard files per split and the config used."""
