@@ -19,11 +19,16 @@ from src.config import load_config
 pytest_plugins = ["inference_fixtures"]
 
 
+REAL_ENTRY_CHECK = compile_cache._entry_script_readable
+
+
 @pytest.fixture
 def fresh_state(monkeypatch, tmp_path):
     """A process that has not used the cache yet, with its root in tmp_path and no MindSpore cache variables
     left behind."""
     monkeypatch.setattr(compile_cache, "_state", {"staging": None, "entry": None, "active": False, "used": False})
+    # as in a run of train.py / predict.py: an xdist worker's own entry is `python -c`, which turns the cache off
+    monkeypatch.setattr(compile_cache, "_entry_script_readable", lambda: True)
     monkeypatch.setenv(compile_cache.DIR_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(compile_cache.SWITCH_ENV, raising=False)
     for name in (compile_cache.MS_ENABLE_ENV, compile_cache.MS_PATH_ENV):
@@ -84,6 +89,7 @@ def test_off_when_the_entry_is_no_script_file(fresh_state, monkeypatch):
     """`python -c ...` (argv[0] '-c'): MindSpore's cache would open '-c' for its dependency scan and fail."""
     from mindspore.graph import api
 
+    monkeypatch.setattr(compile_cache, "_entry_script_readable", REAL_ENTRY_CHECK)
     monkeypatch.setattr(api, "entry_script_path", os.path.realpath("-c"))     # what MindSpore records for -c
     assert compile_cache.enable(load_config("tiny"), "CPU", "train") is None
     assert compile_cache.MS_ENABLE_ENV not in os.environ and not fresh_state.exists()
