@@ -5,12 +5,14 @@
 
 Each (precision, graph) job runs in its own process on bench_train.py's synthetic batch (batch 2, the recipe
 config at --size, its 128 instance slots). "train" is the training cell (forward + backward + optimizer,
-src/network_define.py), "forward" the training network alone (the forward graph that computes the eight losses,
-no gradients). Stages, in order: import (MindSpore and src), build (network, amp level, optimizer and its state),
-batch (the input Tensors), compile (`Cell.compile`), first call, second call. Before each stage the kernel's
-high-water mark is reset (/proc/self/clear_refs), so "peak" is that stage's own peak resident memory and "RSS"
-what stays resident after it (the losses shown are the first call's); the job's peak is the largest stage peak (what ru_maxrss reports for the whole
-process, as in compare_torchvision.py).
+src/network_define.py; at learning rate --lr, default 0: the whole update runs but the weights stay, so every
+call does the first one's work, as in compare_torchvision.py), "forward" the training network alone (the forward
+graph that computes the eight losses, no gradients). Stages, in order: import (MindSpore and src), build
+(network, amp level, optimizer and its state), batch (the input Tensors), compile (`Cell.compile`), first call,
+second call. Before each stage the kernel's high-water mark is reset (/proc/self/clear_refs), so "peak" is that
+stage's own peak resident memory and "RSS" what stays resident after it; the job's peak is the largest stage
+peak (what ru_maxrss reports for the whole process, as in compare_torchvision.py). The losses shown are the
+first call's.
 
 The static sizes printed first are computed, not measured: parameters, gradients and optimizer state
 (float32), and the batch's arrays. `--options` are config overrides (src/config.py keys); `--env` sets
@@ -83,7 +85,7 @@ def run_job(job):
     net.set_train(True)
     cell = net
     if job["graph"] == "train":
-        _, cell = build_train_step(net, LOSS_NAMES, cfg.train, cfg.train.base_lr)
+        _, cell = build_train_step(net, LOSS_NAMES, cfg.train, job["lr"])
     record("build")
 
     batch = synthetic_batch(cfg)
@@ -152,6 +154,9 @@ def main():
     parser.add_argument("--size", default="768x1280", help="input HxW (default: the recipe's 768x1280)")
     parser.add_argument("--precisions", nargs="+", choices=sorted(AMP_LEVELS), default=["fp32", "bf16"])
     parser.add_argument("--graphs", nargs="+", choices=("forward", "train"), default=["forward", "train"])
+    parser.add_argument("--lr", type=float, default=0.0,
+                        help="learning rate of the train graph (default 0, as in compare_torchvision.py: the weights "
+                             "stay, so the second call repeats the first one's work)")
     parser.add_argument("--options", nargs="*", default=[], help="config overrides key=value (src/config.py keys)")
     parser.add_argument("--env", nargs="*", default=[], help="environment variables NAME=VALUE for the jobs")
     parser.add_argument("--memory_optimize_level", choices=("O0", "O1"),
@@ -166,7 +171,7 @@ def main():
         overrides[name] = json.loads(value) if value[:1] in "[{0123456789-" or value in ("true", "false") \
             else value
     env = parse_pairs(args.env, "--env")
-    print(f"size {height}x{width}, batch 2, options {overrides or 'none'}, env {env or 'none'}, "
+    print(f"size {height}x{width}, batch 2, lr {args.lr}, options {overrides or 'none'}, env {env or 'none'}, "
           f"memory_optimize_level {args.memory_optimize_level or 'default'}", flush=True)
     print("\n| static size | MiB |\n|---|---|")
     for name, mib in static_sizes(height, width, overrides):
@@ -174,11 +179,13 @@ def main():
     for graph in args.graphs:
         for precision in args.precisions:
             job = {"height": height, "width": width, "precision": precision, "graph": graph,
-                   "overrides": overrides, "env": env, "memory_optimize_level": args.memory_optimize_level}
+                   "overrides": overrides, "env": env, "lr": args.lr,
+                   "memory_optimize_level": args.memory_optimize_level}
             result = launch(job)
             stages = result["stages"]
-            print(f"\n{graph} {precision}: job peak {max(s['peak'] for s in stages.values()):,.0f} MiB; first call's losses "
-                  + ", ".join(f"{k} {v!r}" for k, v in result["losses"].items()), flush=True)
+            peak = max(s["peak"] for s in stages.values())
+            losses = ", ".join(f"{name} {value!r}" for name, value in result["losses"].items())
+            print(f"\n{graph} {precision}: job peak {peak:,.0f} MiB; first call's losses {losses}", flush=True)
             print("| stage | peak MiB | RSS after MiB | s since start |\n|---|---|---|---|")
             for stage in STAGES:
                 s = stages[stage]
