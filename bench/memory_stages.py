@@ -4,15 +4,16 @@
         [--options key=value ...] [--env NAME=VALUE ...] [--memory_optimize_level O0]
 
 Each (precision, graph) job runs in its own process on bench_train.py's synthetic batch (batch 2, the recipe
-config at --size, its 128 instance slots). "train" is the training cell (forward + backward + optimizer,
-src/network_define.py; at learning rate --lr, default 0: the whole update runs but the weights stay, so every
-call does the first one's work, as in compare_torchvision.py), "forward" the training network alone (the forward
-graph that computes the eight losses, no gradients). Stages, in order: import (MindSpore and src), build
-(network, amp level, optimizer and its state), batch (the input Tensors), compile (`Cell.compile`), first call,
-second call. Before each stage the kernel's high-water mark is reset (/proc/self/clear_refs), so "peak" is that
-stage's own peak resident memory and "RSS" what stays resident after it; the job's peak is the largest stage
-peak (what ru_maxrss reports for the whole process, as in compare_torchvision.py). The losses shown are the
-first call's.
+config at --size, its 128 instance slots), set up as train.py does (src/device.py: graph mode, the CPU memory
+pool's block size). "train" is the training cell (forward + backward + optimizer, src/network_define.py; at
+learning rate --lr, default 0: the whole update runs but the weights stay, so every call does the first one's
+work, as in compare_torchvision.py), "forward" the training network alone (the forward graph that computes the
+eight losses, no gradients). Stages, in order: import (MindSpore and src), build (network, amp level, optimizer
+and its state), batch (the input Tensors), compile (`Cell.compile`), then --calls calls (call 1 is the first
+training step). Before each stage the kernel's high-water mark is reset (/proc/self/clear_refs), so "peak" is
+that stage's own peak resident memory and "RSS" what stays resident after it; the job's peak is the largest
+stage peak (what ru_maxrss reports for the whole process, as in compare_torchvision.py). The losses shown are
+the first call's.
 
 The static sizes printed first are computed, not measured: parameters, gradients and optimizer state
 (float32), and the batch's arrays. `--options` are config overrides (src/config.py keys); `--env` sets
@@ -30,8 +31,6 @@ import numpy as np
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 AMP_LEVELS = {"fp32": "O0", "bf16": "O2"}
-STAGES = ("import", "build", "batch", "compile", "first call", "second call")
-BATCH_NAMES = ("image", "image_shape", "box", "label", "valid_num", "mask")
 MIB = 1024.0 * 1024.0
 
 
@@ -67,11 +66,11 @@ def run_job(job):
     from bench_train import synthetic_batch
     from src import amp
     from src.config import load_config
+    from src.device import set_device
     from src.maskrcnn.mask_rcnn_r50 import LOSS_NAMES, MaskRcnnResnet50
     from src.network_define import build_train_step
 
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
+    set_device("CPU", announce=False)                  # as train.py: graph mode, src/device.py's memory pool
     if job["memory_optimize_level"]:
         ms.set_context(memory_optimize_level=job["memory_optimize_level"])
     height, width = job["height"], job["width"]
@@ -93,7 +92,7 @@ def run_job(job):
     cell.compile(*batch)
     record("compile")
     first_losses = None
-    for stage in ("first call", "second call"):
+    for stage in [f"call {number}" for number in range(1, job["calls"] + 1)]:
         outputs = cell(*batch)
         losses = outputs[0] if job["graph"] == "train" else outputs
         first_losses = first_losses or [float(value.asnumpy()) for value in losses]
@@ -156,7 +155,8 @@ def main():
     parser.add_argument("--graphs", nargs="+", choices=("forward", "train"), default=["forward", "train"])
     parser.add_argument("--lr", type=float, default=0.0,
                         help="learning rate of the train graph (default 0, as in compare_torchvision.py: the weights "
-                             "stay, so the second call repeats the first one's work)")
+                             "stay, so every call repeats the first one's work)")
+    parser.add_argument("--calls", type=int, default=3, help="calls timed after the compile (default 3)")
     parser.add_argument("--options", nargs="*", default=[], help="config overrides key=value (src/config.py keys)")
     parser.add_argument("--env", nargs="*", default=[], help="environment variables NAME=VALUE for the jobs")
     parser.add_argument("--memory_optimize_level", choices=("O0", "O1"),
@@ -179,7 +179,7 @@ def main():
     for graph in args.graphs:
         for precision in args.precisions:
             job = {"height": height, "width": width, "precision": precision, "graph": graph,
-                   "overrides": overrides, "env": env, "lr": args.lr,
+                   "overrides": overrides, "env": env, "lr": args.lr, "calls": args.calls,
                    "memory_optimize_level": args.memory_optimize_level}
             result = launch(job)
             stages = result["stages"]
@@ -187,7 +187,7 @@ def main():
             losses = ", ".join(f"{name} {value!r}" for name, value in result["losses"].items())
             print(f"\n{graph} {precision}: job peak {peak:,.0f} MiB; first call's losses {losses}", flush=True)
             print("| stage | peak MiB | RSS after MiB | s since start |\n|---|---|---|---|")
-            for stage in STAGES:
+            for stage in stages:
                 s = stages[stage]
                 print(f"| {stage} | {s['peak']:,.0f} | {s['rss']:,.0f} | {s['s']} |", flush=True)
 
