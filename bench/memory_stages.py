@@ -66,7 +66,7 @@ def run_job(job):
     from bench_train import synthetic_batch
     from src import amp
     from src.config import load_config
-    from src.device import set_device
+    from src.device import release_free_heap, set_device
     from src.maskrcnn.mask_rcnn_r50 import LOSS_NAMES, MaskRcnnResnet50
     from src.network_define import build_train_step
 
@@ -90,6 +90,7 @@ def run_job(job):
     batch = synthetic_batch(cfg)
     record("batch")
     cell.compile(*batch)
+    release_free_heap()                                # as train.py's training loop after its compile
     record("compile")
     first_losses = None
     for stage in [f"call {number}" for number in range(1, job["calls"] + 1)]:

@@ -82,3 +82,18 @@ def test_cpu_memory_pool_grows_in_small_blocks_unless_the_user_configured_it(who
                           env=dict(os.environ, GLOG_v="3"), check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == expected
+
+
+def test_release_free_heap_gives_freed_heap_pages_back():
+    """Blocks below glibc's mmap threshold come from the heap; freeing all but the last leaves free heap pages
+    that only malloc_trim returns."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    blocks = [libc.malloc(64 * 1024) for _ in range(512)]                      # 32 MiB in 64 KiB blocks
+    for block in blocks[:-1]:
+        ctypes.memset(block, 1, 64 * 1024)
+        libc.free(ctypes.c_void_p(block))
+    assert device.release_free_heap() is True
+    libc.free(ctypes.c_void_p(blocks[-1]))
