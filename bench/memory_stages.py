@@ -34,11 +34,12 @@ AMP_LEVELS = {"fp32": "O0", "bf16": "O2"}
 MIB = 1024.0 * 1024.0
 
 
-def _status_kib(field):
+def status_mib(field):
+    """A memory line of /proc/self/status (VmRSS, VmHWM: the peak since the last `reset_peak`) in MiB."""
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field + ":"):
-                return int(line.split()[1])
+                return int(line.split()[1]) / 1024.0
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
@@ -54,7 +55,7 @@ def run_job(job):
     started = time.perf_counter()
 
     def record(stage):
-        stages[stage] = {"peak": _status_kib("VmHWM") / 1024.0, "rss": _status_kib("VmRSS") / 1024.0,
+        stages[stage] = {"peak": status_mib("VmHWM"), "rss": status_mib("VmRSS"),
                          "s": round(time.perf_counter() - started, 1)}
         reset_peak()
 
