@@ -5,12 +5,19 @@ Runs on a synthetic COCO set generated into a temporary directory, so it needs n
     python bench/bench_data.py                                   # tiny preset (192x128)
     python bench/bench_data.py --config coco --images 48 --min-size 480 --max-size 640 --batches 12
     python bench/bench_data.py --config coco --max_instance_count 16 ...   # any config key can be overridden
+    python bench/bench_data.py --config coco --images 64 --min-size 480 --max-size 640 --hold 2   # pipeline memory
+
+--hold S also drains the training pipeline once more, waiting S seconds per batch as a training step would, and
+reports the peak resident memory of that pass above the process's before it: behind a slow consumer every
+queue of the pipeline fills up.
 """
 import argparse
 import os
 import sys
 import tempfile
 import time
+
+from memory_stages import reset_peak, status_mib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,6 +38,15 @@ def _time_batches(dataset, num_batches: int):
     return time.perf_counter() - start, timed
 
 
+def _peak_behind_slow_consumer(dataset, hold_s: float):
+    """(RSS before, peak RSS while draining) in MiB, the consumer taking hold_s seconds per batch."""
+    reset_peak()
+    before = status_mib("VmRSS")
+    for _ in dataset.create_tuple_iterator(num_epochs=1):
+        time.sleep(hold_s)
+    return before, status_mib("VmHWM")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=32, help="synthetic training images to generate")
@@ -40,6 +56,8 @@ def main(argv=None) -> None:
                         help="conversion and pipeline workers (default: the config's)")
     parser.add_argument("--batches", type=int, default=8, help="batches to time per pipeline")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hold", type=float, default=0.0,
+                        help="also drain the training pipeline at S seconds per batch and report its peak memory")
     args, cfg = config_from_args(parser, argv, default_config="tiny")
     cfg.data.classes = ["background", *CATEGORY_NAMES]
     if args.workers:
@@ -65,6 +83,8 @@ def main(argv=None) -> None:
             create_maskrcnn_dataset(cfg, train_files, True, batch_size).repeat(epochs), args.batches)
         eval_s, eval_n = _time_batches(
             create_maskrcnn_dataset(cfg, val_files, False, cfg.test.test_batch_size).repeat(epochs), args.batches)
+        if args.hold:
+            held = _peak_behind_slow_consumer(create_maskrcnn_dataset(cfg, train_files, True, batch_size), args.hold)
 
     print(f"input {cfg.data.img_width}x{cfg.data.img_height}, max_instance_count {cfg.data.max_instance_count}, "
           f"synthetic images {args.min_size}..{args.max_size} px, workers: convert {cfg.data.convert_workers}, "
@@ -75,6 +95,9 @@ def main(argv=None) -> None:
           f"(batch {batch_size}, {train_n} batches)")
     print(f"eval pipe : {eval_n / eval_s:8.2f} batches/s = {eval_n * cfg.test.test_batch_size / eval_s:.1f} "
           f"images/s (batch {cfg.test.test_batch_size}, {eval_n} batches)")
+    if args.hold:
+        print(f"train pipe behind a {args.hold:g} s consumer: RSS {held[0]:,.0f} MiB before, peak {held[1]:,.0f} MiB "
+              f"(+{held[1] - held[0]:,.0f})")
 
 
 if __name__ == "__main__":

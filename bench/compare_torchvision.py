@@ -111,9 +111,9 @@ def run_ours(job):
     from src.network_define import build_train_step
 
     import mindspore as ms
+    from src.device import set_device
 
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
+    set_device("CPU", announce=False)                 # as train.py: graph mode, src/device.py's memory pool
     ms.device_context.cpu.op_tuning.threads_num(THREADS)
     height, width = job["height"], job["width"]
     level = AMP_LEVELS[job["precision"]]

@@ -20,7 +20,7 @@ from src.checkpoint import (CheckpointManager, TrainingState, find_checkpoints, 
                             load_resume_point)
 from src.config import Config
 from src.amp import set_precision
-from src.device import set_device
+from src.device import release_free_heap, set_device
 from src.lr_schedule import dynamic_lr
 
 COMM_BACKENDS = {"Ascend": "hccl", "GPU": "nccl", "CPU": "mccl"}
@@ -137,6 +137,9 @@ class TrainingLoop:
                     dataset = dataset.skip(skip)          # batches the interrupted run already trained on
                 step_in_epoch, skip = skip, 0
                 for batch in dataset.create_tuple_iterator(num_epochs=1):
+                    if state.global_step == first_step:        # compile apart, then drop what compiling left
+                        self.train_cell.compile(*batch)
+                        release_free_heap()
                     losses, finite = self.train_cell(*batch)
                     compile_cache.publish()
                     self.last_losses = np.array([float(loss.asnumpy()) for loss in losses])

@@ -215,3 +215,16 @@ def test_training_shard_batches(tiny_mindrecord):
     assert len(set(images)) == len(images) == 8
     with pytest.raises(DatasetError, match="fewer than one batch"):
         create_maskrcnn_dataset(cfg, tiny_mindrecord.train_files, True, 5, num_shards=2)
+
+
+def test_operator_queues_are_kept_short(tiny_mindrecord):
+    """Each queued training row holds all its mask slots at input size; MindSpore's default 16-row queues filled
+    7.8 GB behind a slow step at the recipe size (bench/results.md)."""
+    import mindspore.dataset as ds
+
+    from src.data import pipeline
+
+    ds.config.set_prefetch_size(16)
+    cfg = tiny_mindrecord.cfg
+    create_maskrcnn_dataset(cfg, tiny_mindrecord.train_files, True, cfg.train.batch_size)
+    assert ds.config.get_prefetch_size() == pipeline.QUEUE_ROWS == 2

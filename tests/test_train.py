@@ -320,3 +320,36 @@ def test_distribute_script_rejects_bad_rank_tables(tmp_path, table, message):
     result = run_script("run_distribute_train.sh", path, cwd=tmp_path)
     assert result.returncode == 1 and message in result.stderr
     assert not list(tmp_path.glob("train_parallel*"))
+
+
+def test_the_first_step_compiles_apart_and_gives_the_freed_heap_back_before_running(monkeypatch):
+    """Compiling leaves freed heap behind that the step's memory pool never reuses (bench/memory_stages.py): the
+    loop compiles on its first batch, releases that heap, then runs; later steps only run."""
+    import mindspore as ms
+    from types import SimpleNamespace
+
+    from src import training
+    from src.checkpoint import TrainingState
+
+    events = []
+    monkeypatch.setattr(training, "release_free_heap", lambda: events.append("release") or True)
+
+    class Cell:
+        def compile(self, *batch):
+            events.append(f"compile {batch[0]}")
+
+        def __call__(self, *batch):
+            events.append(f"run {batch[0]}")
+            return (ms.Tensor(1.0),), ms.Tensor(True)
+
+    class Batches:
+        def create_tuple_iterator(self, num_epochs):
+            return iter([(1,), (2,), (3,)])
+
+    train_cfg = SimpleNamespace(epoch_size=1, save_checkpoint_steps=0, save_checkpoint_epochs=1,
+                                loss_scale_mode="fixed")
+    monitor = SimpleNamespace(step=lambda *args: None, flush=lambda: None)
+    loop = training.TrainingLoop(train_cfg, lambda epoch: Batches(), Cell(), None, None, np.zeros(3), monitor, None,
+                                 ["total_loss"])
+    loop.run(TrainingState(0, 0, 0, 3), last_step=3)
+    assert events == ["compile 1", "release", "run 1", "run 2", "run 3"]

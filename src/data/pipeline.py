@@ -15,6 +15,10 @@ from src.data.transforms import EvalTransform, TrainTransform
 TRAIN_COLUMNS = ["image", "image_shape", "box", "label", "valid_num", "mask"]
 EVAL_COLUMNS = ["image", "image_shape", "image_id"]
 SHUFFLE_STREAM = 0                           # separates the shuffle RNG stream from per-image streams
+# Rows each operator's output queue may hold (MindSpore's prefetch size, 16 by default). A training row carries
+# its (M, H, W) uint8 masks (126 MB at the recipe's 128 slots and 1280x768), and behind a step that takes
+# seconds every queue fills up: 7.8 GB at 16, 2.9 GB at 2 (bench/results.md). Two rows keep the pipeline ahead.
+QUEUE_ROWS = 2
 
 
 def sample_order(num_records: int, is_training: bool, seed: int, epoch: int,
@@ -36,6 +40,7 @@ def sample_order(num_records: int, is_training: bool, seed: int, epoch: int,
 def create_maskrcnn_dataset(cfg: Config, files: Sequence[str], is_training: bool, batch_size: int,
                             num_shards: int = 1, shard_id: int = 0, epoch: int = 0):
     """Batched MindSpore dataset of one epoch; columns TRAIN_COLUMNS or EVAL_COLUMNS (docs/architecture.md).
+    Sets MindSpore's prefetch size to QUEUE_ROWS.
 
     The same (cfg.train.seed, epoch) always yields the same batches, whatever the worker count, so a
     resumed run rebuilds epoch e and calls `.skip(k)` to continue after k finished batches.
@@ -50,6 +55,7 @@ def create_maskrcnn_dataset(cfg: Config, files: Sequence[str], is_training: bool
         raise DatasetError(f"shard {shard_id}/{num_shards} holds {order.size} training images, fewer than "
                            f"one batch of {batch_size}")
     workers = cfg.data.num_parallel_workers
+    ds.config.set_prefetch_size(QUEUE_ROWS)                  # process-wide: read when the pipeline starts
     sampler = ds.SubsetSampler(order.tolist())
     if is_training:
         dataset = ds.MindDataset(files, columns_list=RECORD_COLUMNS, sampler=sampler)

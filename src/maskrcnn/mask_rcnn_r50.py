@@ -215,15 +215,18 @@ class MaskRcnnResnet50(nn.Cell):
         labels = ops.gather(pos_labels.reshape(-1), order, 0)
         gt_rows = ops.gather(gt_rows.reshape(-1), order, 0)
         weights = ops.gather(weights, order, 0)
+        # The pooling and the targets of all slots are computed here, outside the chunks: a tensor a graph-mode
+        # branch reads is copied into the branch (the (B, M, H, W) GT masks: 240 MB at the recipe size), and a
+        # branch's gradient to the pyramid would be one of the whole pyramid per chunk; pooled features give
+        # slices of (chunk, C, 14, 14), and an unused row costs only its zero gradient.
+        mask_feats = self.mask_roi_align.pool(rois, pyramid)                          # (B * Pn, C, 14, 14)
+        targets = self.rcnn_mask.mask_targets(mask, rois[:, 1:], gt_rows)             # (B * Pn, 28, 28)
         loss_sum = ops.zeros((), ms.float32)
         for start in range(0, rows, self.mask_chunk_rows):
             stop = min(start + self.mask_chunk_rows, rows)
             if weights[start] > 0:                                                    # used slots come first
-                chunk_rois = rois[start:stop]
-                mask_feats = self.mask_roi_align.pool(chunk_rois, pyramid)
-                mask_logits = self.rcnn_mask(mask_feats)                              # (chunk, C, 28, 28)
-                targets = self.rcnn_mask.mask_targets(mask, chunk_rois[:, 1:], gt_rows[start:stop])
-                loss_sum = loss_sum + self.rcnn_mask.loss_sum(mask_logits, labels[start:stop], targets,
+                mask_logits = self.rcnn_mask(mask_feats[start:stop])                  # (chunk, C, 28, 28)
+                loss_sum = loss_sum + self.rcnn_mask.loss_sum(mask_logits, labels[start:stop], targets[start:stop],
                                                               weights[start:stop])
         return self.rcnn_mask.normalise(loss_sum, weights)
 

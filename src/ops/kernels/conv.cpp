@@ -33,15 +33,16 @@ namespace {
 
 enum class Pass { kForward, kBackwardData, kBackwardWeights };
 
-// One convolution problem: the layouts oneDNN chose for it and the compiled primitive.
+// One convolution problem: the layouts oneDNN chose for it, the compiled primitive and the scratchpad it asks for.
 struct Plan {
   dnnl::primitive primitive;
-  memory::desc src, weights, dst;
+  memory::desc src, weights, dst, scratchpad;
 };
 
 // Compiled plans by problem, and reordered copies of the source, weights and destination kept between calls:
-// freeing and allocating them anew costs page faults on every call.
-enum Slot { kSrcSlot = 0, kWeightsSlot = 1, kDstSlot = 2, kSlots };
+// freeing and allocating them anew costs page faults on every call. The primitives' scratchpads (user mode) share
+// one kept buffer too: a primitive left to own its scratchpad holds it for as long as the plan is cached.
+enum Slot { kSrcSlot = 0, kWeightsSlot = 1, kDstSlot = 2, kScratchpadSlot = 3, kSlots };
 
 struct ConvCache {
   std::map<std::vector<int64_t>, Plan> plans;
@@ -100,6 +101,7 @@ Plan MakePlan(Runtime &rt, const Conv &conv, const memory::dims &src, const memo
   // The backward passes' hint: the forward pass over the same tensors in the inputs' type.
   memory::desc hint_src = Side(src, conv.src_blocked, input), hint_dst = Side(dst, conv.dst_blocked, input);
   primitive_attr attr;
+  attr.set_scratchpad_mode(scratchpad_mode::user);
   if (conv.pass == Pass::kForward && conv.relu) {
     post_ops ops;
     ops.append_eltwise(algorithm::eltwise_relu, 0.0f, 0.0f);
@@ -109,20 +111,23 @@ Plan MakePlan(Runtime &rt, const Conv &conv, const memory::dims &src, const memo
     auto forward = convolution_forward::primitive_desc(
         rt.engine, prop_kind::forward_training, algorithm::convolution_direct, src_md, weights_md,
         BiasDesc(weights), dst_md, strides, pads, pads, attr);
-    return {convolution_forward(forward), forward.src_desc(), forward.weights_desc(), forward.dst_desc()};
+    return {convolution_forward(forward), forward.src_desc(), forward.weights_desc(), forward.dst_desc(),
+            forward.scratchpad_desc()};
   }
   auto forward = convolution_forward::primitive_desc(
       rt.engine, prop_kind::forward_training, algorithm::convolution_direct, hint_src, Any(weights, input),
       BiasDesc(weights), hint_dst, strides, pads, pads);
   if (conv.pass == Pass::kBackwardData) {
     auto pd = convolution_backward_data::primitive_desc(rt.engine, algorithm::convolution_direct, src_md,
-                                                        weights_md, dst_md, strides, pads, pads, forward);
-    return {convolution_backward_data(pd), pd.diff_src_desc(), pd.weights_desc(), pd.diff_dst_desc()};
+                                                        weights_md, dst_md, strides, pads, pads, forward, attr);
+    return {convolution_backward_data(pd), pd.diff_src_desc(), pd.weights_desc(), pd.diff_dst_desc(),
+            pd.scratchpad_desc()};
   }
   auto pd = convolution_backward_weights::primitive_desc(rt.engine, algorithm::convolution_direct, src_md,
                                                          weights_md, BiasDesc(weights), dst_md, strides, pads,
-                                                         pads, forward);
-  return {convolution_backward_weights(pd), pd.src_desc(), pd.diff_weights_desc(), pd.diff_dst_desc()};
+                                                         pads, forward, attr);
+  return {convolution_backward_weights(pd), pd.src_desc(), pd.diff_weights_desc(), pd.diff_dst_desc(),
+          pd.scratchpad_desc()};
 }
 
 // A memory of `desc` over the slot's kept buffer, grown when needed.
@@ -203,6 +208,7 @@ int Run(const Conv &conv) {
     int output_arg = conv.pass == Pass::kForward ? DNNL_ARG_DST
                      : conv.pass == Pass::kBackwardData ? DNNL_ARG_DIFF_SRC : DNNL_ARG_DIFF_WEIGHTS;
     args[output_arg] = output;
+    if (plan.scratchpad.get_size() > 0) args[DNNL_ARG_SCRATCHPAD] = Scratch(rt, kScratchpadSlot, plan.scratchpad);
     plan.primitive.execute(rt.stream, args);
     if (output.get() != output_held->get()) Reorder(rt, output, *output_held, output_scale);
     rt.stream.wait();
