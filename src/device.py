@@ -10,8 +10,8 @@ from typing import Callable, Optional
 AUTO = "auto"
 PREFERENCE = ("Ascend", "GPU", "CPU")
 # MindSpore's memory pool grows in blocks (2 GB by default) and keeps every page it ever touched: within a few
-# training steps the whole last block is resident, ~0.9 GB above the step's real peak at the recipe size. Small
-# blocks keep the pool near that peak (bench/results.md, "Training memory per stage").
+# training steps the whole last block is resident, well above the step's real peak. Small blocks keep the pool
+# near that peak (bench/results.md, "Training memory per stage").
 CPU_POOL_BLOCK = "0.25GB"
 
 
@@ -56,8 +56,8 @@ def configure_cpu_memory_pool() -> bool:
 
 def release_free_heap() -> bool:
     """Give the C heap's free pages back to the system (glibc's malloc_trim). Compiling a training graph leaves
-    ~0.2 GB of freed heap behind, which MindSpore's memory pool (its own mappings) never reuses. Returns whether
-    anything was released (False without glibc)."""
+    freed heap behind, which MindSpore's memory pool (its own mappings) never reuses. Returns whether anything
+    was released (False without glibc)."""
     import ctypes
 
     try:

@@ -16,8 +16,8 @@ TRAIN_COLUMNS = ["image", "image_shape", "box", "label", "valid_num", "mask"]
 EVAL_COLUMNS = ["image", "image_shape", "image_id"]
 SHUFFLE_STREAM = 0                           # separates the shuffle RNG stream from per-image streams
 # Rows each operator's output queue may hold (MindSpore's prefetch size, 16 by default). A training row carries
-# its (M, H, W) uint8 masks (126 MB at the recipe's 128 slots and 1280x768), and behind a step that takes
-# seconds every queue fills up: 7.8 GB at 16, 2.9 GB at 2 (bench/results.md). Two rows keep the pipeline ahead.
+# its (M, H, W) uint8 masks, and behind a step that takes seconds every queue fills up (bench/results.md,
+# "Training memory per stage"). Two rows keep the pipeline ahead.
 QUEUE_ROWS = 2
 
 
