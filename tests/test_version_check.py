@@ -1,4 +1,5 @@
 """src.version_check: a MindSpore older than the floor is refused at start-up, in one line naming both versions."""
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,20 @@ def test_importing_src_with_an_old_mindspore_stops_before_our_modules_load():
     assert run.stdout.splitlines() == [
         f"MindSporeVersionError MindSpore 2.6.0 is installed, this code needs mindspore>={MINDSPORE_FLOOR} "
         "(see docs/compatibility.md): pip install -r requirements.txt", "False"]
+
+
+def test_before_mindspore_is_imported_the_installed_distribution_is_checked(monkeypatch):
+    monkeypatch.delitem(sys.modules, "mindspore")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: {"mindspore": "2.6.0"}[name])
+    with pytest.raises(MindSporeVersionError, match="MindSpore 2.6.0 is installed"):
+        check_mindspore_version()
+    assert "mindspore" not in sys.modules
+
+
+def test_commands_that_run_no_network_do_not_import_mindspore():
+    """`--help` and the data tools start in a fraction of a second: MindSpore's import alone takes 1-2 s."""
+    code = ("import sys, src.config, src.synthetic, src.rank_table, src.convert_checkpoint, eval, predict\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mindspore'))\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["[]"]
