@@ -39,6 +39,7 @@ COCO_CLASSES = (
 )
 # MindSpore's mixed-precision levels (src/amp.py says what each computes in); `auto` picks one per device.
 AMP_LEVELS = ("O0", "O1", "O2", "O3")
+INIT_SCHEMES = ("recipe", "torchvision")
 
 
 class ConfigError(ValueError):
@@ -207,6 +208,9 @@ class TrainConfig:
     save_checkpoint_path: str = "./checkpoint"
     log_interval: int = 1
     seed: int = 1
+    # Initial weights for training from scratch (src/maskrcnn/init_scheme.py): recipe (residual branches start
+    # at zero, Xavier FPN and box head, small predictors) | torchvision (torchvision 0.29's initialisers)
+    init: str = "recipe"
 
 
 @dataclass
@@ -390,6 +394,7 @@ def validate(cfg: Config) -> Config:
     _check(tr.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {tr.weight_decay}")
     _check(tr.optimizer in ("momentum", "adam", "adamw"), "train.optimizer",
            f"must be 'momentum', 'adam' or 'adamw', got '{tr.optimizer}'")
+    _check(tr.init in INIT_SCHEMES, "train.init", f"must be one of {', '.join(INIT_SCHEMES)}, got '{tr.init}'")
     _check(tr.grad_clip_norm >= 0, "train.grad_clip_norm", f"must be >= 0 (0 = off), got {tr.grad_clip_norm}")
     _positive(tr.epoch_size, "train.epoch_size")
     _check(tr.pretrain_epoch_size >= 0, "train.pretrain_epoch_size", "must be >= 0")

@@ -8,17 +8,19 @@ P5 subsampled by a stride-2 max-pool of kernel 1. Parameter names: ``lateral_con
 """
 import mindspore as ms
 from mindspore import nn
-from mindspore.common.initializer import XavierUniform, initializer
+from mindspore.common.initializer import initializer
 
+from src.maskrcnn import init_scheme
 from src.ops.conv import Conv2d
 from src.ops.upsample_add import UpsampleAdd
 
 P6_STRIDE = 2
 
 
-def _xavier_conv(in_channels, out_channels, kernel_size):
-    """Conv with bias, 'same' size output (explicit kernel // 2 padding), Xavier-uniform weight, zero bias."""
-    weight = initializer(XavierUniform(), (out_channels, in_channels, kernel_size, kernel_size), ms.float32)
+def _fpn_conv(cfg, in_channels, out_channels, kernel_size):
+    """Conv with bias, 'same' size output (explicit kernel // 2 padding), zero bias, weight by `train.init`."""
+    weight = initializer(init_scheme.fpn_weight(cfg), (out_channels, in_channels, kernel_size, kernel_size),
+                         ms.float32)
     return Conv2d(in_channels, out_channels, kernel_size, pad_mode="pad", padding=kernel_size // 2,
                   has_bias=True, weight_init=weight, bias_init="zeros")
 
@@ -33,8 +35,8 @@ class FeatPyramidNeck(nn.Cell):
         super().__init__()
         out_channels = cfg.fpn.fpn_out_channels
         in_channels = cfg.fpn.fpn_in_channels
-        self.lateral_convs = nn.CellList([_xavier_conv(c, out_channels, 1) for c in in_channels])
-        self.fpn_convs = nn.CellList([_xavier_conv(out_channels, out_channels, 3) for _ in in_channels])
+        self.lateral_convs = nn.CellList([_fpn_conv(cfg, c, out_channels, 1) for c in in_channels])
+        self.fpn_convs = nn.CellList([_fpn_conv(cfg, out_channels, out_channels, 3) for _ in in_channels])
         self.num_inputs = len(in_channels)
         self.p6_pool = nn.MaxPool2d(kernel_size=1, stride=P6_STRIDE)
         self.upsample_add = UpsampleAdd()            # lateral + nearest upsampling of the coarser map to its size

@@ -1,16 +1,15 @@
 """R-CNN box head: RoI features -> class logits and class-specific box deltas, and its loss.
 
 Two shared fully connected layers (fc6, fc7, torchvision's names) feed a classifier over C classes
-(background = 0) and a regressor with 4 deltas per class. Init: Xavier-uniform for the shared layers,
-N(0, 0.01) for the classifier and N(0, 0.001) for the regressor, zero biases, so the first predictions
-are near uniform and near the proposal boxes.
+(background = 0) and a regressor with 4 deltas per class. Init (`train.init`, src/maskrcnn/init_scheme.py):
+the recipe's Xavier-uniform shared layers and N(0, 0.01) / N(0, 0.001) classifier / regressor with zero
+biases make the first predictions near uniform and near the proposal boxes.
 """
 import mindspore as ms
 from mindspore import nn, ops
-from mindspore.common.initializer import Normal, XavierUniform
 
-CLS_INIT_STD = 0.01
-REG_INIT_STD = 0.001
+from src.maskrcnn import init_scheme
+
 BOX_DIMS = 4
 
 
@@ -22,6 +21,11 @@ def select_class(per_class, labels):
     return ops.gather(flat, index, 0)
 
 
+def _dense(in_features, out_features, weight_and_bias_init):
+    weight_init, bias_init = weight_and_bias_init
+    return nn.Dense(in_features, out_features, weight_init=weight_init, bias_init=bias_init)
+
+
 class RcnnCls(nn.Cell):
     """construct(roi_feats (R, rcnn_in_channels, roi_out_size, roi_out_size)) ->
     (cls_logits (R, C), deltas (R, C, 4)) with C = cfg.num_classes."""
@@ -31,13 +35,11 @@ class RcnnCls(nn.Cell):
         c = cfg.rcnn
         self.num_classes = cfg.num_classes
         in_features = c.rcnn_in_channels * cfg.roi.roi_out_size * cfg.roi.roi_out_size
-        self.fc6 = nn.Dense(in_features, c.rcnn_fc_out_channels, weight_init=XavierUniform(), bias_init="zeros")
-        self.fc7 = nn.Dense(c.rcnn_fc_out_channels, c.rcnn_fc_out_channels, weight_init=XavierUniform(),
-                            bias_init="zeros")
-        self.cls_score = nn.Dense(c.rcnn_fc_out_channels, self.num_classes, weight_init=Normal(CLS_INIT_STD),
-                                  bias_init="zeros")
-        self.bbox_pred = nn.Dense(c.rcnn_fc_out_channels, self.num_classes * BOX_DIMS,
-                                  weight_init=Normal(REG_INIT_STD), bias_init="zeros")
+        hidden = c.rcnn_fc_out_channels
+        self.fc6 = _dense(in_features, hidden, init_scheme.box_hidden(cfg, in_features))
+        self.fc7 = _dense(hidden, hidden, init_scheme.box_hidden(cfg, hidden))
+        self.cls_score = _dense(hidden, self.num_classes, init_scheme.box_classifier(cfg, hidden))
+        self.bbox_pred = _dense(hidden, self.num_classes * BOX_DIMS, init_scheme.box_regressor(cfg, hidden))
         self.relu = nn.ReLU()
         self.cls_weight = c.rcnn_loss_cls_weight
         self.reg_weight = c.rcnn_loss_reg_weight

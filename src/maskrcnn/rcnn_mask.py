@@ -1,8 +1,9 @@
 """R-CNN mask head: RoI features -> per-class 28x28 mask logits, its targets and its loss.
 
 Four 3x3 convs + ReLU, a 2x2 stride-2 deconv + ReLU that doubles the resolution, and a 1x1 conv to one
-logit map per class (torchvision's names: mask_fcn1..4, conv5_mask, mask_fcn_logits). Init: Kaiming
-normal (fan_out) for the convs and the deconv, N(0, 0.001) for the logits so every mask starts at p ~ 0.5.
+logit map per class (torchvision's names: mask_fcn1..4, conv5_mask, mask_fcn_logits). Init (`train.init`,
+src/maskrcnn/init_scheme.py): Kaiming normal (fan_out) for the convs and the deconv; the recipe's N(0, 0.001)
+logits start every mask at p ~ 0.5.
 
 Mask targets use the coordinate convention of box_ops (continuous input pixels, pixel (i, j) covers
 [j, j+1) x [i, i+1), no "+1" on widths), the one mask_paste.paste_masks inverts at evaluation: target cell
@@ -11,13 +12,13 @@ aligned RoIAlign of the GT mask at stride 1, thresholded at 0.5 (the op src/ops/
 """
 import mindspore as ms
 from mindspore import nn, ops
-from mindspore.common.initializer import HeNormal, Normal
+from mindspore.common.initializer import HeNormal
 
+from src.maskrcnn import init_scheme
 from src.maskrcnn.rcnn_cls import select_class
 from src.ops.conv import Conv2d, Conv2dTranspose
 from src.ops.mask_targets import MaskTargets
 
-LOGITS_INIT_STD = 0.001
 MASK_STRIDE = 1             # GT masks are at input resolution
 
 
@@ -41,9 +42,10 @@ class RcnnMask(nn.Cell):
         upsample = c.mask_shape // cfg.roi.mask_out_size
         self.conv5_mask = Conv2dTranspose(channels, channels, upsample, stride=upsample, pad_mode="valid",
                                           has_bias=True, weight_init=HeNormal(mode="fan_out", nonlinearity="relu"),
-                                          bias_init="zeros")
-        self.mask_fcn_logits = Conv2d(channels, cfg.num_classes, 1, has_bias=True,
-                                      weight_init=Normal(LOGITS_INIT_STD), bias_init="zeros")
+                                          bias_init=init_scheme.mask_upsample_bias(cfg, channels * upsample ** 2))
+        logits_weight, logits_bias = init_scheme.mask_logits(cfg, channels)
+        self.mask_fcn_logits = Conv2d(channels, cfg.num_classes, 1, has_bias=True, weight_init=logits_weight,
+                                      bias_init=logits_bias)
         self.mask_weight = c.rcnn_loss_mask_weight
         self.targets = MaskTargets(c.mask_shape, cfg.roi.roi_sample_ratio, MASK_STRIDE, c.mask_target_binary)
         self.sigmoid_ce = ops.SigmoidCrossEntropyWithLogits()

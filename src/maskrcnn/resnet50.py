@@ -26,7 +26,7 @@ Initialisation for training from scratch (no pretrained weights here): convoluti
 never change, so every BatchNorm is a fixed identity and nothing normalises the 16 residual additions:
 with Kaiming branches the activation variance grows at every block (rms of C2..C5 on an N(0, 1) image:
 0.57, 1.9, 13, 30). Trainable residual branches
-therefore start at zero, so each trainable block starts as the identity and the signal only passes
+therefore start at zero (unless `train.init: torchvision`, src/maskrcnn/init_scheme.py), so each trainable block starts as the identity and the signal only passes
 the stem and the four projection shortcuts (rms 0.68, 0.45, 0.31, 0.21 with the recipe's freezing;
 Goyal et al. 2017; Fixup, Zhang et al. 2019):
 - trainable BatchNorm: the last gamma of the branch is zero (the usual trick);
@@ -46,6 +46,7 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal, initializer
 
+from src.maskrcnn import init_scheme
 from src.ops.conv import Conv2d
 from src.ops.layout import Layout, ToPlain
 
@@ -184,7 +185,7 @@ class ResNet50(nn.Cell):
             stride = 1 if index == 0 else STAGE_STRIDE  # stage 1 follows the stem max-pool
             trainable = index >= self.frozen_stages
             blocks = [Bottleneck(in_channels if i == 0 else out_channels, out_channels, stride if i == 0 else 1,
-                                 bb.norm, bb.freeze_bn or not trainable, zero_branch=trainable)
+                                 bb.norm, bb.freeze_bn or not trainable, zero_branch=trainable and init_scheme.zero_residual_branches(cfg))
                       for i in range(depth)]
             stages.append(nn.SequentialCell(blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
