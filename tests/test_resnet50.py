@@ -213,6 +213,7 @@ def test_frozen_group_norm_keeps_its_affine_fixed():
 def test_frozen_batch_norms_folded_into_the_kernels_give_the_same_features_and_gradients(tiny, image):
     """On our CPU kernels a frozen BatchNorm (and the ReLU after it) runs inside its convolution; MindSpore's
     BatchNorm and ReLU operators must give the same features and gradients."""
+    ms.set_seed(0)             # the draws must not depend on which tests ran before in this process
     folded = ResNet50(tiny)
     with backend.use_mindspore_kernels():
         separate = ResNet50(tiny)
@@ -235,10 +236,10 @@ def test_frozen_batch_norms_folded_into_the_kernels_give_the_same_features_and_g
     np.testing.assert_allclose(image_grad.asnumpy(), image_grad_ref.asnumpy(), rtol=1e-3, atol=1e-9)
     assert not image_grad.asnumpy().any()                        # the stem is frozen: no gradient reaches the image
     assert len(weight_grads) == len(weight_grads_ref) > 0
-    # Within one process the two paths agree to ~1e-6 of a gradient's largest value, run after run; between
-    # processes (under load) up to ~1.6e-3 of it was seen on a few hundred elements (not explained yet: the two
-    # paths' convolution algorithms may differ per process). A folding error (a wrong scale or shift) moves whole
-    # channels by about that largest value.
+    # The two paths round differently, so a pre-activation within rounding of zero can pass one path's ReLU and
+    # not the other's, which moves its channel's gradients: up to ~1e-3 of a gradient's largest value for some
+    # weight draws (seed 3: 240 gradients of one output channel of layer2.1.conv1), ~1e-6 for most. A folding error (a wrong scale or shift) moves whole channels
+    # by about that largest value.
     for mine, theirs in zip(weight_grads, weight_grads_ref):
         scale = np.abs(theirs.asnumpy()).max()
         assert scale > 0
