@@ -8,7 +8,7 @@
 | RPN head | N(0, 0.01), bias 0 | the same |
 | box head fc6, fc7 | Xavier uniform, bias 0 | nn.Linear's: U(+-1 / sqrt(fan_in)) weight and bias |
 | box classifier / regressor | N(0, 0.01) / N(0, 0.001), bias 0 | nn.Linear's |
-| mask head convs, conv5_mask weight | Kaiming normal (fan_out), bias 0 | the same weights; conv5_mask bias U(+-1 / sqrt(fan_in)) |
+| mask convs, conv5_mask weight | Kaiming normal (fan_out), bias 0 | the same; conv5_mask bias U(+-1/sqrt(fan_in)) |
 | mask logits | N(0, 0.001), bias 0 | Kaiming normal (fan_out): std sqrt(2 / classes); bias U(+-1 / sqrt(fan_in)) |
 
 Only the first weights differ; a converted or resumed checkpoint overwrites them all.

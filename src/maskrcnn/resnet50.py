@@ -25,10 +25,10 @@ Initialisation for training from scratch (no pretrained weights here): convoluti
 (fan_out), BatchNorm gamma 1 / beta 0, moving statistics 0 / 1. With frozen BatchNorm those statistics
 never change, so every BatchNorm is a fixed identity and nothing normalises the 16 residual additions:
 with Kaiming branches the activation variance grows at every block (rms of C2..C5 on an N(0, 1) image:
-0.57, 1.9, 13, 30). Trainable residual branches
-therefore start at zero (unless `train.init: torchvision`, src/maskrcnn/init_scheme.py), so each trainable block starts as the identity and the signal only passes
-the stem and the four projection shortcuts (rms 0.68, 0.45, 0.31, 0.21 with the recipe's freezing;
-Goyal et al. 2017; Fixup, Zhang et al. 2019):
+0.57, 1.9, 13, 30). Trainable residual branches therefore start at zero (unless `train.init: torchvision`,
+src/maskrcnn/init_scheme.py), so each trainable block starts as the identity and the signal only passes the
+stem and the four projection shortcuts (rms 0.68, 0.45, 0.31, 0.21 with the recipe's freezing; Goyal et al.
+2017; Fixup, Zhang et al. 2019):
 - trainable BatchNorm: the last gamma of the branch is zero (the usual trick);
 - frozen BatchNorm: gamma is fixed forever, so a zero gamma would kill the branch for good; the last
   conv weight of the branch is zero instead. It still gets a gradient (its input and the gradient
@@ -184,8 +184,9 @@ class ResNet50(nn.Cell):
                 zip(bb.resnet_block, bb.resnet_in_channels, bb.resnet_out_channels)):
             stride = 1 if index == 0 else STAGE_STRIDE  # stage 1 follows the stem max-pool
             trainable = index >= self.frozen_stages
+            zero_branch = trainable and init_scheme.zero_residual_branches(cfg)
             blocks = [Bottleneck(in_channels if i == 0 else out_channels, out_channels, stride if i == 0 else 1,
-                                 bb.norm, bb.freeze_bn or not trainable, zero_branch=trainable and init_scheme.zero_residual_branches(cfg))
+                                 bb.norm, bb.freeze_bn or not trainable, zero_branch=zero_branch)
                       for i in range(depth)]
             stages.append(nn.SequentialCell(blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
