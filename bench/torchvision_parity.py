@@ -31,6 +31,7 @@ SYNTHETIC_CLASSES = ("rectangle", "ellipse", "triangle", "star")
 MIN_SIZE, MAX_SIZE = 128, 192          # the small size both sides run at in the bench (torchvision's min/max_size)
 BN_RECALIBRATION_BATCHES = 25          # batches whose mean statistics replace the running ones after training
 SCORE_KEYS = ("AP", "AP50", "AP75")
+FINEST_LEVEL, COARSEST_LEVEL = 2, 5    # the RoI poolers read P2..P5 (strides 4..32)
 
 
 # ---------------------------------------------------------------- torchvision side (bench venv)
@@ -146,6 +147,18 @@ def train(args):
     return 0
 
 
+def _fix_roi_pool_strides(model):
+    """Give the RoI poolers P2..P5's strides. MultiScaleRoIAlign infers them on its first call from the feature
+    sizes against the largest unpadded image and keeps them: on a canvas much larger than the image (a 128 x 169
+    image on 192 x 192) it infers strides 2..16 instead of 4..32."""
+    from torchvision.ops.poolers import initLevelMapper
+
+    for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
+        pool.scales = [2.0 ** -level for level in range(FINEST_LEVEL, COARSEST_LEVEL + 1)]
+        pool.map_levels = initLevelMapper(FINEST_LEVEL, COARSEST_LEVEL, canonical_scale=pool.canonical_scale,
+                                          canonical_level=pool.canonical_level)
+
+
 def torchvision_eval(args):
     """torchvision's inference on the decoded images of --images, scored by pycocotools -> JSON on stdout."""
     import torch
@@ -162,6 +175,7 @@ def torchvision_eval(args):
     model.eval()
     if args.canvas:              # pad every image to one canvas x canvas input, as our fixed-canvas graph does
         model.transform.size_divisible = args.canvas
+        _fix_roi_pool_strides(model)
     coco_gt = COCO(args.ann_file)
     slot_to_category = {i + 1: c["id"] for i, c in enumerate(sorted(coco_gt.dataset["categories"],
                                                                      key=lambda c: c["id"]))}
@@ -237,9 +251,14 @@ def _decoded_val_images(data_dir, out):
     os.replace(out + ".tmp.npz", out)
 
 
+def preset_canvas(max_size):
+    """Side of our fixed square canvas for the bench's size (a multiple of 64, see docs/architecture.md 8)."""
+    return -(-max_size // 64) * 64
+
+
 def preset_overrides(min_size, max_size, classes):
     """Command-line overrides of configs/torchvision.yaml for the bench's size and classes."""
-    canvas = -(-max_size // 64) * 64
+    canvas = preset_canvas(max_size)
     return ["--data.min_size", str(min_size), "--data.max_size", str(max_size),
             "--data.img_height", str(canvas), "--data.img_width", str(canvas),
             "--data.classes", json.dumps(["background", *classes]), "--test.test_batch_size", "1"]
@@ -290,31 +309,37 @@ def compare(args):
              os.path.join(args.work, "to_npz.log"))
     _run([sys.executable, "-m", "src.convert_checkpoint", "--src", source, "--out", converted,
           "--config", "torchvision", *overrides], os.path.join(args.work, "convert.log"))
+    tv_eval = [args.bench_python, os.path.abspath(__file__), "tv-eval", "--checkpoint", args.checkpoint, "--images",
+               images, "--ann_file", ann_file, "--min_size", str(args.min_size), "--max_size", str(args.max_size)]
     tv_out = os.path.join(args.work, "torchvision_eval.json")
-    _run([args.bench_python, os.path.abspath(__file__), "tv-eval", "--checkpoint", args.checkpoint, "--images", images,
-          "--ann_file", ann_file, "--out", tv_out, "--min_size", str(args.min_size), "--max_size",
-          str(args.max_size)], os.path.join(args.work, "torchvision_eval.log"))
+    _run(tv_eval + ["--out", tv_out], os.path.join(args.work, "torchvision_eval.log"))
+    # torchvision padded as our graph is (docs/architecture.md 5): what remains between the two is the rest
+    tv_canvas_out = os.path.join(args.work, "torchvision_eval_canvas.json")
+    _run(tv_eval + ["--out", tv_canvas_out, "--canvas", str(preset_canvas(args.max_size))],
+         os.path.join(args.work, "torchvision_eval_canvas.log"))
     ours_dir = os.path.join(args.work, "ours")
     _run([sys.executable, "eval.py", "--config", "torchvision", "--checkpoint_path", converted, "--ann_file", ann_file,
           "--output_dir", ours_dir, "--data.coco_root", args.data,
           "--data.mindrecord_dir", os.path.join(args.work, "mindrecord"), *overrides],
          os.path.join(args.work, "eval.log"))
-    with open(tv_out, encoding="utf-8") as handle:
-        tv = json.load(handle)
-    theirs = tv["metrics"]
     with open(os.path.join(ours_dir, "eval_metrics.json"), encoding="utf-8") as handle:
         ours = json.load(handle)
     with open(os.path.join(ours_dir, "detections.json"), encoding="utf-8") as handle:
         ours_results = json.load(handle)
-    report = {"torchvision": theirs, "ours": {k: ours[k] for k in ("bbox", "segm", "detections") if k in ours},
-              "matched_share": detection_agreement(tv["results"], ours_results)}
-    print(f"detections: torchvision {theirs['detections']}, ours {ours['detections']}; share of torchvision's "
-          f"matched by ours (same class, IoU >= 0.9, score within 0.01): {report['matched_share']:.3f}")
-    for iou_type in ("bbox", "segm"):
-        diff = ours[iou_type]["AP"] - theirs[iou_type]["AP"]
-        report[f"{iou_type}_AP_difference"] = diff
-        print(f"{iou_type}: torchvision AP {theirs[iou_type]['AP']:.4f}, ours {ours[iou_type]['AP']:.4f}, "
-              f"difference {diff:+.4f}")
+    report = {"ours": {k: ours[k] for k in ("bbox", "segm", "detections") if k in ours}}
+    for name, path, padding in (("torchvision", tv_out, "its own padding (multiple of 32)"),
+                                ("torchvision_at_our_canvas", tv_canvas_out, "padded to our canvas")):
+        with open(path, encoding="utf-8") as handle:
+            tv = json.load(handle)
+        theirs = tv["metrics"]
+        row = {"metrics": theirs, "matched_share": detection_agreement(tv["results"], ours_results)}
+        print(f"torchvision, {padding}: {theirs['detections']} detections, ours {ours['detections']}; share of "
+              f"torchvision's matched by ours (same class, IoU >= 0.9, score within 0.01): {row['matched_share']:.3f}")
+        for iou_type in ("bbox", "segm"):
+            row[f"{iou_type}_AP_difference"] = ours[iou_type]["AP"] - theirs[iou_type]["AP"]
+            print(f"  {iou_type}: torchvision AP {theirs[iou_type]['AP']:.4f}, ours {ours[iou_type]['AP']:.4f}, "
+                  f"difference {row[f'{iou_type}_AP_difference']:+.4f}")
+        report[name] = row
     with open(os.path.join(args.work, "parity.json"), "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=1)
     return 0
