@@ -238,9 +238,9 @@ def test_frozen_batch_norms_folded_into_the_kernels_give_the_same_features_and_g
     assert len(weight_grads) == len(weight_grads_ref) > 0
     # The two paths round differently, so a pre-activation within rounding of zero can pass one path's ReLU and
     # not the other's, which moves its channel's gradients: up to ~1e-3 of a gradient's largest value for some
-    # weight draws (seed 3: 240 gradients of one output channel of layer2.1.conv1), ~1e-6 for most. A folding
-    # error (a wrong scale or shift) moves whole channels by about that largest value.
+    # weight draws (seed 3: 240 gradients of one output channel of layer2.1.conv1), ~1e-6 for most, seed 0 here
+    # included. A folding error (a wrong scale or shift) moves whole channels by about that largest value.
     for mine, theirs in zip(weight_grads, weight_grads_ref):
         scale = np.abs(theirs.asnumpy()).max()
         assert scale > 0
-        np.testing.assert_allclose(mine.asnumpy(), theirs.asnumpy(), rtol=1e-3, atol=5e-3 * scale)
+        np.testing.assert_allclose(mine.asnumpy(), theirs.asnumpy(), rtol=1e-3, atol=1e-4 * scale)
