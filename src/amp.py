@@ -11,26 +11,46 @@ precision the convolutions and matrix products compute in:
   proposals, targets and losses are float32. O2 casts everything but MindSpore's black list (BatchNorm and the
   like), O3 everything. O1 (white-listed operators only) is refused there: MindSpore builds it by rewriting the
   cells' source, which fails on this model.
-- `auto` (the default): O0 on CPU (the recipe keeps float32 until bf16 training is shown to reach the same
-  accuracy), O2 on Ascend and GPU (the ModelZoo ran its graph in float16 on Ascend).
+- `auto` (the default): on a CPU with bfloat16 instructions (AVX512-BF16 or AMX) O2, since bf16 training
+  reaches float32's AP (docs/demo_results.md) in 0.74x the step; on other CPUs O0, where oneDNN would emulate
+  bfloat16 at no gain; O2 on Ascend and GPU (the ModelZoo ran its graph in float16 on Ascend).
 
 The loss scale (`train.loss_scale`, the recipe's fixed 1) and dynamic loss scaling (`train.loss_scale_mode`)
 are the training cell's (src/network_define.py).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from src.config import AMP_LEVELS
 
 AUTO = "auto"
-DEFAULT_LEVELS = {"CPU": "O0", "GPU": "O2", "Ascend": "O2"}
+DEFAULT_LEVELS = {"CPU": "O0", "CPU with bf16": "O2", "GPU": "O2", "Ascend": "O2"}
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+CPUINFO = "/proc/cpuinfo"
 # The cells computing features and head outputs; the rest of the model is box math and sampling.
 COMPUTE_CELLS = ("backbone", "neck", "rpn", "rcnn_cls", "rcnn_mask")
 
 
-def resolve(level: str, device: str) -> str:
+def cpu_has_bf16(cpuinfo: str = CPUINFO) -> bool:
+    """Whether the CPU computes in bfloat16 natively: an AVX512-BF16 or AMX-BF16 flag in `cpuinfo` (Linux's
+    /proc/cpuinfo). False where that file cannot be read."""
+    try:
+        with open(cpuinfo) as info:
+            flags = set(info.read().split())
+    except OSError:
+        return False
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
+def resolve(level: str, device: str, cpu_bf16: Optional[bool] = None) -> str:
     """The amp level a run uses on `device` ("CPU" / "GPU" / "Ascend"): `level`, or with auto that device's
-    default."""
-    return DEFAULT_LEVELS[device] if level == AUTO else level
+    default (on the CPU, whether it has bfloat16 instructions: `cpu_bf16`, probed when None)."""
+    if level != AUTO:
+        return level
+    if device == "CPU" and (cpu_has_bf16() if cpu_bf16 is None else cpu_bf16):
+        return DEFAULT_LEVELS["CPU with bf16"]
+    return DEFAULT_LEVELS[device]
 
 
 def describe(level: str, device: str, kernel_convolutions: int = 1) -> str:

@@ -190,7 +190,8 @@ class TrainConfig:
     lr_replans: List[List[int]] = field(default_factory=list)
     batch_size: int = 2
     # Mixed precision (src/amp.py): O0 float32 | O1 / O2 / O3: on CPU the convolutions on bfloat16 inputs
-    # (float32 accumulation), on Ascend / GPU float16 (O2, O3) | auto: O0 on CPU, O2 on Ascend and GPU.
+    # (float32 accumulation), on Ascend / GPU float16 (O2, O3) | auto: O2 on a CPU with AVX512-BF16 / AMX, else
+    # O0 on CPU; O2 on Ascend and GPU.
     # Weights, optimizer state, losses and box math stay float32 at every level.
     amp_level: str = "auto"
     loss_scale: float = 1.0                     # the recipe's fixed scale; the start value when dynamic

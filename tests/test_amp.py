@@ -1,6 +1,7 @@
 """src/amp.py: the amp levels on CPU. O0 leaves the first training step bit for bit as before mixed precision
 existed; bf16 convolutions (O1-O3) keep the first step's losses and the detections of the tiny model within the
-error bfloat16's rounding explains; the levels resolve per device and the keys are validated."""
+error bfloat16's rounding explains; the levels resolve per device (auto: by the CPU's bf16 flags) and the keys are
+validated."""
 import numpy as np
 import mindspore as ms
 import pytest
@@ -29,13 +30,7 @@ MATCH_IOU, SCORE_ATOL = 0.98, 5e-3
 MASK_PIXELS_DIFFERENT = 0.02     # of a matched detection's binary mask, near the 0.5 threshold
 
 
-def _cpu_has_bf16() -> bool:
-    with open("/proc/cpuinfo") as info:
-        flags = info.read()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-needs_bf16 = pytest.mark.skipif(not (backend.enabled() and _cpu_has_bf16()),
+needs_bf16 = pytest.mark.skipif(not (backend.enabled() and amp.cpu_has_bf16()),
                                 reason="bf16 convolutions need our kernels and a CPU with AVX512-BF16 / AMX")
 
 
@@ -98,8 +93,10 @@ def test_bf16_detections_match_float32(tiny):
 
 
 def test_levels_resolve_per_device_and_o1_is_refused_off_the_cpu(tiny):
-    assert [amp.resolve("auto", device) for device in ("CPU", "GPU", "Ascend")] == ["O0", "O2", "O2"]
-    assert amp.resolve("O3", "CPU") == "O3"
+    assert [amp.resolve("auto", device, cpu_bf16=False) for device in ("CPU", "GPU", "Ascend")] == ["O0", "O2", "O2"]
+    assert amp.resolve("auto", "CPU", cpu_bf16=True) == "O2"
+    assert amp.resolve("O3", "CPU") == amp.resolve("O3", "CPU", cpu_bf16=False) == "O3"
+    assert amp.resolve("O0", "CPU", cpu_bf16=True) == "O0"
     net = MaskRcnnResnet50(tiny)
     with pytest.raises(ValueError, match="O1 is not available on Ascend"):
         amp.apply(net, "O1", "Ascend")
@@ -126,5 +123,24 @@ def test_the_announced_precision_says_float32_when_no_convolution_is_on_the_kern
         net = MaskRcnnResnet50(tiny)
     amp.set_precision(net, "O2", "CPU")
     assert "precision: float32 (amp O2 on CPU" in capsys.readouterr().out
-    amp.set_precision(MaskRcnnResnet50(tiny), "auto", "CPU")
+    amp.set_precision(MaskRcnnResnet50(tiny), "O0", "CPU")
     assert capsys.readouterr().out.strip() == "precision: float32 (amp O0)"
+
+
+@pytest.mark.parametrize("flags, native", [("fpu sse avx512f avx512_bf16 avx512_vnni", True),
+                                           ("fpu avx512f amx_tile amx_bf16 amx_int8", True),
+                                           ("fpu sse avx2 avx512f avx512_vnni", False),
+                                           ("fpu avx512f avx512_bf16x", False)])
+def test_auto_reads_the_cpus_bf16_flags(tmp_path, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert amp.cpu_has_bf16(str(cpuinfo)) is native
+    assert amp.cpu_has_bf16(str(tmp_path / "missing")) is False
+
+
+def test_the_presets_whose_numbers_are_compared_stay_float32_on_every_cpu():
+    for preset in ("tiny", "torchvision"):
+        cfg = load_config(preset)
+        assert (cfg.train.amp_level, cfg.test.amp_level) == ("O0", "O0"), preset
+    demo = load_config("demo")
+    assert (demo.train.amp_level, demo.test.amp_level) == ("auto", "auto")
