@@ -9,7 +9,9 @@ GroupNorm, batch 2, Adam (L2 weight decay as ours) with the same lr per step (ou
 64 RPN samples per image (half positive), 300 / 64 proposals per level / image, 32 RoIs per image (a quarter
 positive), 30 detections, flip 0.5, inputs resized to fit 128x192 (torchvision resizes the short side to 128
 up to a long side of 192; ours fits the image into 128x192). Ours runs as demo.py --steps N does (train.py
-and eval.py as child processes); torchvision (bench/compare_torchvision.build_torchvision) runs under
+and eval.py as child processes) in the demo's precision: amp auto, i.e. bf16 convolutions on a CPU with
+AVX512-BF16 / AMX (the row then says "ours bf16"; `--ours_options='--train.amp_level O0 --test.amp_level O0'`
+trains in float32). torchvision (bench/compare_torchvision.build_torchvision) runs in float32 under
 --torch_python (.venv-bench). Both are scored with pycocotools on the same val images.
 
 Prints one row per side (steps, training wall time including compile, bbox AP, segm AP) and appends the
@@ -103,7 +105,15 @@ def run_ours(args, demo_argv):
     seconds = time.time() - begin
     metrics = demo.evaluate(args_d.out, checkpoint, cfg, overrides)
     return {"side": "ours", "steps": args.steps, "train_seconds": round(seconds, 1),
-            "bbox_AP": metrics["bbox"]["AP"], "segm_AP": metrics["segm"]["AP"]}, cfg
+            "bbox_AP": metrics["bbox"]["AP"], "segm_AP": metrics["segm"]["AP"],
+            "precision": training_precision(cfg)}, cfg
+
+
+def training_precision(cfg) -> str:
+    """'fp32' or 'bf16': what our side trains in on this CPU (amp auto: bf16 where the CPU has AVX512-BF16 / AMX)."""
+    from src import amp
+
+    return "fp32" if amp.resolve(cfg.train.amp_level, "CPU") == "O0" else "bf16"
 
 
 # ---------------------------------------------------------------- torchvision (worker process)
@@ -262,7 +272,8 @@ def table_rows(results, args) -> str:
     date = time.strftime("%Y-%m-%d", time.gmtime())
     def side(result):
         options = " ".join(args.ours_options) if result["side"] == "ours" else ""
-        return f"{result['side']} (`{options}`)" if options else result["side"]
+        name = result["side"] + ("" if result.get("precision", "fp32") == "fp32" else f" {result['precision']}")
+        return f"{name} (`{options}`)" if options else name
 
     return "".join(f"| {date} | {args.style}, {args.seed} | {args.images} / {args.val_images} | {side(r)} | "
                    f"{r['steps']} | {r['train_seconds']:.0f} | {r['bbox_AP']:.3f} | {r['segm_AP']:.3f} |\n"

@@ -47,6 +47,8 @@ def test_rows_are_appended_to_one_table(tmp_path):
                {"side": "torchvision", "steps": 20, "train_seconds": 30.0, "bbox_AP": 0.5, "segm_AP": 0.25}]
     rows = compare_learning.table_rows(results, args)
     assert rows.count("\n") == 2 and "| simple, 0 | 8 / 4 | ours | 20 | 61 | 0.012 | 0.020 |" in rows
+    bf16 = compare_learning.table_rows([dict(results[0], precision="bf16")], args)
+    assert "| simple, 0 | 8 / 4 | ours bf16 | 20 | 61 |" in bf16
     path = tmp_path / "results.md"
     path.write_text("# Results\n\n## Other\n\ntext\n")
     compare_learning.append_rows(str(path), rows)
@@ -93,3 +95,5 @@ def test_our_side_options_reach_demo_and_name_the_row(tmp_path):
     ours_row, torch_row = compare_learning.table_rows(results, args).splitlines()
     assert "| ours (`--rcnn.rcnn_smooth_l1_beta 0.25 --test.mask_paste torchvision`) |" in ours_row
     assert "| torchvision |" in torch_row
+    assert compare_learning.training_precision(demo.parse_args(["--train.amp_level", "O0"])[2]) == "fp32"
+    assert compare_learning.training_precision(demo.parse_args(["--train.amp_level", "O2"])[2]) == "bf16"
