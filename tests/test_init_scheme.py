@@ -98,3 +98,8 @@ def test_the_schemes_differ_only_where_the_table_says(recipe, torchvision):
 def test_an_unknown_scheme_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match="train.init.*recipe, torchvision.*'kaiming'"):
         load_config("tiny", {"train.init": "kaiming"})
+
+
+def test_the_recipe_keeps_its_weights_and_the_demo_and_torchvision_presets_take_torchvision_s():
+    assert [load_config(preset).train.init for preset in ("coco", "tiny", "demo", "torchvision")] == [
+        "recipe", "recipe", "torchvision", "torchvision"]
