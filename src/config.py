@@ -40,9 +40,6 @@ COCO_CLASSES = (
 # MindSpore's mixed-precision levels (src/amp.py says what each computes in); `auto` picks one per device.
 AMP_LEVELS = ("O0", "O1", "O2", "O3")
 INIT_SCHEMES = ("recipe", "torchvision")
-# Model parts whose activations a training step recomputes in its backward pass instead of keeping them
-# (MaskRcnnResnet50.recompute_parts).
-RECOMPUTE_PARTS = ("backbone", "mask_head")
 
 
 class ConfigError(ValueError):
@@ -215,10 +212,6 @@ class TrainConfig:
     # Initial weights for training from scratch (src/maskrcnn/init_scheme.py): recipe (residual branches start
     # at zero, Xavier FPN and box head, small predictors) | torchvision (torchvision 0.29's initialisers)
     init: str = "recipe"
-    # Parts recomputed in the backward pass instead of keeping their activations: less memory per step, more
-    # time (bench/results.md, "Training memory per stage"). backbone: inside each residual block; mask_head:
-    # inside the mask head. [] keeps everything (the recipe).
-    recompute: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -403,8 +396,6 @@ def validate(cfg: Config) -> Config:
     _check(tr.optimizer in ("momentum", "adam", "adamw"), "train.optimizer",
            f"must be 'momentum', 'adam' or 'adamw', got '{tr.optimizer}'")
     _check(tr.init in INIT_SCHEMES, "train.init", f"must be one of {', '.join(INIT_SCHEMES)}, got '{tr.init}'")
-    unknown = [part for part in tr.recompute if part not in RECOMPUTE_PARTS]
-    _check(not unknown, "train.recompute", f"parts must be among {', '.join(RECOMPUTE_PARTS)}, got {unknown}")
     _check(tr.grad_clip_norm >= 0, "train.grad_clip_norm", f"must be >= 0 (0 = off), got {tr.grad_clip_norm}")
     _positive(tr.epoch_size, "train.epoch_size")
     _check(tr.pretrain_epoch_size >= 0, "train.pretrain_epoch_size", "must be >= 0")

@@ -17,7 +17,7 @@ from src.maskrcnn.fpn_neck import FeatPyramidNeck
 from src.maskrcnn.proposal_generator import Proposal
 from src.maskrcnn.rcnn_cls import RcnnCls, select_class
 from src.maskrcnn.rcnn_mask import RcnnMask
-from src.maskrcnn.resnet50 import Bottleneck, ResNet50
+from src.maskrcnn.resnet50 import ResNet50
 from src.maskrcnn.roi_align import MultiLevelRoIAlign
 from src.maskrcnn.rpn import RPN
 from src.ops import layout
@@ -141,16 +141,6 @@ class MaskRcnnResnet50(nn.Cell):
         self.rcnn_stds = box_ops.as_tensor(cfg.rcnn.rcnn_target_stds)
         self.anchors_inside_only = cfg.rpn.anchors_inside_only
         self.sample_seed = Parameter(Tensor(0, ms.int32), name="sample_seed", requires_grad=False)
-        self.recompute_parts(cfg.train.recompute)
-
-    def recompute_parts(self, parts):
-        """Let the backward pass recompute the activations inside `parts` (train.recompute) instead of keeping
-        them from the forward pass; the results are the same, bit for bit."""
-        blocks = [cell for _, cell in self.backbone.cells_and_names() if isinstance(cell, Bottleneck)]
-        cells = {"backbone": blocks, "mask_head": [self.rcnn_mask]}
-        for part in parts:
-            for cell in cells[part]:
-                cell.recompute()
 
     def _features(self, image):
         """FPN levels P2..P6, each (B, 256, h_l, w_l)."""
