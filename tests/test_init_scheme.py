@@ -100,6 +100,6 @@ def test_an_unknown_scheme_is_refused_naming_the_key():
         load_config("tiny", {"train.init": "kaiming"})
 
 
-def test_the_recipe_keeps_its_weights_and_the_demo_and_torchvision_presets_take_torchvision_s():
+def test_only_the_torchvision_preset_takes_torchvision_s_first_weights():
     assert [load_config(preset).train.init for preset in ("coco", "tiny", "demo", "torchvision")] == [
-        "recipe", "recipe", "torchvision", "torchvision"]
+        "recipe", "recipe", "recipe", "torchvision"]
