@@ -12,8 +12,8 @@ precision the convolutions and matrix products compute in:
   like), O3 everything. O1 (white-listed operators only) is refused there: MindSpore builds it by rewriting the
   cells' source, which fails on this model.
 - `auto` (the default): on a CPU with bfloat16 instructions (AVX512-BF16 or AMX) O2, since bf16 training
-  reaches float32's AP (docs/demo_results.md) in 0.74x the step; on other CPUs O0, where oneDNN would emulate
-  bfloat16 at no gain; O2 on Ascend and GPU (the ModelZoo ran its graph in float16 on Ascend).
+  reaches float32's AP in less time per step (docs/demo_results.md); on other CPUs O0, where oneDNN would only
+  emulate bfloat16; O2 on Ascend and GPU (the ModelZoo ran its graph in float16 on Ascend).
 
 The loss scale (`train.loss_scale`, the recipe's fixed 1) and dynamic loss scaling (`train.loss_scale_mode`)
 are the training cell's (src/network_define.py).

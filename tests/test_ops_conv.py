@@ -6,6 +6,7 @@ import mindspore as ms
 import pytest
 from mindspore import nn, ops
 
+from src import amp
 from src.config import load_config
 from src.maskrcnn.mask_rcnn_r50 import MaskRcnnResnet50
 from src.ops import backend, conv
@@ -121,12 +122,6 @@ def test_transposed_conv_for_onnx_export_is_the_same_layer_as_a_matmul(kwargs):
     np.testing.assert_allclose(exported(x).asnumpy(), reference(x).asnumpy(), rtol=1e-5, atol=1e-5)
 
 
-def _cpu_has_bf16() -> bool:
-    with open("/proc/cpuinfo") as info:
-        flags = info.read()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 BF16_LAYERS = [LAYERS[0], LAYERS[2], LAYERS[5]]
 
 
@@ -155,4 +150,4 @@ def test_bf16_math_stays_within_bfloat16_rounding_in_every_pass(layer):
         error = np.abs(reduced - full).max() / np.abs(full).max()
         assert error < 2e-2, (name, error)
         differs |= error > 0
-    assert differs == _cpu_has_bf16()
+    assert differs == amp.cpu_has_bf16()
