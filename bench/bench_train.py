@@ -21,6 +21,7 @@ import mindspore as ms  # noqa: E402
 from mindspore import Tensor  # noqa: E402
 
 from src.config import load_config  # noqa: E402
+from src.data.mask_bits import pack_masks  # noqa: E402
 from src.maskrcnn.mask_rcnn_r50 import LOSS_NAMES, MaskRcnnResnet50, model_summary  # noqa: E402
 from src.network_define import build_train_step  # noqa: E402
 
@@ -30,7 +31,8 @@ MIN_BOX_FRACTION, MAX_BOX_FRACTION = 0.1, 0.4     # box side as a fraction of th
 
 
 def synthetic_batch(cfg, seed=0):
-    """One training batch in the dataset's column layout (docs/architecture.md)."""
+    """One training batch in the dataset's column layout (docs/architecture.md; the masks as bits, as train.py
+    feeds them)."""
     rng = np.random.default_rng(seed)
     d, batch = cfg.data, cfg.train.batch_size
     height, width, slots = d.img_height, d.img_width, d.max_instance_count
@@ -49,7 +51,7 @@ def synthetic_batch(cfg, seed=0):
             label[b, i] = rng.integers(1, cfg.num_classes)
             valid[b, i] = True
             mask[b, i, y:y + h, x:x + w] = 1
-    return [Tensor(a) for a in (image, image_shape, box, label, valid, mask)]
+    return [Tensor(a) for a in (image, image_shape, box, label, valid, pack_masks(mask))]
 
 
 def bench(name, steps, batch_size=None):

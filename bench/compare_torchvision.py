@@ -107,6 +107,7 @@ def run_ours(job):
     sys.path.insert(0, ROOT)
     from src import amp
     from src.config import load_config              # importing src loads our CPU kernels (or caps oneDNN at AVX2)
+    from src.data.mask_bits import pack_masks
     from src.maskrcnn.mask_rcnn_r50 import LOSS_NAMES, MaskRcnnResnet50
     from src.network_define import build_train_step
 
@@ -138,7 +139,7 @@ def run_ours(job):
         mask = np.zeros((BATCH, slots, height, width), np.uint8)
         box[:, :count], label[:, :count], valid[:, :count] = scene["boxes"], scene["labels"], True
         mask[:, :count] = scene["masks"]
-        inputs = [ms.Tensor(a) for a in (image, image_shape, box, label, valid, mask)]
+        inputs = [ms.Tensor(a) for a in (image, image_shape, box, label, valid, pack_masks(mask))]   # as train.py
         net.set_train(True)
         _, step = build_train_step(net, LOSS_NAMES, cfg.train, job["sgd"]["lr"])
 

@@ -115,6 +115,7 @@ def static_sizes(height, width, overrides):
     """MiB of the tensors whose size follows from the config: parameters, gradients, optimizer state, batch."""
     sys.path.insert(0, ROOT)
     from src.config import load_config
+    from src.data.mask_bits import packed_width
     from src.maskrcnn.mask_rcnn_r50 import MaskRcnnResnet50
 
     import mindspore as ms
@@ -128,7 +129,7 @@ def static_sizes(height, width, overrides):
     state_copies = {"momentum": 1, "adam": 2, "adamw": 2}[cfg.train.optimizer]
     batch, slots = cfg.train.batch_size, cfg.data.max_instance_count
     arrays = {"image float32 (B, 3, H, W)": batch * 3 * height * width * 4,
-              "masks uint8 (B, M, H, W)": batch * slots * height * width,
+              "masks as bits (B, M, H, ceil(W / 8))": batch * slots * height * packed_width(width),
               "boxes, labels, valid (B, M, ...)": batch * slots * (16 + 4 + 1)}
     rows = [("parameters (float32)", param_bytes), ("gradients of the trainable ones", trainable_bytes),
             (f"{cfg.train.optimizer} state ({state_copies} per trainable parameter)", state_copies * trainable_bytes)]

@@ -8,6 +8,7 @@ import numpy as np
 import mindspore.dataset as ds
 
 from src.config import load_config
+from src.data.mask_bits import unpack_masks
 
 TRAIN_JSON = os.path.join("annotations", "instances_train2017.json")
 VAL_JSON = os.path.join("annotations", "instances_val2017.json")
@@ -28,9 +29,15 @@ def with_overrides(cfg, **overrides):
     return out
 
 
-def batches_of(dataset):
-    return [{k: np.array(v) for k, v in batch.items()}
-            for batch in dataset.create_dict_iterator(output_numpy=True, num_epochs=1)]
+def batches_of(dataset, pixels=True):
+    """Batches as dicts of arrays; the training masks (bits from the pipeline) as 0/1 pixels unless pixels=False."""
+    batches = [{k: np.array(v) for k, v in batch.items()}
+               for batch in dataset.create_dict_iterator(output_numpy=True, num_epochs=1)]
+    if pixels:
+        for batch in batches:
+            if "mask" in batch:
+                batch["mask"] = unpack_masks(batch["mask"], batch["image"].shape[-1])
+    return batches
 
 
 def samples_of(batches):

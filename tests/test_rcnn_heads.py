@@ -5,12 +5,14 @@ import pytest
 from mindspore import Tensor, nn
 
 from src.config import load_config
+from src.data.mask_bits import pack_masks
 from src.maskrcnn.fpn_neck import FeatPyramidNeck
 from src.maskrcnn.rcnn_cls import RcnnCls
 from src.maskrcnn.rcnn_mask import RcnnMask
 from src.maskrcnn.resnet50 import ResNet50
 from src.maskrcnn.rpn import RPN
 from src.ops import backend
+from src.ops.mask_targets import MaskTargets
 from references import (analytic_fpn_count, analytic_resnet_count, analytic_rpn_count, learnable_count,
                         numpy_bce_with_logits, numpy_smooth_l1)
 
@@ -206,19 +208,49 @@ def test_soft_mask_targets_are_the_roi_align_of_the_mask(tiny):
     assert 0.0 < targets[0, 0, 13] < 1.0
 
 
-def test_mask_targets_match_numpy_and_pick_each_rois_gt(tiny, target_net):
-    rng = np.random.RandomState(3)
-    batch, num_gts, height, width = 2, tiny.data.max_instance_count, tiny.data.img_height, tiny.data.img_width
+def random_mask_case(rng, batch, num_gts, height, width, rows):
+    """(masks (B*M, H, W) uint8 rectangles with holes and ragged edges, gt_index (rows,), rois (rows, 4) that
+    overlap their GT only partly)."""
     masks = np.zeros((batch * num_gts, height, width), np.uint8)
     boxes = np.zeros((batch * num_gts, 4))
     for index in range(batch * num_gts):
         x0, y0 = rng.randint(10, width - 60), rng.randint(10, height - 50)
         x1, y1 = x0 + rng.randint(10, 50), y0 + rng.randint(10, 40)
-        masks[index, y0:y1, x0:x1] = rng.rand(y1 - y0, x1 - x0) < 0.9           # holes and ragged edges
+        masks[index, y0:y1, x0:x1] = rng.rand(y1 - y0, x1 - x0) < 0.9
         boxes[index] = x0, y0, x1, y1
-    rows = 6
     gt_index = rng.choice(batch * num_gts, rows, replace=False).astype(np.int32)
-    rois = (boxes[gt_index] + rng.uniform(-8, 8, (rows, 4))).astype(np.float32)   # overlap their GT only partly
+    rois = (boxes[gt_index] + rng.uniform(-8, 8, (rows, 4))).astype(np.float32)
+    return masks, gt_index, rois
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "soft"])
+@pytest.mark.parametrize("kernels", ["cpu_kernel", "mindspore_ops"])
+def test_mask_targets_from_bits_equal_those_from_bytes(kernels, binary):
+    """The training pipeline's bits (src/data/mask_bits.py) give the same targets as one byte per pixel, on both
+    paths, also for a width that is not a multiple of 8 (the last byte of a row half used)."""
+    batch, num_gts, height, width, size = 2, 3, 90, 141, 28
+    masks, gt_index, rois = random_mask_case(np.random.RandomState(5), batch, num_gts, height, width, rows=6)
+    masks[:, :, width - 3:] = 1                                             # pixels in the last, half-used byte
+    rois[0] = (width - 20, 10, width + 4, 60)                               # a RoI over the right border
+    boxes = Tensor(np.concatenate([gt_index[:, None].astype(np.float32), rois], axis=1))
+    if kernels == "cpu_kernel":
+        op = MaskTargets(size, 2, 1.0, width, binary)
+        assert op.uses_kernel == binary
+    else:
+        with backend.use_mindspore_kernels():
+            op = MaskTargets(size, 2, 1.0, width, binary)
+        assert not op.uses_kernel
+    pixels = masks.reshape(batch, num_gts, height, width)
+    from_bytes = op(Tensor(pixels), boxes).asnumpy()
+    from_bits = op(Tensor(pack_masks(pixels)), boxes).asnumpy()
+    assert 0.05 < from_bytes.mean() < 0.95
+    np.testing.assert_array_equal(from_bits, from_bytes)
+
+
+def test_mask_targets_match_numpy_and_pick_each_rois_gt(tiny, target_net):
+    batch, num_gts, height, width = 2, tiny.data.max_instance_count, tiny.data.img_height, tiny.data.img_width
+    rows = 6
+    masks, gt_index, rois = random_mask_case(np.random.RandomState(3), batch, num_gts, height, width, rows)
     got = target_net(Tensor(masks.reshape(batch, num_gts, height, width)), Tensor(rois), Tensor(gt_index))
     got = got.asnumpy()
     for r in range(rows):

@@ -16,8 +16,8 @@ TRAIN_COLUMNS = ["image", "image_shape", "box", "label", "valid_num", "mask"]
 EVAL_COLUMNS = ["image", "image_shape", "image_id"]
 SHUFFLE_STREAM = 0                           # separates the shuffle RNG stream from per-image streams
 # Rows each operator's output queue may hold (MindSpore's prefetch size, 16 by default). A training row carries
-# its (M, H, W) uint8 masks, and behind a step that takes seconds every queue fills up (bench/results.md,
-# "Training memory per stage"). Two rows keep the pipeline ahead.
+# its M mask slots at input size (as bits, src/data/mask_bits.py), and behind a step that takes seconds every
+# queue fills up (bench/results.md, "Training memory per stage"). Two rows keep the pipeline ahead.
 QUEUE_ROWS = 2
 
 

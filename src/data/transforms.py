@@ -18,6 +18,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from src.config import Config
+from src.data.mask_bits import pack_masks
 from src.data.records import column_bytes, column_scalar, decode_image, decode_instances
 from src.mask_paste import torch_bilinear_matrix
 
@@ -183,7 +184,8 @@ class _Normaliser:
 
 
 class TrainTransform:
-    """Record columns -> training columns; every random decision comes from (seed, epoch, image_id)."""
+    """Record columns -> training columns (the masks as bits, src/data/mask_bits.py); every random decision comes
+    from (seed, epoch, image_id)."""
 
     def __init__(self, cfg: Config, epoch: int):
         self.cfg, self.epoch = cfg, epoch
@@ -214,7 +216,7 @@ class TrainTransform:
             valid[:n] = True
             source_masks = mask_utils.decode([{"size": [height, width], "counts": rles[i]} for i in targets])
             warp_planes(source_masks.transpose(2, 0, 1), geometry, mask[:n])          # (h, w, n) -> (n, H, W)
-        return out_image, geometry.image_shape(), box, label, valid, mask
+        return out_image, geometry.image_shape(), box, label, valid, pack_masks(mask)
 
 
 class EvalTransform:

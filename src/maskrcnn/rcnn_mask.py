@@ -47,7 +47,8 @@ class RcnnMask(nn.Cell):
         self.mask_fcn_logits = Conv2d(channels, cfg.num_classes, 1, has_bias=True, weight_init=logits_weight,
                                       bias_init=logits_bias)
         self.mask_weight = c.rcnn_loss_mask_weight
-        self.targets = MaskTargets(c.mask_shape, cfg.roi.roi_sample_ratio, MASK_STRIDE, c.mask_target_binary)
+        self.targets = MaskTargets(c.mask_shape, cfg.roi.roi_sample_ratio, MASK_STRIDE,
+                                   cfg.data.img_width // MASK_STRIDE, c.mask_target_binary)
         self.sigmoid_ce = ops.SigmoidCrossEntropyWithLogits()
 
     def construct(self, mask_feats):
@@ -61,10 +62,10 @@ class RcnnMask(nn.Cell):
     def mask_targets(self, gt_masks, rois, gt_index):
         """Binary training targets of the RoIs' matched GT masks.
 
-        gt_masks (B, M, H, W) uint8 0/1 at input resolution, rois (R, 4) x1, y1, x2, y2 in input pixels,
-        gt_index (R,) int32 = b * M + m of each RoI's GT -> (R, mask_shape, mask_shape) float32 0/1:
-        the RoIAlign of the GT mask over the RoI, thresholded at 0.5 (unless cfg.rcnn.mask_target_binary is
-        false: then the RoIAlign itself). No gradient flows.
+        gt_masks (B, M, H, W) uint8 0/1 at input resolution or its bits (src/data/mask_bits.py), rois (R, 4)
+        x1, y1, x2, y2 in input pixels, gt_index (R,) int32 = b * M + m of each RoI's GT -> (R, mask_shape,
+        mask_shape) float32 0/1: the RoIAlign of the GT mask over the RoI, thresholded at 0.5 (unless
+        cfg.rcnn.mask_target_binary is false: then the RoIAlign itself). No gradient flows.
         """
         boxes = ops.concat((ops.cast(gt_index, ms.float32)[:, None], rois), axis=1)   # (R, 5)
         return self.targets(gt_masks, boxes)
