@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/memory_stages.py [--size 768x1280] [--precisions fp32 bf16] [--graphs forward train]
         [--options key=value ...] [--env NAME=VALUE ...] [--memory_optimize_level O0]
-        [--mode pynative] [--jit_level O0]
+        [--jit_level O0]
 
 Each (precision, graph) job runs in its own process on bench_train.py's synthetic batch (batch 2, the recipe
 config at --size, its 128 instance slots), set up as train.py does (src/device.py: graph mode, the CPU memory
@@ -18,9 +18,8 @@ the first call's.
 
 The static sizes printed first are computed, not measured: parameters, gradients and optimizer state
 (float32), and the batch's arrays. `--options` are config overrides (src/config.py keys); `--env` sets
-environment variables in the job (e.g. MindSpore's MS_DEV_* switches). `--mode pynative` runs the same cells
-eagerly (MindSpore's PyNative mode: no compiled graph; its "compile" stage is then empty); `--jit_level` sets
-`ms.set_context(jit_config={"jit_level": ...})` for graph mode.
+environment variables in the job (e.g. MindSpore's MS_DEV_* switches). `--jit_level` sets
+`ms.set_context(jit_config={"jit_level": ...})`.
 """
 import argparse
 import json
@@ -77,9 +76,6 @@ def run_job(job):
     set_device("CPU", announce=False)                  # as train.py: graph mode, src/device.py's memory pool
     if job["memory_optimize_level"]:
         ms.set_context(memory_optimize_level=job["memory_optimize_level"])
-    pynative = job.get("mode") == "pynative"
-    if pynative:
-        ms.set_context(mode=ms.PYNATIVE_MODE)
     if job.get("jit_level"):
         ms.set_context(jit_config={"jit_level": job["jit_level"]})
     height, width = job["height"], job["width"]
@@ -98,8 +94,7 @@ def run_job(job):
 
     batch = synthetic_batch(cfg)
     record("batch")
-    if not pynative:
-        cell.compile(*batch)
+    cell.compile(*batch)
     release_free_heap()                                # as train.py's training loop after its compile
     record("compile")
     first_losses = None
@@ -173,8 +168,6 @@ def main():
     parser.add_argument("--env", nargs="*", default=[], help="environment variables NAME=VALUE for the jobs")
     parser.add_argument("--memory_optimize_level", choices=("O0", "O1"),
                         help="ms.set_context(memory_optimize_level=...) in the jobs (default: MindSpore's)")
-    parser.add_argument("--mode", choices=("graph", "pynative"), default="graph",
-                        help="MindSpore execution mode of the jobs (default graph, as train.py)")
     parser.add_argument("--jit_level", choices=("O0", "O1", "O2"),
                         help="ms.set_context(jit_config={'jit_level': ...}) in the jobs (default: MindSpore's)")
     args = parser.parse_args()
@@ -188,7 +181,7 @@ def main():
             else value
     env = parse_pairs(args.env, "--env")
     print(f"size {height}x{width}, batch 2, lr {args.lr}, options {overrides or 'none'}, env {env or 'none'}, "
-          f"memory_optimize_level {args.memory_optimize_level or 'default'}, mode {args.mode}, "
+          f"memory_optimize_level {args.memory_optimize_level or 'default'}, "
           f"jit_level {args.jit_level or 'default'}", flush=True)
     print("\n| static size | MiB |\n|---|---|")
     for name, mib in static_sizes(height, width, overrides):
@@ -197,7 +190,7 @@ def main():
         for precision in args.precisions:
             job = {"height": height, "width": width, "precision": precision, "graph": graph,
                    "overrides": overrides, "env": env, "lr": args.lr, "calls": args.calls,
-                   "memory_optimize_level": args.memory_optimize_level, "mode": args.mode,
+                   "memory_optimize_level": args.memory_optimize_level,
                    "jit_level": args.jit_level}
             result = launch(job)
             stages = result["stages"]
