@@ -13,8 +13,9 @@ constexpr int kMaskWidth = kFirstStride + 1;  // settings: roi_taps.h's, then th
 
 // PoolBins for bit-packed one-channel maps: a tap's offset y * width + x is pixel x of row y, which is bit x % 8 of
 // byte x / 8 of a row of row_bytes bytes.
+template <typename Store>
 void PoolBits(Runtime &rt, const RoiProblem &p, const uint8_t *maps, int64_t height, int64_t width,
-              int64_t row_bytes, float *output) {
+              int64_t row_bytes, Store store) {
   ParallelRange(rt, p.rois, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const uint8_t *plane = maps + static_cast<int64_t>(p.image[r]) * height * row_bytes;
@@ -26,7 +27,7 @@ void PoolBits(Runtime &rt, const RoiProblem &p, const uint8_t *maps, int64_t hei
           int64_t y = offset[t] / width, x = offset[t] % width;
           sum += weight[t] * static_cast<float>((plane[y * row_bytes + (x >> 3)] >> (x & 7)) & 1);
         }
-        output[r * p.bins + bin] = sum >= kMaskTargetThreshold ? 1.0f : 0.0f;
+        store(r * p.bins + bin, sum);
       }
     }
   });
@@ -46,13 +47,14 @@ int MaskTargets(int out, int nparam, void **params, const int *ndims, int64_t **
   RoiProblem p = MakeRoiProblem(out, static_cast<float *>(params[kRois]), nullptr, settings, 1,
                                 static_cast<int>(shapes[kRois][0]), map_shapes);
   float *output = static_cast<float *>(params[kTargets]);
-  if (bits) {
-    PoolBits(rt, p, static_cast<const uint8_t *>(params[kMasks]), masks[2], width, masks[3], output);
-    return kOk;
-  }
-  PoolBins<uint8_t>(rt, p, params + kMasks, [output](int64_t index, float value) {
+  auto threshold = [output](int64_t index, float value) {
     output[index] = value >= kMaskTargetThreshold ? 1.0f : 0.0f;
-  });
+  };
+  if (bits) {
+    PoolBits(rt, p, static_cast<const uint8_t *>(params[kMasks]), masks[2], width, masks[3], threshold);
+  } else {
+    PoolBins<uint8_t>(rt, p, params + kMasks, threshold);
+  }
   return kOk;
 }
 
