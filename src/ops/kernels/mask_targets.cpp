@@ -11,26 +11,18 @@ namespace {
 enum Arg { kRois, kSettings, kMasks, kTargets, kArgs };
 constexpr int kMaskWidth = kFirstStride + 1;  // settings: roi_taps.h's, then the mask width in pixels
 
-// PoolBins for bit-packed one-channel maps: a tap's offset y * width + x is pixel x of row y, which is bit x % 8 of
+// PoolTaps on bit-packed one-channel maps: a tap's offset y * width + x is pixel x of row y, which is bit x % 8 of
 // byte x / 8 of a row of row_bytes bytes.
 template <typename Store>
 void PoolBits(Runtime &rt, const RoiProblem &p, const uint8_t *maps, int64_t height, int64_t width,
               int64_t row_bytes, Store store) {
-  ParallelRange(rt, p.rois, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const uint8_t *plane = maps + static_cast<int64_t>(p.image[r]) * height * row_bytes;
-      const int32_t *offset = p.offset.data() + static_cast<size_t>(r) * p.bins * p.taps_per_bin;
-      const float *weight = p.weight.data() + static_cast<size_t>(r) * p.bins * p.taps_per_bin;
-      for (int bin = 0; bin < p.bins; ++bin, offset += p.taps_per_bin, weight += p.taps_per_bin) {
-        float sum = 0.0f;
-        for (int t = 0; t < p.taps_per_bin; ++t) {
-          int64_t y = offset[t] / width, x = offset[t] % width;
-          sum += weight[t] * static_cast<float>((plane[y * row_bytes + (x >> 3)] >> (x & 7)) & 1);
-        }
-        store(r * p.bins + bin, sum);
-      }
-    }
-  });
+  PoolTaps(
+      rt, p, [&](int r, int64_t) { return maps + static_cast<int64_t>(p.image[r]) * height * row_bytes; },
+      [width, row_bytes](const uint8_t *plane, int32_t offset) {
+        int64_t y = offset / width, x = offset % width;
+        return static_cast<float>((plane[y * row_bytes + (x >> 3)] >> (x & 7)) & 1);
+      },
+      store);
 }
 
 int MaskTargets(int out, int nparam, void **params, const int *ndims, int64_t **shapes, const char **dtypes) {

@@ -92,23 +92,32 @@ inline RoiProblem MakeRoiProblem(int out, const float *rois, const int32_t *leve
   return p;
 }
 
-// The bins of every (RoI, channel) pair: output[r, c, bin] = sum over the bin's taps of weight * map value.
-template <typename T, typename Store>
-void PoolBins(Runtime &rt, const RoiProblem &p, void *const *maps, Store store) {
+// The bins of every (RoI, channel) pair: output[r, c, bin] = sum over the bin's taps of weight * read(plane, offset),
+// where plane = plane_of(r, c) and read(plane, offset) is the map value at a tap's offset y * width + x.
+template <typename PlaneOf, typename Read, typename Store>
+void PoolTaps(Runtime &rt, const RoiProblem &p, PlaneOf plane_of, Read read, Store store) {
   // One job = one (RoI, channel) pair: its bins.
   ParallelRange(rt, static_cast<int64_t>(p.rois) * p.channels, [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
       int r = static_cast<int>(job / p.channels);
-      const T *plane = static_cast<const T *>(maps[p.level[r]]) + p.PlaneBase(r, job % p.channels);
+      const auto plane = plane_of(r, job % p.channels);
       const int32_t *offset = p.offset.data() + static_cast<size_t>(r) * p.bins * p.taps_per_bin;
       const float *weight = p.weight.data() + static_cast<size_t>(r) * p.bins * p.taps_per_bin;
       for (int bin = 0; bin < p.bins; ++bin, offset += p.taps_per_bin, weight += p.taps_per_bin) {
         float sum = 0.0f;
-        for (int t = 0; t < p.taps_per_bin; ++t) sum += weight[t] * static_cast<float>(plane[offset[t]]);
+        for (int t = 0; t < p.taps_per_bin; ++t) sum += weight[t] * read(plane, offset[t]);
         store(job * p.bins + bin, sum);
       }
     }
   });
+}
+
+// PoolTaps on NCHW maps of element type T, one per level.
+template <typename T, typename Store>
+void PoolBins(Runtime &rt, const RoiProblem &p, void *const *maps, Store store) {
+  PoolTaps(
+      rt, p, [&](int r, int64_t c) { return static_cast<const T *>(maps[p.level[r]]) + p.PlaneBase(r, c); },
+      [](const T *plane, int32_t offset) { return static_cast<float>(plane[offset]); }, store);
 }
 
 }  // namespace maskrcnn_ops
