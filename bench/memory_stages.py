@@ -14,7 +14,9 @@ and its state), batch (the input Tensors), compile (`Cell.compile`), then --call
 training step). Before each stage the kernel's high-water mark is reset (/proc/self/clear_refs), so "peak" is
 that stage's own peak resident memory and "RSS" what stays resident after it; the job's peak is the largest
 stage peak (what ru_maxrss reports for the whole process, as in compare_torchvision.py). The losses shown are
-the first call's.
+the first call's. "Largest mappings" lists the process's biggest memory areas after the stage (/proc/self/smaps,
+adjacent anonymous mappings merged by the kernel): size / resident MiB and what they are; MindSpore's CPU memory
+pool shows as [anon] areas that grow in its block size and stay resident once touched.
 
 The static sizes printed first are computed, not measured: parameters, gradients and optimizer state
 (float32), and the batch's arrays. `--options` are config overrides (src/config.py keys); `--env` sets
@@ -51,6 +53,22 @@ def reset_peak():
         clear.write("5")
 
 
+def largest_mappings(count=4):
+    """The `count` most resident areas of /proc/self/smaps as "name size/resident" (MiB)."""
+    areas, current = [], None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if not fields[0].endswith(":"):                   # an area's header: range perms offset dev inode [path]
+                low, high = (int(bound, 16) for bound in fields[0].split("-"))
+                current = [os.path.basename(fields[5]) if len(fields) > 5 else "[anon]", (high - low) / MIB, 0.0]
+                areas.append(current)
+            elif fields[0] == "Rss:":
+                current[2] = int(fields[1]) / 1024.0
+    areas.sort(key=lambda area: -area[2])
+    return ", ".join(f"{name} {size:,.0f}/{resident:,.0f}" for name, size, resident in areas[:count])
+
+
 def run_job(job):
     """One process: the stages of job["graph"]; prints one JSON line with MiB per stage and the losses."""
     stages = {}
@@ -58,7 +76,7 @@ def run_job(job):
 
     def record(stage):
         stages[stage] = {"peak": status_mib("VmHWM"), "rss": status_mib("VmRSS"),
-                         "s": round(time.perf_counter() - started, 1)}
+                         "s": round(time.perf_counter() - started, 1), "mappings": largest_mappings()}
         reset_peak()
 
     reset_peak()
@@ -197,10 +215,11 @@ def main():
             peak = max(s["peak"] for s in stages.values())
             losses = ", ".join(f"{name} {value!r}" for name, value in result["losses"].items())
             print(f"\n{graph} {precision}: job peak {peak:,.0f} MiB; first call's losses {losses}", flush=True)
-            print("| stage | peak MiB | RSS after MiB | s since start |\n|---|---|---|---|")
+            print("| stage | peak MiB | RSS after MiB | s since start | largest mappings after (size/resident MiB) |\n"
+                  "|---|---|---|---|---|")
             for stage in stages:
                 s = stages[stage]
-                print(f"| {stage} | {s['peak']:,.0f} | {s['rss']:,.0f} | {s['s']} |", flush=True)
+                print(f"| {stage} | {s['peak']:,.0f} | {s['rss']:,.0f} | {s['s']} | {s['mappings']} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def _geometry(layer):
     return strides.pop(), pads.pop()
 
 
-def _backward_weightskernel(stride, pad):
+def _backward_weights_kernel(stride, pad):
     """(x, dy, w, s, flags) -> (dw, db): the weight and bias gradients of conv(x, w * s) + b (w gives dw's
     shape; flags: see _flags)."""
     return kernel(f"ConvBackwardWeightsS{stride}P{pad}", lambda x, dy, w, s, flags: [w, [w[0]]],
@@ -54,7 +54,7 @@ def _conv_forward(stride, pad, relu):
     conv(x, w * s) + b, with its gradient (none to s); flags: see _flags."""
     geometry = f"S{stride}P{pad}"
     backward_data = kernel("ConvBackwardData" + geometry, lambda dy, w, x, s, flags: x)
-    backward_weights = _backward_weightskernel(stride, pad)
+    backward_weights = _backward_weights_kernel(stride, pad)
 
     def shape(x, w, b, s, flags):
         return [x[0], w[0], (x[2] + 2 * pad - w[2]) // stride + 1, (x[3] + 2 * pad - w[3]) // stride + 1]
@@ -72,7 +72,7 @@ def _deconv_forward(stride, pad, relu):
     a convolution's backward-data pass: dx is a convolution of dy, and dw is a convolution's weight gradient with
     dy as its source."""
     conv_forward = _conv_forward(stride, pad, relu=False)
-    backward_weights = _backward_weightskernel(stride, pad)
+    backward_weights = _backward_weights_kernel(stride, pad)
     bias_gradient = kernel("BiasGrad", lambda dy: [dy[1]])        # dy (N, C, H, W) summed per channel
 
     def shape(x, w, b, flags):

@@ -173,8 +173,6 @@ inline void Reorder(Runtime &rt, const memory &from, const memory &to, const flo
                                         {DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC, scales}});
 }
 
-// The tensor as MindSpore holds it when the primitive wants that layout and nothing is scaled, else a reordered
-
 inline int ReportOneDnnFailure(const std::exception &error) {
   std::fprintf(stderr, "maskrcnn ops: oneDNN failed: %s\n", error.what());
   return kOneDnnFailed;
