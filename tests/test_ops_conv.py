@@ -81,6 +81,49 @@ def test_matches_mindspore_kernels_forward_and_backward(layer, call):
     assert np.abs(dparams_fast[0].asnumpy()).max() > 0
 
 
+class _ActiveGradients(nn.Cell):
+    """layer.relu(x, active) and the gradients of sum(output * out_weights) to x and the layer's parameters."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+        self.grad = ops.GradOperation(get_all=True, get_by_list=True)
+        self.params = ms.ParameterTuple(layer.trainable_params())
+
+    def construct(self, x, active, out_weights):
+        loss = lambda a: (self.layer.relu(a, active) * out_weights).sum()
+        return self.layer.relu(x, active), self.grad(loss, self.params)(x)
+
+
+@pytest.mark.parametrize("layer", [LAYERS[0], LAYERS[5]])
+def test_an_inactive_call_skips_every_pass_and_an_active_one_is_the_plain_call(layer):
+    """active 0: the output and every gradient are zeros (the kernels skip the passes); active 1: bit for bit the
+    call without `active`. On MindSpore's operators `active` is ignored: both compute."""
+    cls, args, kwargs, shape = layer
+    ms.set_seed(0)
+    fast = getattr(conv, cls)(*args, **kwargs)
+    with backend.use_mindspore_kernels():
+        reference = getattr(conv, cls)(*args, **kwargs)
+    assert fast.skips_inactive and not reference.skips_inactive
+    rng = np.random.default_rng(2)
+    x = ms.Tensor(rng.standard_normal(shape).astype(np.float32))
+    out_weights = ms.Tensor(rng.standard_normal(fast(x).shape).astype(np.float32))
+    plain_out = fast.relu(x).asnumpy()
+    plain_grads = _Gradients(fast, "relu", False)(x, None, None, out_weights)[1]
+    results = {}
+    for active in (0, 1):
+        out, ((dx,), dparams) = _ActiveGradients(fast)(x, ms.Tensor(active, ms.int32), out_weights)
+        results[active] = [out.asnumpy(), dx.asnumpy()] + [d.asnumpy() for d in dparams]
+    assert np.abs(plain_out).max() > 0 and all(np.abs(g.asnumpy()).max() > 0 for g in plain_grads[1])
+    assert all((value == 0).all() for value in results[0])
+    expected = [plain_out, plain_grads[0][0].asnumpy()] + [d.asnumpy() for d in plain_grads[1]]
+    assert len(results[1]) == len(expected) == 3 + bool(kwargs.get("has_bias"))    # y, dx, dw[, db]
+    for mine, plain in zip(results[1], expected):
+        np.testing.assert_array_equal(mine, plain)
+    ignored = _ActiveGradients(reference)(x, ms.Tensor(0, ms.int32), out_weights)[0].asnumpy()
+    np.testing.assert_array_equal(ignored, reference.relu(x).asnumpy())
+
+
 @pytest.mark.parametrize("kwargs", [dict(stride=3, pad_mode="pad", padding=1),
                                     dict(pad_mode="pad", padding=(1, 1, 0, 0)),
                                     dict(dilation=2, pad_mode="pad", padding=2), dict(pad_mode="pad", padding=4)])

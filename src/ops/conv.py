@@ -89,9 +89,14 @@ def _deconv_forward(stride, pad, relu):
 
 
 def _flags(input_layout=Layout.PLAIN, output_layout=Layout.PLAIN, bf16_math=False):
-    """A call's flags (3,) int32 (kernels/conv.cpp): input held blocked, output held blocked, bf16 math."""
+    """A layer's flags (3,) int32 (kernels/conv.cpp): input held blocked, output held blocked, bf16 math."""
     return ms.Tensor(np.array([input_layout is Layout.BLOCKED, output_layout is Layout.BLOCKED, bf16_math],
                               np.int32))
+
+
+def _call_flags(flags, active):
+    """A call's flags: the layer's, plus the kernels' fourth entry when `active` (int32 scalar) is given."""
+    return flags if active is None else ops.concat((flags, ops.cast(active, ms.int32).reshape((1,))))
 
 
 def _layers(network: nn.Cell):
@@ -120,6 +125,9 @@ class Conv2d(nn.Conv2d):
     each one oneDNN call with the bias and the ReLU fused into it when `fuses_affine`. On the kernels a layer
     may also read and write tensors held blocked (src/ops/layout.py), as set by `hold`, and compute in bf16
     (`set_bf16_math`).
+
+    `self(x, active)` and `relu(x, active)` with an int32 scalar `active`: on the kernels (`skips_inactive`) a call
+    with active 0 computes nothing, its output and gradients are zeros; elsewhere `active` is ignored.
     """
 
     def __init__(self, *args, **kwargs):
@@ -136,6 +144,11 @@ class Conv2d(nn.Conv2d):
     @property
     def fuses_affine(self) -> bool:
         """Whether `affine` runs as one call with the scale, shift and ReLU inside (else it is written out)."""
+        return self.onednn is not None
+
+    @property
+    def skips_inactive(self) -> bool:
+        """Whether a call with active 0 skips its work (see the class docstring)."""
         return self.onednn is not None
 
     def can_hold(self, input_layout=None, output_layout=None) -> bool:
@@ -161,7 +174,7 @@ class Conv2d(nn.Conv2d):
         self.bf16_math = bool(enabled)
         self.flags = _flags(self.input_layout, self.output_layout, self.bf16_math)
 
-    def _run(self, x, bias, scale, relu):
+    def _run(self, x, bias, scale, relu, active=None):
         if self.onednn is None:
             weight = self.weight if scale is None else self.weight * scale.reshape(-1, 1, 1, 1)
             output = self.conv2d(x, weight)
@@ -170,15 +183,16 @@ class Conv2d(nn.Conv2d):
             return ops.relu(output) if relu else output
         bias = self.no_bias if bias is None else bias
         scale = self.unit_scale if scale is None else scale
+        flags = _call_flags(self.flags, active)
         if relu:
-            return self.onednn_relu(x, self.weight, bias, scale, self.flags)
-        return self.onednn(x, self.weight, bias, scale, self.flags)
+            return self.onednn_relu(x, self.weight, bias, scale, flags)
+        return self.onednn(x, self.weight, bias, scale, flags)
 
-    def construct(self, x):
-        return self._run(x, self.bias if self.has_bias else None, None, False)
+    def construct(self, x, active=None):
+        return self._run(x, self.bias if self.has_bias else None, None, False, active)
 
-    def relu(self, x):
-        return self._run(x, self.bias if self.has_bias else None, None, True)
+    def relu(self, x, active=None):
+        return self._run(x, self.bias if self.has_bias else None, None, True, active)
 
     def affine(self, x, scale, shift, relu):
         """[ReLU](conv(x) * scale + shift), scale and shift (out_channels,): the scale is folded into the weights
@@ -189,7 +203,7 @@ class Conv2d(nn.Conv2d):
 
 class Conv2dTranspose(nn.Conv2dTranspose):
     """nn.Conv2dTranspose (same arguments, parameters and checkpoints) on the oneDNN kernels when `backend.enabled()`;
-    `relu(x)` = ReLU(self(x)), fused."""
+    `relu(x)` = ReLU(self(x)), fused; `active` as in Conv2d."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -215,11 +229,16 @@ class Conv2dTranspose(nn.Conv2dTranspose):
         output = patches.reshape(n, h, w, out, kh, kw).transpose(0, 3, 1, 4, 2, 5).reshape(n, out, h * kh, w * kw)
         return output + self.bias.reshape(1, out, 1, 1) if self.has_bias else output
 
+    @property
+    def skips_inactive(self) -> bool:
+        """As Conv2d.skips_inactive."""
+        return self.onednn is not None and not self.as_matmul
+
     def set_bf16_math(self, enabled: bool):
         """As Conv2d.set_bf16_math."""
         self.flags = _flags(bf16_math=enabled)
 
-    def _run(self, x, relu):
+    def _run(self, x, relu, active=None):
         if self.as_matmul:
             output = self._patch_expansion(x)
             return ops.relu(output) if relu else output
@@ -228,10 +247,10 @@ class Conv2dTranspose(nn.Conv2dTranspose):
             return ops.relu(output) if relu else output
         bias = self.bias if self.has_bias else self.no_bias
         onednn = self.onednn_relu if relu else self.onednn
-        return onednn(x, self.weight, bias, self.flags)
+        return onednn(x, self.weight, bias, _call_flags(self.flags, active))
 
-    def construct(self, x):
-        return self._run(x, False)
+    def construct(self, x, active=None):
+        return self._run(x, False, active)
 
-    def relu(self, x):
-        return self._run(x, True)
+    def relu(self, x, active=None):
+        return self._run(x, True, active)

@@ -9,10 +9,12 @@
 // elementwise MindSpore operators touch them in between).
 //
 // Convolution entry points, one per stride S and padding P (on every side) of MASKRCNN_CONV_GEOMETRIES (constants.h;
-// e.g. ConvForwardS2P1); tensors are float32 NCHW / OIHW, biases and scales (O,), and the flags `f` (3,) int32
-// say whether x (and dx) and y (and dy) are held NCHW (0) or blocked (1), and whether the products take bfloat16
-// inputs (1) or float32 ones (0). In bfloat16 the pass's two inputs are rounded to bfloat16 by the reorders that
-// bring them into the primitive's layout (AVX512-BF16 / AMX kernels), its output and accumulation stay float32.
+// e.g. ConvForwardS2P1); tensors are float32 NCHW / OIHW, biases and scales (O,), and the flags `f` (3,) or (4,)
+// int32 say whether x (and dx) and y (and dy) are held NCHW (0) or blocked (1), whether the products take bfloat16
+// inputs (1) or float32 ones (0), and (if present) whether the call is active: 0 skips the pass and writes zeros
+// to its outputs, so a graph can leave out work that depends on data without a branch. In bfloat16 the pass's two
+// inputs are rounded to bfloat16 by the reorders that bring them into the primitive's layout (AVX512-BF16 / AMX
+// kernels), its output and accumulation stay float32.
 // (oneDNN's fpmath mode bf16 would say the same for float32 tensors, but its convolutions ignore it on CPUs
 // without AMX.)
 //   ConvForward(x, w, b, s, f) -> y = conv(x, w * s) + b     ConvReluForward: the same, then ReLU (a post-op)
@@ -69,7 +71,7 @@ struct Conv {
 };
 
 // The flags vector's entries (see the top of this file).
-enum Flag { kSrcBlockedFlag = 0, kDstBlockedFlag = 1, kBf16MathFlag = 2, kFlags };
+enum Flag { kSrcBlockedFlag = 0, kDstBlockedFlag = 1, kBf16MathFlag = 2, kFlags, kActiveFlag = kFlags };
 
 memory::desc Any(const memory::dims &dims, memory::data_type type = memory::data_type::f32) {
   return memory::desc(dims, type, memory::format_tag::any);
@@ -255,8 +257,17 @@ int Call(Pass pass, Slots slots, bool relu, int stride, int pad, int nparam, voi
       return kBadArguments;
     }
   }
-  if (shapes[slots.flags][0] != kFlags) return kBadArguments;
+  int64_t flag_count = shapes[slots.flags][0];
+  if (flag_count != kFlags && flag_count != kFlags + 1) return kBadArguments;
   const int32_t *flags = static_cast<const int32_t *>(params[slots.flags]);
+  if (flag_count > kActiveFlag && flags[kActiveFlag] == 0) {
+    for (int i = slots.inputs; i < nparam; ++i) {
+      int64_t count = 1;
+      for (int d = 0; d < ndims[i]; ++d) count *= shapes[i][d];
+      std::fill_n(static_cast<float *>(params[i]), count, 0.0f);
+    }
+    return kOk;
+  }
   auto tensor = [&](int slot) { return slot < 0 ? nullptr : static_cast<float *>(params[slot]); };
   // A scale of ones (every layer without a folded norm) is no scale: the weights then skip the scaled reorder.
   float *scale = tensor(slots.scale);
