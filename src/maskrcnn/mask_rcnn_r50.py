@@ -136,6 +136,7 @@ class MaskRcnnResnet50(nn.Cell):
         self.detections = DetectionSelector(cfg)
         self.num_pos_stage2 = cfg.num_pos_stage2
         self.mask_chunk_rows = MASK_CHUNK_ROWS
+        self.mask_head_skips = self.rcnn_mask.skips_inactive
         self.num_gts = cfg.data.max_instance_count
         self.rcnn_means = box_ops.as_tensor(cfg.rcnn.rcnn_target_means)
         self.rcnn_stds = box_ops.as_tensor(cfg.rcnn.rcnn_target_stds)
@@ -204,8 +205,11 @@ class MaskRcnnResnet50(nn.Cell):
 
         pos_rois (B, Pn, 4), pos_labels (B, Pn) int32, gt_rows (B, Pn) int32 row of each slot's GT in the
         (B*M) masks, pos_valid (B, Pn) bool. An unused slot has weight 0, so a chunk without a used slot adds
-        exactly 0 to the loss and to every gradient: it is skipped at run time (a graph-mode branch). Packing
-        the used slots of all images to the front makes the chunks that run hold as few unused slots as can be.
+        exactly 0 to the loss and to every gradient: it is skipped at run time. Where the mask head's layers can
+        (`RcnnMask.skips_inactive`: our kernels), the chunk's layers are told to skip it; elsewhere a graph-mode
+        branch does. A branch makes MindSpore split the training graph into one graph per branch and per side
+        of it, and keep far more of the step's tensors alive (bench/results.md). Packing the used slots of all
+        images to the front makes the chunks that run hold as few unused slots as can be.
         """
         rows = pos_valid.size
         weights = ops.cast(pos_valid, ms.float32).reshape(-1)
@@ -224,11 +228,17 @@ class MaskRcnnResnet50(nn.Cell):
         loss_sum = ops.zeros((), ms.float32)
         for start in range(0, rows, self.mask_chunk_rows):
             stop = min(start + self.mask_chunk_rows, rows)
-            if weights[start] > 0:                                                    # used slots come first
-                mask_logits = self.rcnn_mask(mask_feats[start:stop])                  # (chunk, C, 28, 28)
-                loss_sum = loss_sum + self.rcnn_mask.loss_sum(mask_logits, labels[start:stop], targets[start:stop],
-                                                              weights[start:stop])
+            chunk = (mask_feats[start:stop], labels[start:stop], targets[start:stop], weights[start:stop])
+            if self.mask_head_skips:
+                active = ops.cast(weights[start] > 0, ms.int32)                       # used slots come first
+                loss_sum = loss_sum + self._mask_chunk_loss(*chunk, active)
+            elif weights[start] > 0:
+                loss_sum = loss_sum + self._mask_chunk_loss(*chunk)
         return self.rcnn_mask.normalise(loss_sum, weights)
+
+    def _mask_chunk_loss(self, mask_feats, labels, targets, weights, active=None):
+        mask_logits = self.rcnn_mask(mask_feats, active)                              # (chunk, C, 28, 28)
+        return self.rcnn_mask.loss_sum(mask_logits, labels, targets, weights)
 
     def _detect(self, feats, cls_scores, bbox_deltas, image_shape):
         proposals, proposal_valid = self.test_proposals(cls_scores, bbox_deltas, self.level_anchors, image_shape)

@@ -51,13 +51,22 @@ class RcnnMask(nn.Cell):
                                    cfg.data.img_width // MASK_STRIDE, c.mask_target_binary)
         self.sigmoid_ce = ops.SigmoidCrossEntropyWithLogits()
 
-    def construct(self, mask_feats):
-        x = self.mask_fcn1.relu(mask_feats)
-        x = self.mask_fcn2.relu(x)
-        x = self.mask_fcn3.relu(x)
-        x = self.mask_fcn4.relu(x)                                                   # (R, 256, 14, 14)
-        x = self.conv5_mask.relu(x)                                                  # (R, 256, 28, 28)
-        return self.mask_fcn_logits(x)                                               # (R, C, 28, 28)
+    def _layers(self):
+        return (self.mask_fcn1, self.mask_fcn2, self.mask_fcn3, self.mask_fcn4, self.conv5_mask, self.mask_fcn_logits)
+
+    @property
+    def skips_inactive(self) -> bool:
+        """Whether a call with active 0 skips the head's work: its logits and gradients are then zeros."""
+        return all(layer.skips_inactive for layer in self._layers())
+
+    def construct(self, mask_feats, active=None):
+        """active: None, or an int32 scalar; 0 lets the layers skip their work (src/ops/conv.py)."""
+        x = self.mask_fcn1.relu(mask_feats, active)
+        x = self.mask_fcn2.relu(x, active)
+        x = self.mask_fcn3.relu(x, active)
+        x = self.mask_fcn4.relu(x, active)                                           # (R, 256, 14, 14)
+        x = self.conv5_mask.relu(x, active)                                          # (R, 256, 28, 28)
+        return self.mask_fcn_logits(x, active)                                       # (R, C, 28, 28)
 
     def mask_targets(self, gt_masks, rois, gt_index):
         """Binary training targets of the RoIs' matched GT masks.
