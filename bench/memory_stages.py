@@ -5,8 +5,7 @@
         [--jit_level O0]
 
 Each (precision, graph) job runs in its own process on bench_train.py's synthetic batch (batch 2, the recipe
-config at --size, its 128 instance slots), set up as train.py does (src/device.py: graph mode, the CPU memory
-pool's block size). "train" is the training cell (forward + backward + optimizer, src/network_define.py; at
+config at --size, its 128 instance slots), set up as train.py does (src/device.py: graph mode). "train" is the training cell (forward + backward + optimizer, src/network_define.py; at
 learning rate --lr, default 0: the whole update runs but the weights stay, so every call does the first one's
 work, as in compare_torchvision.py), "forward" the training network alone (the forward graph that computes the
 eight losses, no gradients). Stages, in order: import (MindSpore and src), build (network, amp level, optimizer
@@ -91,7 +90,7 @@ def run_job(job):
     from src.maskrcnn.mask_rcnn_r50 import LOSS_NAMES, MaskRcnnResnet50
     from src.network_define import build_train_step
 
-    set_device("CPU", announce=False)                  # as train.py: graph mode, src/device.py's memory pool
+    set_device("CPU", announce=False)                  # as train.py: graph mode
     if job["memory_optimize_level"]:
         ms.set_context(memory_optimize_level=job["memory_optimize_level"])
     if job.get("jit_level"):

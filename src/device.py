@@ -9,10 +9,6 @@ from typing import Callable, Optional
 
 AUTO = "auto"
 PREFERENCE = ("Ascend", "GPU", "CPU")
-# MindSpore's memory pool grows in blocks (2 GB by default) and keeps every page it ever touched: within a few
-# training steps the whole last block is resident, well above the step's real peak. Small blocks keep the pool
-# near that peak (bench/results.md, "Training memory per stage").
-CPU_POOL_BLOCK = "0.25GB"
 
 
 def is_available(target: str) -> bool:
@@ -42,18 +38,6 @@ def describe(requested: str, chosen: str) -> str:
     return f"device: {chosen} ({how})"
 
 
-def configure_cpu_memory_pool() -> bool:
-    """Let MindSpore's CPU memory pool start and grow in CPU_POOL_BLOCK blocks; effective before the first graph
-    runs. A pool already configured (by the user, or an earlier call) is left alone. Returns whether it set it."""
-    import mindspore as ms
-    from mindspore._c_expression import RuntimeConf
-
-    if RuntimeConf.get_instance().is_memory_configured():
-        return False
-    ms.runtime.set_memory(init_size=CPU_POOL_BLOCK, increase_size=CPU_POOL_BLOCK)
-    return True
-
-
 def release_free_heap() -> bool:
     """Give the C heap's free pages back to the system (glibc's malloc_trim). Compiling a training graph leaves
     freed heap behind, which MindSpore's memory pool (its own mappings) never reuses. Returns whether anything
@@ -68,16 +52,13 @@ def release_free_heap() -> bool:
 
 
 def set_device(requested: str, device_id: Optional[int] = None, *, announce: bool = True) -> str:
-    """Graph mode on the chosen device (on CPU with `configure_cpu_memory_pool`); prints the choice once at the
-    start of a run. Returns the device."""
+    """Graph mode on the chosen device; prints the choice once at the start of a run. Returns the device."""
     import mindspore as ms
 
     chosen = choose_device(requested)
     if announce:
         print(describe(requested, chosen), flush=True)
     ms.set_context(mode=ms.GRAPH_MODE)
-    if chosen == "CPU":
-        configure_cpu_memory_pool()
     if device_id is not None:
         ms.set_device(chosen, device_id)
     elif ms.get_context("device_target") != chosen:     # set_device fails once kernels ran

@@ -1,8 +1,4 @@
 """Device choice: `auto` takes the best device MindSpore can use; a named device is used as given."""
-import os
-import subprocess
-import sys
-
 import pytest
 
 from src import device
@@ -53,35 +49,6 @@ def test_set_device_prints_the_choice(capsys):
     assert device.set_device(AUTO) == "CPU"
     assert capsys.readouterr().out == "device: CPU (auto: best available of Ascend, GPU, CPU)\n"
     assert describe("CPU", "CPU") == "device: CPU (as requested by device_target)"
-
-
-POOL_SCRIPT = """
-import sys
-import mindspore as ms
-from mindspore._c_expression import RuntimeConf
-from src import device
-calls, original = [], ms.runtime.set_memory
-ms.runtime.set_memory = lambda **sizes: calls.append(sizes) or original(**sizes)
-if sys.argv[1] == "user":
-    original(init_size="3GB")
-before = RuntimeConf.get_instance().is_memory_configured()
-device.set_device("CPU", announce=False)
-print(before, calls, device.configure_cpu_memory_pool())
-"""
-
-
-@pytest.mark.parametrize("who, expected", [
-    ("none", f"False [{{'init_size': '{device.CPU_POOL_BLOCK}', 'increase_size': '{device.CPU_POOL_BLOCK}'}}] False"),
-    ("user", "True [] False"),
-])
-def test_cpu_memory_pool_grows_in_small_blocks_unless_the_user_configured_it(who, expected):
-    """The pool is process-wide and set once, so each case runs in its own interpreter; a second configuration
-    would raise in MindSpore, so a user's own set_memory must be kept without one."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", POOL_SCRIPT, who], cwd=root, capture_output=True, text=True,
-                          env=dict(os.environ, GLOG_v="3"), check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == expected
 
 
 def test_release_free_heap_gives_freed_heap_pages_back():
