@@ -15,7 +15,9 @@ that stage's own peak resident memory and "RSS" what stays resident after it; th
 stage peak (what ru_maxrss reports for the whole process, as in compare_torchvision.py). The losses shown are
 the first call's. "Largest mappings" lists the process's biggest memory areas after the stage (/proc/self/smaps,
 adjacent anonymous mappings merged by the kernel): size / resident MiB and what they are; MindSpore's CPU memory
-pool shows as [anon] areas that grow in its block size and stay resident once touched.
+pool shows as [anon] areas that grow in its block size and stay resident once touched. The pool's own peaks
+follow the job's peak: the most its tensors held at once, and how far into its blocks they reached (MindSpore
+logs both at exit at INFO level, which the jobs switch on for the pool's submodule alone).
 
 The static sizes printed first are computed, not measured: parameters, gradients and optimizer state
 (float32), and the batch's arrays. `--options` are config overrides (src/config.py keys); `--env` sets
@@ -25,6 +27,7 @@ environment variables in the job (e.g. MindSpore's MS_DEV_* switches). `--jit_le
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -35,6 +38,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 AMP_LEVELS = {"fp32": "O0", "bf16": "O2"}
 MIB = 1024.0 * 1024.0
+POOL_LOG_LEVELS = "{PRE_ACT:1}"       # MindSpore's log levels by submodule: INFO for the memory pool's
 
 
 def status_mib(field):
@@ -149,14 +153,27 @@ def static_sizes(height, width, overrides):
     return [(name, size / MIB) for name, size in rows]
 
 
+POOL_STATS = re.compile(r"DumpDynamicMemPoolStateInfo\].*? peak used mem:(\d+)M, actual peak used mem:(\d+)M")
+
+
+def pool_peaks(log):
+    """(peak used, actual peak used) MiB of MindSpore's memory pool from the state it logs at exit: the most its
+    tensors held at once, and how far into its blocks they reached (fragmentation included); None if not logged."""
+    found = POOL_STATS.findall(log)
+    return tuple(int(value) for value in found[-1]) if found else None
+
+
 def launch(job):
     env = dict(os.environ, **job["env"])
     env.setdefault("GLOG_v", "3")
+    env.setdefault("MS_SUBMODULE_LOG_v", POOL_LOG_LEVELS)       # the pool's state at exit (INFO), nothing else
     done = subprocess.run([sys.executable, "-u", __file__, "--job", json.dumps(job)], env=env,
                           capture_output=True, text=True, check=False)
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("{"):
-            return json.loads(line)
+            result = json.loads(line)
+            result["pool"] = pool_peaks(done.stderr)
+            return result
     sys.stderr.write(done.stdout[-2000:] + done.stderr[-4000:])
     raise RuntimeError(f"job {job['precision']} {job['graph']} failed (exit {done.returncode})")
 
@@ -213,7 +230,11 @@ def main():
             stages = result["stages"]
             peak = max(s["peak"] for s in stages.values())
             losses = ", ".join(f"{name} {value!r}" for name, value in result["losses"].items())
-            print(f"\n{graph} {precision}: job peak {peak:,.0f} MiB; first call's losses {losses}", flush=True)
+            pool = result["pool"]
+            pool_text = (f"memory pool's tensors peak {pool[0]:,} MiB, reaching {pool[1]:,} MiB into its blocks"
+                         if pool else "memory pool's peak not logged")
+            print(f"\n{graph} {precision}: job peak {peak:,.0f} MiB; {pool_text}; first call's losses {losses}",
+                  flush=True)
             print("| stage | peak MiB | RSS after MiB | s since start | largest mappings after (size/resident MiB) |\n"
                   "|---|---|---|---|---|")
             for stage in stages:
