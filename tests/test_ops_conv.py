@@ -1,6 +1,8 @@
 """src/ops/conv.py: the oneDNN convolutions give MindSpore's results and gradients, and the model runs them
 (the RoIAlign, assigner and mask-target kernels are tested against their MindSpore versions in test_roi_align.py,
 test_bbox_assign_sample.py and test_rcnn_heads.py)."""
+import ctypes
+
 import numpy as np
 import mindspore as ms
 import pytest
@@ -194,3 +196,22 @@ def test_bf16_math_stays_within_bfloat16_rounding_in_every_pass(layer):
         assert error < 2e-2, (name, error)
         differs |= error > 0
     assert differs == amp.cpu_has_bf16()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_reordered_copies_live_in_mindspores_workspaces(bf16):
+    """Each pass's reordered copies of its tensors and its scratchpad go to the workspaces MindSpore lends the call
+    from its memory pool (kernels/conv.cpp's Init asks for them), not to buffers the library keeps for the whole
+    run: after forward and backward passes that need reorders (plain NCHW tensors, oneDNN's blocked layouts
+    inside), the library's kept buffers are still empty."""
+    library = ctypes.CDLL(backend.library())
+    library.ConvKeptBufferBytes.restype = ctypes.c_int64
+    ms.set_seed(0)
+    layer = conv.Conv2d(16, 32, 3, pad_mode="pad", padding=1, has_bias=True)
+    assert conv.set_bf16_math(layer, bf16) == 1
+    x = ms.Tensor(np.random.default_rng(2).standard_normal((2, 16, 24, 20)).astype(np.float32))
+    out_weights = ms.Tensor(np.ones((2, 32, 24, 20), np.float32))
+    scale = shift = ms.Tensor(np.ones(32, np.float32))
+    out, ((dx,), (dw, db)) = _Gradients(layer, "plain", False)(x, scale, shift, out_weights)
+    assert np.abs(dx.asnumpy()).max() > 0 and np.abs(dw.asnumpy()).max() > 0
+    assert [library.ConvKeptBufferBytes(slot) for slot in range(4)] == [0, 0, 0, 0]

@@ -89,14 +89,17 @@ def _deconv_forward(stride, pad, relu):
 
 
 def _flags(input_layout=Layout.PLAIN, output_layout=Layout.PLAIN, bf16_math=False):
-    """A layer's flags (3,) int32 (kernels/conv.cpp): input held blocked, output held blocked, bf16 math."""
-    return ms.Tensor(np.array([input_layout is Layout.BLOCKED, output_layout is Layout.BLOCKED, bf16_math],
-                              np.int32))
+    """A call's flags (kernels/conv.cpp) as the shape of an int32 tensor, each dimension 2 for yes and 1 for no:
+    input held blocked, output held blocked, bf16 math. A shape because the kernels' Init, which sizes the call's
+    workspaces at graph compile time, sees the inputs' shapes but not their values."""
+    shape = [2 if flag else 1 for flag in (input_layout is Layout.BLOCKED, output_layout is Layout.BLOCKED, bf16_math)]
+    return ms.Tensor(np.zeros(shape, np.int32))
 
 
 def _call_flags(flags, active):
-    """A call's flags: the layer's, plus the kernels' fourth entry when `active` (int32 scalar) is given."""
-    return flags if active is None else ops.concat((flags, ops.cast(active, ms.int32).reshape((1,))))
+    """A call's flags: the layer's (zeros: run), or with `active` (int32 scalar) given, 1 - active in every entry
+    (nonzero: the kernels skip the call)."""
+    return flags if active is None else flags + (1 - ops.cast(active, ms.int32))
 
 
 def _layers(network: nn.Cell):

@@ -25,9 +25,25 @@
   extern "C" int NAME(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, \
                       void *)
 
+// An entry point's initialisation, called by MindSpore once per graph node with the inputs' and outputs' ranks, shapes
+// and dtype names; `extra` is MindSpore's AotExtra (see RequestWorkspaces).
+#define MASKRCNN_INIT_POINT(NAME) \
+  extern "C" int NAME##Init(int *ndims, int64_t **shapes, const char **dtypes, void *extra)
+
 namespace maskrcnn_ops {
 
 using dnnl::memory;
+
+// Asks MindSpore for workspaces of these sizes in bytes, from its memory pool for the duration of each call; the
+// entry point then finds them in params after the outputs. MindSpore's AotExtra (utils/custom_aot_extra.h, whose
+// includes the wheel does not ship) is a polymorphic class whose first member is the workspace sizes vector.
+struct AotExtraLayout {
+  void *vtable;
+  std::vector<size_t> workspace;
+};
+inline void RequestWorkspaces(void *extra, std::vector<size_t> bytes) {
+  static_cast<AotExtraLayout *>(extra)->workspace = std::move(bytes);
+}
 
 // What an entry point returns.
 enum Status { kOk = 0, kOneDnnFailed = 1, kBadArguments = 2 };

@@ -9,12 +9,14 @@
 // elementwise MindSpore operators touch them in between).
 //
 // Convolution entry points, one per stride S and padding P (on every side) of MASKRCNN_CONV_GEOMETRIES (constants.h;
-// e.g. ConvForwardS2P1); tensors are float32 NCHW / OIHW, biases and scales (O,), and the flags `f` (3,) or (4,)
-// int32 say whether x (and dx) and y (and dy) are held NCHW (0) or blocked (1), whether the products take bfloat16
-// inputs (1) or float32 ones (0), and (if present) whether the call is active: 0 skips the pass and writes zeros
-// to its outputs, so a graph can leave out work that depends on data without a branch. In bfloat16 the pass's two
-// inputs are rounded to bfloat16 by the reorders that bring them into the primitive's layout (AVX512-BF16 / AMX
-// kernels), its output and accumulation stay float32.
+// e.g. ConvForwardS2P1); tensors are float32 NCHW / OIHW, biases and scales (O,), and the flags `f` are an int32
+// tensor whose shape (3 dimensions, each 1 or 2) says whether x (and dx) and y (and dy) are held NCHW (1) or
+// blocked (2), and whether the products take bfloat16 inputs (2) or float32 ones (1): shapes, not values, because
+// MindSpore shows each entry point's Init the shapes only, and the workspaces it asks for depend on the flags.
+// Its values (all the same) say whether the call is skipped: nonzero skips the pass and writes zeros to its
+// outputs, so a graph can leave out work that depends on data without a branch.
+// In bfloat16 the pass's two inputs are rounded to bfloat16 by the reorders that bring them into the primitive's
+// layout (AVX512-BF16 / AMX kernels), its output and accumulation stay float32.
 // (oneDNN's fpmath mode bf16 would say the same for float32 tensors, but its convolutions ignore it on CPUs
 // without AMX.)
 //   ConvForward(x, w, b, s, f) -> y = conv(x, w * s) + b     ConvReluForward: the same, then ReLU (a post-op)
@@ -41,9 +43,10 @@ struct Plan {
   memory::desc src, weights, dst, scratchpad;
 };
 
-// Compiled plans by problem, and reordered copies of the source, weights and destination kept between calls:
-// freeing and allocating them anew costs page faults on every call. The primitives' scratchpads (user mode) share
-// one kept buffer too: a primitive left to own its scratchpad holds it for as long as the plan is cached.
+// Compiled plans by problem, and buffers for the reordered copies of the source, weights and destination and for
+// the primitives' scratchpads (user mode), one per slot. A call's buffers are workspaces MindSpore lends it from
+// its memory pool (each entry point's Init asks for them), so they take pool memory free at that point of the
+// graph instead of being held for the whole run; the kept buffers serve only a call without workspaces.
 enum Slot { kSrcSlot = 0, kWeightsSlot = 1, kDstSlot = 2, kScratchpadSlot = 3, kSlots };
 
 struct ConvCache {
@@ -68,10 +71,11 @@ struct Conv {
   bool relu;  // ReLU on the output of a forward or transposed-convolution pass
   bool src_blocked, dst_blocked;  // the layouts src and dst are held in: nChw16c, else NCHW
   bool bf16_math;                 // the pass's inputs rounded to bfloat16, its output float32
+  void *workspace[kSlots];        // MindSpore's workspace per slot (null: none), WorkspaceBytes large
 };
 
-// The flags vector's entries (see the top of this file).
-enum Flag { kSrcBlockedFlag = 0, kDstBlockedFlag = 1, kBf16MathFlag = 2, kFlags, kActiveFlag = kFlags };
+// The flags tensor's dimensions (see the top of this file).
+enum Flag { kSrcBlockedFlag = 0, kDstBlockedFlag = 1, kBf16MathFlag = 2, kFlags };
 
 memory::desc Any(const memory::dims &dims, memory::data_type type = memory::data_type::f32) {
   return memory::desc(dims, type, memory::format_tag::any);
@@ -132,8 +136,36 @@ Plan MakePlan(Runtime &rt, const Conv &conv, const memory::dims &src, const memo
           pd.scratchpad_desc()};
 }
 
-// A memory of `desc` over the slot's kept buffer, grown when needed.
-memory Scratch(Runtime &rt, Slot slot, const memory::desc &desc) {
+// The compiled plan of the call's problem (made on first use).
+const Plan &FindPlan(Runtime &rt, const Conv &conv) {
+  memory::dims src = Dims(conv.src_shape), weights = Dims(conv.weights_shape), dst = Dims(conv.dst_shape);
+  std::vector<int64_t> key = {static_cast<int64_t>(conv.pass), conv.stride, conv.pad, conv.relu, conv.src_blocked,
+                              conv.dst_blocked, conv.bf16_math};
+  for (const auto *dims : {&src, &weights, &dst}) key.insert(key.end(), dims->begin(), dims->end());
+  auto &plans = GetCache().plans;
+  auto found = plans.find(key);
+  if (found == plans.end()) found = plans.emplace(key, MakePlan(rt, conv, src, weights, dst)).first;
+  return found->second;
+}
+
+// The bytes each slot needs in a call: a side's copy where the primitive's layout is not the held one, the
+// weights' copy always (a filter scale, known only at the call, makes one), the primitive's scratchpad. At least
+// one float each, so that every workspace has an address.
+std::vector<size_t> WorkspaceBytes(const Plan &plan, const Conv &conv) {
+  auto copy = [](const memory::desc &wanted, const memory::desc &held) {
+    return wanted == held ? size_t{0} : wanted.get_size();
+  };
+  std::vector<size_t> bytes = {copy(plan.src, Held(Dims(conv.src_shape), conv.src_blocked)), plan.weights.get_size(),
+                               copy(plan.dst, Held(Dims(conv.dst_shape), conv.dst_blocked)),
+                               plan.scratchpad.get_size()};
+  for (size_t &size : bytes) size = std::max(size, sizeof(float));
+  return bytes;
+}
+
+// A memory of `desc` over the call's workspace for the slot if it has one, else over the slot's kept buffer, grown
+// when needed.
+memory Scratch(Runtime &rt, const Conv &conv, Slot slot, const memory::desc &desc) {
+  if (conv.workspace[slot] != nullptr) return memory(desc, rt.engine, conv.workspace[slot]);
   std::vector<float> &buffer = GetCache().scratch[slot];
   size_t floats = (desc.get_size() + sizeof(float) - 1) / sizeof(float);
   if (buffer.size() < floats) buffer.resize(floats);
@@ -142,9 +174,10 @@ memory Scratch(Runtime &rt, Slot slot, const memory::desc &desc) {
 
 // The tensor as MindSpore holds it when the primitive wants that layout and nothing is scaled, else a reordered
 // copy.
-memory Inbound(Runtime &rt, Slot slot, const memory::desc &wanted, const memory &held, const float *scale = nullptr) {
+memory Inbound(Runtime &rt, const Conv &conv, Slot slot, const memory::desc &wanted, const memory &held,
+               const float *scale = nullptr) {
   if (wanted == held.get_desc() && scale == nullptr) return held;
-  memory copy = Scratch(rt, slot, wanted);
+  memory copy = Scratch(rt, conv, slot, wanted);
   Reorder(rt, held, copy, scale);
   return copy;
 }
@@ -171,15 +204,7 @@ int Run(const Conv &conv) {
     std::lock_guard<std::mutex> lock(rt.mutex);
     memory::dims src_dims = Dims(conv.src_shape), weights_dims = Dims(conv.weights_shape);
     memory::dims dst_dims = Dims(conv.dst_shape);
-    std::vector<int64_t> key = {static_cast<int64_t>(conv.pass), conv.stride, conv.pad, conv.relu, conv.src_blocked,
-                                conv.dst_blocked, conv.bf16_math};
-    for (const auto *dims : {&src_dims, &weights_dims, &dst_dims}) key.insert(key.end(), dims->begin(), dims->end());
-    auto &plans = GetCache().plans;
-    auto found = plans.find(key);
-    if (found == plans.end()) {
-      found = plans.emplace(key, MakePlan(rt, conv, src_dims, weights_dims, dst_dims)).first;
-    }
-    const Plan &plan = found->second;
+    const Plan &plan = FindPlan(rt, conv);
     memory src_held(Held(src_dims, conv.src_blocked), rt.engine, conv.src);
     memory weights_held(Plain(weights_dims), rt.engine, conv.weights);
     memory dst_held(Held(dst_dims, conv.dst_blocked), rt.engine, conv.dst);
@@ -190,27 +215,29 @@ int Run(const Conv &conv) {
     Slot output_slot;
     std::unordered_map<int, memory> args;
     if (conv.pass == Pass::kForward) {
-      args[DNNL_ARG_SRC] = Inbound(rt, kSrcSlot, plan.src, src_held);
-      args[DNNL_ARG_WEIGHTS] = Inbound(rt, kWeightsSlot, plan.weights, weights_held, conv.scale);
+      args[DNNL_ARG_SRC] = Inbound(rt, conv, kSrcSlot, plan.src, src_held);
+      args[DNNL_ARG_WEIGHTS] = Inbound(rt, conv, kWeightsSlot, plan.weights, weights_held, conv.scale);
       args[DNNL_ARG_BIAS] = memory(BiasDesc(weights_dims), rt.engine, conv.bias);
       output_held = &dst_held, output_desc = &plan.dst, output_slot = kDstSlot;
     } else if (conv.pass == Pass::kBackwardData) {
-      args[DNNL_ARG_DIFF_DST] = Inbound(rt, kDstSlot, plan.dst, dst_held);
-      args[DNNL_ARG_WEIGHTS] = Inbound(rt, kWeightsSlot, plan.weights, weights_held, conv.scale);
+      args[DNNL_ARG_DIFF_DST] = Inbound(rt, conv, kDstSlot, plan.dst, dst_held);
+      args[DNNL_ARG_WEIGHTS] = Inbound(rt, conv, kWeightsSlot, plan.weights, weights_held, conv.scale);
       output_held = &src_held, output_desc = &plan.src, output_slot = kSrcSlot;
     } else {
-      args[DNNL_ARG_SRC] = Inbound(rt, kSrcSlot, plan.src, src_held);
-      args[DNNL_ARG_DIFF_DST] = Inbound(rt, kDstSlot, plan.dst, dst_held);
+      args[DNNL_ARG_SRC] = Inbound(rt, conv, kSrcSlot, plan.src, src_held);
+      args[DNNL_ARG_DIFF_DST] = Inbound(rt, conv, kDstSlot, plan.dst, dst_held);
       args[DNNL_ARG_DIFF_BIAS] = memory(BiasDesc(weights_dims), rt.engine, conv.bias);
       output_held = &weights_held, output_desc = &plan.weights, output_slot = kWeightsSlot;
     }
     const float *output_scale = conv.pass == Pass::kBackwardWeights ? conv.scale : nullptr;  // d(w * s)/dw = s
     memory output = *output_desc == output_held->get_desc() && output_scale == nullptr
-                        ? *output_held : Scratch(rt, output_slot, *output_desc);
+                        ? *output_held : Scratch(rt, conv, output_slot, *output_desc);
     int output_arg = conv.pass == Pass::kForward ? DNNL_ARG_DST
                      : conv.pass == Pass::kBackwardData ? DNNL_ARG_DIFF_SRC : DNNL_ARG_DIFF_WEIGHTS;
     args[output_arg] = output;
-    if (plan.scratchpad.get_size() > 0) args[DNNL_ARG_SCRATCHPAD] = Scratch(rt, kScratchpadSlot, plan.scratchpad);
+    if (plan.scratchpad.get_size() > 0) {
+      args[DNNL_ARG_SCRATCHPAD] = Scratch(rt, conv, kScratchpadSlot, plan.scratchpad);
+    }
     plan.primitive.execute(rt.stream, args);
     if (output.get() != output_held->get()) Reorder(rt, output, *output_held, output_scale);
     rt.stream.wait();
@@ -247,36 +274,64 @@ constexpr Slots kBackwardWeightsSlots = {kBackwardWeightsDw, kBackwardWeightsX, 
 // A transposed convolution is a convolution's backward-data pass: its x is that pass's dy, its y the dx.
 constexpr Slots kDeconvSlots = {kDeconvY, kDeconvY, kDeconvW, kDeconvX, kDeconvBias, kAbsent, kDeconvFlags};
 
+// The call's convolution from MindSpore's arguments (tensor pointers null when `params` is), or kBadArguments.
+int Describe(Pass pass, Slots slots, bool relu, int stride, int pad, int tensors, void **params, const int *ndims,
+             int64_t **shapes, const char **dtypes, Conv *conv) {
+  for (int i = 0; i < tensors; ++i) {
+    bool vector = i == slots.bias || i == slots.scale;
+    int rank = i == slots.flags ? kFlags : vector ? 1 : 4;
+    if (ndims[i] != rank || !IsDtype(dtypes[i], i == slots.flags ? "int32" : "float32")) return kBadArguments;
+  }
+  const int64_t *flags = shapes[slots.flags];
+  if (!std::all_of(flags, flags + kFlags, [](int64_t dim) { return dim == 1 || dim == 2; })) return kBadArguments;
+  auto tensor = [&](int slot) { return slot < 0 || params == nullptr ? nullptr : static_cast<float *>(params[slot]); };
+  // A scale of ones (every layer without a folded norm) is no scale: the weights then skip the scaled reorder.
+  float *scale = tensor(slots.scale);
+  if (scale != nullptr && std::all_of(scale, scale + shapes[slots.weights][0], [](float s) { return s == 1.0f; })) {
+    scale = nullptr;
+  }
+  *conv = Conv{pass, shapes[slots.src], shapes[slots.weights], shapes[slots.dst], tensor(slots.src),
+               tensor(slots.weights), tensor(slots.dst), tensor(slots.bias), scale, stride, pad, relu,
+               flags[kSrcBlockedFlag] == 2, flags[kDstBlockedFlag] == 2, flags[kBf16MathFlag] == 2, {}};
+  return kOk;
+}
+
+int Outputs(Pass pass) { return pass == Pass::kBackwardWeights ? 2 : 1; }
+
+// At graph compile time: makes the call's plan and asks MindSpore for its workspaces.
+int Init(Pass pass, Slots slots, bool relu, int stride, int pad, const int *ndims, int64_t **shapes,
+         const char **dtypes, void *extra) {
+  Conv conv;
+  int status = Describe(pass, slots, relu, stride, pad, slots.inputs + Outputs(pass), nullptr, ndims, shapes, dtypes,
+                        &conv);
+  if (status != kOk) return status;
+  Runtime &rt = GetRuntime();
+  try {
+    std::lock_guard<std::mutex> lock(rt.mutex);
+    RequestWorkspaces(extra, WorkspaceBytes(FindPlan(rt, conv), conv));
+    return kOk;
+  } catch (const std::exception &error) {
+    return ReportOneDnnFailure(error);
+  }
+}
+
 int Call(Pass pass, Slots slots, bool relu, int stride, int pad, int nparam, void **params, const int *ndims,
          int64_t **shapes, const char **dtypes) {
-  int outputs = pass == Pass::kBackwardWeights ? 2 : 1;
-  if (nparam != slots.inputs + outputs) return kBadArguments;
-  for (int i = 0; i < nparam; ++i) {
-    bool vector = i == slots.bias || i == slots.scale || i == slots.flags;
-    if (ndims[i] != (vector ? 1 : 4) || !IsDtype(dtypes[i], i == slots.flags ? "int32" : "float32")) {
-      return kBadArguments;
-    }
-  }
-  int64_t flag_count = shapes[slots.flags][0];
-  if (flag_count != kFlags && flag_count != kFlags + 1) return kBadArguments;
-  const int32_t *flags = static_cast<const int32_t *>(params[slots.flags]);
-  if (flag_count > kActiveFlag && flags[kActiveFlag] == 0) {
-    for (int i = slots.inputs; i < nparam; ++i) {
+  int tensors = slots.inputs + Outputs(pass);
+  if (nparam != tensors && nparam != tensors + kSlots) return kBadArguments;
+  Conv conv;
+  int status = Describe(pass, slots, relu, stride, pad, tensors, params, ndims, shapes, dtypes, &conv);
+  if (status != kOk) return status;
+  if (*static_cast<const int32_t *>(params[slots.flags]) != 0) {  // skipped: zeros out
+    for (int i = slots.inputs; i < tensors; ++i) {
       int64_t count = 1;
       for (int d = 0; d < ndims[i]; ++d) count *= shapes[i][d];
       std::fill_n(static_cast<float *>(params[i]), count, 0.0f);
     }
     return kOk;
   }
-  auto tensor = [&](int slot) { return slot < 0 ? nullptr : static_cast<float *>(params[slot]); };
-  // A scale of ones (every layer without a folded norm) is no scale: the weights then skip the scaled reorder.
-  float *scale = tensor(slots.scale);
-  if (scale != nullptr && std::all_of(scale, scale + shapes[slots.weights][0], [](float s) { return s == 1.0f; })) {
-    scale = nullptr;
-  }
-  return Run(Conv{pass, shapes[slots.src], shapes[slots.weights], shapes[slots.dst], tensor(slots.src),
-                  tensor(slots.weights), tensor(slots.dst), tensor(slots.bias), scale, stride, pad, relu,
-                  flags[kSrcBlockedFlag] != 0, flags[kDstBlockedFlag] != 0, flags[kBf16MathFlag] != 0});
+  if (nparam == tensors + kSlots) std::copy(params + tensors, params + nparam, conv.workspace);
+  return Run(conv);
 }
 
 // BiasGrad(dy (N, C, H, W)) -> db (C,): dy summed over everything but the channel.
@@ -313,9 +368,18 @@ using maskrcnn_ops::Pass;
 
 MASKRCNN_ENTRY_POINT(BiasGrad) { return maskrcnn_ops::BiasGrad(nparam, params, ndims, shapes, dtypes); }
 
+// Bytes held by the kept buffer of a slot (0 src, 1 weights, 2 dst, 3 scratchpad): how much the workspaces missed.
+extern "C" int64_t ConvKeptBufferBytes(int slot) {
+  if (slot < 0 || slot >= maskrcnn_ops::kSlots) return -1;
+  return static_cast<int64_t>(maskrcnn_ops::GetCache().scratch[slot].size() * sizeof(float));
+}
+
 // One set of entry points per (stride, padding on every side): MindSpore keys a custom operator's shape
 // inference by its function name, so the geometry has to be part of the name.
 #define CONV_ENTRY_POINT(NAME, STRIDE, PAD, PASS, RELU, SLOTS)                                                 \
+  MASKRCNN_INIT_POINT(NAME##S##STRIDE##P##PAD) {                                                                \
+    return maskrcnn_ops::Init(PASS, maskrcnn_ops::SLOTS, RELU, STRIDE, PAD, ndims, shapes, dtypes, extra);      \
+  }                                                                                                              \
   MASKRCNN_ENTRY_POINT(NAME##S##STRIDE##P##PAD) {                                                               \
     return maskrcnn_ops::Call(PASS, maskrcnn_ops::SLOTS, RELU, STRIDE, PAD, nparam, params, ndims, shapes, dtypes); \
   }
