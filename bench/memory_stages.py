@@ -4,20 +4,21 @@
         [--options key=value ...] [--env NAME=VALUE ...] [--memory_optimize_level O0]
         [--jit_level O0]
 
-Each (precision, graph) job runs in its own process on bench_train.py's synthetic batch (batch 2, the recipe
-config at --size, its 128 instance slots), set up as train.py does (src/device.py: graph mode). "train" is the training cell (forward + backward + optimizer, src/network_define.py; at
-learning rate --lr, default 0: the whole update runs but the weights stay, so every call does the first one's
-work, as in compare_torchvision.py), "forward" the training network alone (the forward graph that computes the
-eight losses, no gradients). Stages, in order: import (MindSpore and src), build (network, amp level, optimizer
-and its state), batch (the input Tensors), compile (`Cell.compile`), then --calls calls (call 1 is the first
-training step). Before each stage the kernel's high-water mark is reset (/proc/self/clear_refs), so "peak" is
-that stage's own peak resident memory and "RSS" what stays resident after it; the job's peak is the largest
-stage peak (what ru_maxrss reports for the whole process, as in compare_torchvision.py). The losses shown are
-the first call's. "Largest mappings" lists the process's biggest memory areas after the stage (/proc/self/smaps,
-adjacent anonymous mappings merged by the kernel): size / resident MiB and what they are; MindSpore's CPU memory
-pool shows as [anon] areas that grow in its block size and stay resident once touched. The pool's own peaks
-follow the job's peak: the most its tensors held at once, and how far into its blocks they reached (MindSpore
-logs both at exit at INFO level, which the jobs switch on for the pool's submodule alone).
+Each (precision, graph) job runs in its own process on bench_train.py's synthetic batch (batch 2, the recipe config
+at --size, its 128 instance slots), set up as train.py does (src/device.py: graph mode). "train" is the training
+cell (forward + backward + optimizer, src/network_define.py; at learning rate --lr, default 0: the whole update runs
+but the weights stay, so every call does the first one's work, as in compare_torchvision.py), "forward" the training
+network alone (the forward graph that computes the eight losses, no gradients). Stages, in order: import (MindSpore
+and src), build (network, amp level, optimizer and its state), batch (the input Tensors), compile (`Cell.compile`),
+then --calls calls (call 1 is the first training step). Before each stage the kernel's high-water mark is reset
+(/proc/self/clear_refs), so "peak" is that stage's own peak resident memory and "RSS" what stays resident after it;
+the job's peak is the largest stage peak (what ru_maxrss reports for the whole process, as in
+compare_torchvision.py). The losses shown are the first call's. "Largest mappings" lists the process's biggest
+memory areas after the stage (/proc/self/smaps, adjacent anonymous mappings merged by the kernel): size / resident
+MiB and what they are; MindSpore's CPU memory pool shows as [anon] areas that grow in its block size and stay
+resident once touched. The pool's own peaks follow the job's peak: the most its tensors held at once, and how far
+into its blocks they reached (MindSpore logs both at exit at INFO level, which the jobs switch on for the pool's
+submodule alone).
 
 The static sizes printed first are computed, not measured: parameters, gradients and optimizer state
 (float32), and the batch's arrays. `--options` are config overrides (src/config.py keys); `--env` sets
@@ -38,7 +39,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 AMP_LEVELS = {"fp32": "O0", "bf16": "O2"}
 MIB = 1024.0 * 1024.0
-POOL_LOG_LEVELS = "{PRE_ACT:1}"       # MindSpore's log levels by submodule: INFO for the memory pool's
+POOL_LOG_LEVELS = "{PRE_ACT:1}"       # MindSpore's log level by submodule: INFO for the memory pool's alone
 
 
 def status_mib(field):

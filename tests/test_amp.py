@@ -105,8 +105,9 @@ def test_levels_resolve_per_device_and_o1_is_refused_off_the_cpu(tiny):
 def test_cpu_levels_set_the_convolutions_bf16_flag_and_o0_clears_it(tiny):
     net = MaskRcnnResnet50(tiny)
     convolutions = [cell for _, cell in net.cells_and_names() if hasattr(cell, "set_bf16_math")]
-    amp.apply(net, "O2", "CPU")                     # the kernels read the flags from the tensor's shape: bf16 math
-    assert all(cell.flags.shape[2] == 2 for cell in convolutions)                      # is dimension 2 being 2
+    # the kernels read the flags from the flags tensor's shape: bf16 math is its dimension 2 being 2
+    amp.apply(net, "O2", "CPU")
+    assert all(cell.flags.shape[2] == 2 for cell in convolutions)
     amp.apply(net, "O0", "CPU")
     assert all(cell.flags.shape[2] == 1 for cell in convolutions)
 

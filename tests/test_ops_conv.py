@@ -25,8 +25,9 @@ LAYERS = [  # (class, args, kwargs, input shape)
 
 class _Gradients(nn.Cell):
     """run(x) and the gradients of sum(run(x) * weights) with respect to x and to every parameter of `layer`: run is
-    `call` of the layer: "plain" layer(x), "relu" layer.relu(x), "affine" layer.affine(x, scale, shift, True);
-    `oracle` computes the same with MindSpore's operators, written out (not the layer's fallback path)."""
+    `call` of the layer: "plain" layer(x, active), "relu" layer.relu(x, active), "affine" layer.affine(x, scale,
+    shift, True); `oracle` computes the same with MindSpore's operators, written out (not the layer's fallback
+    path)."""
 
     def __init__(self, layer, call, oracle):
         super().__init__()
@@ -34,20 +35,20 @@ class _Gradients(nn.Cell):
         self.grad = ops.GradOperation(get_all=True, get_by_list=True)
         self.params = ms.ParameterTuple(layer.trainable_params())
 
-    def run(self, x, scale, shift):
+    def run(self, x, scale, shift, active):
         if self.oracle:
             out = self.layer(x) if self.call != "affine" else (
                 self.layer.conv2d(x, self.layer.weight) * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1))
             return out if self.call == "plain" else ops.relu(out)
         if self.call == "relu":
-            return self.layer.relu(x)
+            return self.layer.relu(x, active)
         if self.call == "affine":
             return self.layer.affine(x, scale, shift, True)
-        return self.layer(x)
+        return self.layer(x, active)
 
-    def construct(self, x, scale, shift, out_weights):
-        return self.run(x, scale, shift), self.grad(lambda a: (self.run(a, scale, shift) * out_weights).sum(),
-                                                    self.params)(x)
+    def construct(self, x, scale, shift, out_weights, active=None):
+        return self.run(x, scale, shift, active), self.grad(
+            lambda a: (self.run(a, scale, shift, active) * out_weights).sum(), self.params)(x)
 
 
 CASES = [(layer, call) for layer in LAYERS for call in ("plain", "relu", "affine")
@@ -83,20 +84,6 @@ def test_matches_mindspore_kernels_forward_and_backward(layer, call):
     assert np.abs(dparams_fast[0].asnumpy()).max() > 0
 
 
-class _ActiveGradients(nn.Cell):
-    """layer.relu(x, active) and the gradients of sum(output * out_weights) to x and the layer's parameters."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-        self.grad = ops.GradOperation(get_all=True, get_by_list=True)
-        self.params = ms.ParameterTuple(layer.trainable_params())
-
-    def construct(self, x, active, out_weights):
-        loss = lambda a: (self.layer.relu(a, active) * out_weights).sum()
-        return self.layer.relu(x, active), self.grad(loss, self.params)(x)
-
-
 @pytest.mark.parametrize("layer", [LAYERS[0], LAYERS[5]])
 def test_an_inactive_call_skips_every_pass_and_an_active_one_is_the_plain_call(layer):
     """active 0: the output and every gradient are zeros (the kernels skip the passes); active 1: bit for bit the
@@ -114,7 +101,7 @@ def test_an_inactive_call_skips_every_pass_and_an_active_one_is_the_plain_call(l
     plain_grads = _Gradients(fast, "relu", False)(x, None, None, out_weights)[1]
     results = {}
     for active in (0, 1):
-        out, ((dx,), dparams) = _ActiveGradients(fast)(x, ms.Tensor(active, ms.int32), out_weights)
+        out, ((dx,), dparams) = _Gradients(fast, "relu", False)(x, None, None, out_weights, ms.Tensor(active, ms.int32))
         results[active] = [out.asnumpy(), dx.asnumpy()] + [d.asnumpy() for d in dparams]
     assert np.abs(plain_out).max() > 0 and all(np.abs(g.asnumpy()).max() > 0 for g in plain_grads[1])
     assert all((value == 0).all() for value in results[0])
@@ -122,7 +109,7 @@ def test_an_inactive_call_skips_every_pass_and_an_active_one_is_the_plain_call(l
     assert len(results[1]) == len(expected) == 3 + bool(kwargs.get("has_bias"))    # y, dx, dw[, db]
     for mine, plain in zip(results[1], expected):
         np.testing.assert_array_equal(mine, plain)
-    ignored = _ActiveGradients(reference)(x, ms.Tensor(0, ms.int32), out_weights)[0].asnumpy()
+    ignored = _Gradients(reference, "relu", False)(x, None, None, out_weights, ms.Tensor(0, ms.int32))[0].asnumpy()
     np.testing.assert_array_equal(ignored, reference.relu(x).asnumpy())
 
 
