@@ -101,8 +101,11 @@ def main(argv: Optional[Sequence[str]] = None, build_model: Optional[Callable] =
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_BAD_PATH
     os.makedirs(args.output_dir, exist_ok=True)
+    # run as a script, the same command can compile the graph apart (src/compile_cache.py)
+    command = (sys.executable, *sys.argv) if argv is None else ()
     options = RunOptions(output_dir=args.output_dir, pre_trained=args.pre_trained, resume=args.resume,
-                         run_distribute=args.run_distribute, max_steps=args.max_steps, deadline=args.deadline)
+                         run_distribute=args.run_distribute, max_steps=args.max_steps, deadline=args.deadline,
+                         compile_command=command)
     try:
         return train(options, cfg, build_model)
     except NonFiniteLossError as err:

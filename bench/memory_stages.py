@@ -2,15 +2,16 @@
 
     .venv/bin/python bench/memory_stages.py [--size 768x1280] [--precisions fp32 bf16] [--graphs forward train]
         [--options key=value ...] [--env NAME=VALUE ...] [--memory_optimize_level O0]
-        [--jit_level O0]
+        [--jit_level O0] [--compile apart|in_process]
 
 Each (precision, graph) job runs in its own process on bench_train.py's synthetic batch (batch 2, the recipe config
 at --size, its 128 instance slots), set up as train.py does (src/device.py: graph mode). "train" is the training
 cell (forward + backward + optimizer, src/network_define.py; at learning rate --lr, default 0: the whole update runs
 but the weights stay, so every call does the first one's work, as in compare_torchvision.py), "forward" the training
 network alone (the forward graph that computes the eight losses, no gradients). Stages, in order: import (MindSpore
-and src), build (network, amp level, optimizer and its state), batch (the input Tensors), compile (`Cell.compile`),
-then --calls calls (call 1 is the first training step). Before each stage the kernel's high-water mark is reset
+and src), build (network, amp level, optimizer and its state), batch (the input Tensors), compile (`Cell.compile`:
+by default, as train.py on a cold cache, it loads the graph that a compile-only run of the same job put in
+MindSpore's compile cache; `--compile in_process` compiles in the job), then --calls calls (call 1 is the first training step). Before each stage the kernel's high-water mark is reset
 (/proc/self/clear_refs), so "peak" is that stage's own peak resident memory and "RSS" what stays resident after it;
 the job's peak is the largest stage peak (what ru_maxrss reports for the whole process, as in
 compare_torchvision.py). The losses shown are the first call's. "Largest mappings" lists the process's biggest
@@ -31,9 +32,12 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
+
+from compiled_apart import compile_apart, with_cache
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
@@ -89,7 +93,7 @@ def run_job(job):
     import mindspore as ms
 
     from bench_train import synthetic_batch
-    from src import amp
+    from src import amp, compile_cache
     from src.config import load_config
     from src.device import release_free_heap, set_device
     from src.maskrcnn.mask_rcnn_r50 import LOSS_NAMES, MaskRcnnResnet50
@@ -117,6 +121,8 @@ def run_job(job):
     batch = synthetic_batch(cfg)
     record("batch")
     cell.compile(*batch)
+    if compile_cache.compile_only():                   # the child of --compile apart: the cache holds the graph
+        return
     release_free_heap()                                # as train.py's training loop after its compile
     record("compile")
     first_losses = None
@@ -168,8 +174,12 @@ def launch(job):
     env = dict(os.environ, **job["env"])
     env.setdefault("GLOG_v", "3")
     env.setdefault("MS_SUBMODULE_LOG_v", POOL_LOG_LEVELS)       # the pool's state at exit (INFO), nothing else
-    done = subprocess.run([sys.executable, "-u", __file__, "--job", json.dumps(job)], env=env,
-                          capture_output=True, text=True, check=False)
+    command = [sys.executable, "-u", __file__, "--job", json.dumps(job)]
+    with tempfile.TemporaryDirectory() as cache:
+        if job["compile"] == "apart":
+            env = with_cache(env, cache)
+            compile_apart(command, env)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("{"):
             result = json.loads(line)
@@ -205,6 +215,9 @@ def main():
                         help="ms.set_context(memory_optimize_level=...) in the jobs (default: MindSpore's)")
     parser.add_argument("--jit_level", choices=("O0", "O1", "O2"),
                         help="ms.set_context(jit_config={'jit_level': ...}) in the jobs (default: MindSpore's)")
+    parser.add_argument("--compile", choices=("apart", "in_process"), default="apart",
+                        help="apart (as train.py on a cold cache): a child job compiles the graph into MindSpore's "
+                             "compile cache and the measured job loads it; in_process: the measured job compiles")
     args = parser.parse_args()
     if args.job:
         run_job(json.loads(args.job))
@@ -217,7 +230,7 @@ def main():
     env = parse_pairs(args.env, "--env")
     print(f"size {height}x{width}, batch 2, lr {args.lr}, options {overrides or 'none'}, env {env or 'none'}, "
           f"memory_optimize_level {args.memory_optimize_level or 'default'}, "
-          f"jit_level {args.jit_level or 'default'}", flush=True)
+          f"jit_level {args.jit_level or 'default'}, compile {args.compile}", flush=True)
     print("\n| static size | MiB |\n|---|---|")
     for name, mib in static_sizes(height, width, overrides):
         print(f"| {name} | {mib:,.0f} |")
@@ -226,7 +239,7 @@ def main():
             job = {"height": height, "width": width, "precision": precision, "graph": graph,
                    "overrides": overrides, "env": env, "lr": args.lr, "calls": args.calls,
                    "memory_optimize_level": args.memory_optimize_level,
-                   "jit_level": args.jit_level}
+                   "jit_level": args.jit_level, "compile": args.compile}
             result = launch(job)
             stages = result["stages"]
             peak = max(s["peak"] for s in stages.values())

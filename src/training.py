@@ -8,7 +8,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
@@ -35,6 +35,7 @@ class RunOptions:
     run_distribute: bool = False
     max_steps: int = 0            # 0 = all epochs
     deadline: float = 0.0         # Unix time; 0 = none
+    compile_command: Tuple[str, ...] = ()   # re-runs this training (train.py's command): compile_cache.compile_apart
 
 
 # ---------------------------------------------------------------- setup
@@ -225,15 +226,20 @@ def train(options: RunOptions, cfg: Config, build_model: Optional[Callable[[Conf
     optimizer, train_cell = build_train_step(net, LOSS_NAMES, tr, Tensor(lr_table))
     if resume:
         resume.restore_optimizer(optimizer)
+    if group_size == 1 and build_model is None:   # ranks would share one entry; other models are not keyed
+        # the lr table is a parameter whose length is part of the graph
+        compile_cache.enable(cfg, cfg.train.device_target, f"train-{len(lr_table)}")
+        if compile_cache.compile_only():
+            train_cell.compile(*next(epoch_dataset(0).create_tuple_iterator(num_epochs=1)))
+            compile_cache.publish()
+            return 0
+        compile_cache.compile_apart(options.compile_command)
     manager = CheckpointManager(ckpt_dir, tr.keep_checkpoint_max) if is_main and tr.save_checkpoint else None
     # also `--resume auto` that found no checkpoint: a run killed before its first save logged steps from 1
     monitor = open_step_monitor(options.output_dir, rank, LOSS_NAMES, tr.log_interval, tr.epoch_size,
                                 steps_per_epoch, last_step, resumed_step=state.global_step if options.resume else None)
     loop = TrainingLoop(tr, epoch_dataset, train_cell, optimizer, net, lr_table, monitor, manager, LOSS_NAMES)
 
-    if group_size == 1 and build_model is None:   # ranks would share one entry; other models are not keyed
-        # the lr table is a parameter whose length is part of the graph
-        compile_cache.enable(cfg, cfg.train.device_target, f"train-{len(lr_table)}")
     run_start, first_step = time.perf_counter(), state.global_step
     state = loop.run(state, last_step, options.deadline)
     elapsed = time.perf_counter() - run_start

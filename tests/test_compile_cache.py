@@ -95,6 +95,43 @@ def test_off_when_the_entry_is_no_script_file(fresh_state, monkeypatch):
     assert compile_cache.MS_ENABLE_ENV not in os.environ and not fresh_state.exists()
 
 
+def test_compiling_apart_points_the_run_at_the_entry_its_child_published(fresh_state, monkeypatch):
+    monkeypatch.delenv(compile_cache.APART_SWITCH_ENV, raising=False)
+    staging = compile_cache.enable(load_config("tiny"), "CPU", "train-3")
+    entry = compile_cache._state["entry"]
+    # the child sees the switch, not this process's staging directory, and publishes the entry
+    child = ("import os, sys; assert os.environ['MASKRCNN_COMPILE_ONLY'] == '1'; "
+             "assert 'MS_COMPILER_CACHE_PATH' not in os.environ; os.makedirs(sys.argv[1])")
+    assert compile_cache.compile_apart((sys.executable, "-c", child, str(entry)))
+    assert os.environ[compile_cache.MS_PATH_ENV] == str(entry) and not staging.exists()
+    compile_cache.publish()                                  # nothing left to rename
+    assert os.listdir(fresh_state) == [entry.name]
+    assert not compile_cache.compile_apart((sys.executable, "-c", "raise SystemExit(1)"))    # warm: no child
+
+
+def test_a_failed_child_leaves_the_run_compiling_itself(fresh_state, monkeypatch, capsys):
+    monkeypatch.delenv(compile_cache.APART_SWITCH_ENV, raising=False)
+    staging = compile_cache.enable(load_config("tiny"), "CPU", "train-3")
+    assert not compile_cache.compile_apart((sys.executable, "-c", "import sys; sys.exit('no graph today')"))
+    assert "compiling apart failed (exit code 1: no graph today); compiling in this process" in capsys.readouterr().err
+    assert os.environ[compile_cache.MS_PATH_ENV] == str(staging) and staging.is_dir()
+    compile_cache.publish()
+    assert [path.name for path in fresh_state.iterdir()] == [compile_cache._state["entry"].name]
+
+
+def test_compiling_apart_switched_off_or_inside_the_child(fresh_state, monkeypatch, tmp_path):
+    marker = tmp_path / "child_ran"
+    child = (sys.executable, "-c", f"open({str(marker)!r}, 'w')")
+    monkeypatch.setenv(compile_cache.APART_SWITCH_ENV, "0")
+    staging = compile_cache.enable(load_config("tiny"), "CPU", "train-3")
+    assert not compile_cache.compile_apart(child)
+    monkeypatch.delenv(compile_cache.APART_SWITCH_ENV)
+    monkeypatch.setenv(compile_cache.COMPILE_ONLY_ENV, "1")
+    assert compile_cache.compile_only() and not compile_cache.compile_apart(child)
+    assert not compile_cache.compile_apart(())                # no command (train() called in-process)
+    assert not marker.exists() and os.environ[compile_cache.MS_PATH_ENV] == str(staging)
+
+
 def _cache_env(cache_dir, cache=True):
     env = dict(os.environ, GLOG_v="3", **{compile_cache.DIR_ENV: str(cache_dir),
                                           compile_cache.SWITCH_ENV: "1" if cache else "0"})
@@ -193,12 +230,15 @@ def test_predict_with_cold_warm_reweighted_and_reconfigured_cache(narrow_model, 
     assert reconfigured == _predict(narrow_model.checkpoint, image, tmp_path / "rc_ref", cache, fewer, cache=False)
 
 
-def _train(tiny_mindrecord, out, cache_dir, max_steps, cache=True):
+def _train(tiny_mindrecord, out, cache_dir, max_steps, cache=True, apart=True, said=None):
     env = _cache_env(cache_dir, cache)
+    env[compile_cache.APART_SWITCH_ENV] = "1" if apart else "0"
     run = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *config_cli_args(tiny_mindrecord.cfg),
                           "--output_dir", str(out), "--max_steps", str(max_steps), "--save_checkpoint", "False"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
+    if said is not None:
+        said.append(run.stdout)
     with open(os.path.join(out, "train_summary_0.json"), encoding="utf-8") as handle:
         summary = json.load(handle)
     return summary["final_losses"], summary["parameter_sha256"]
@@ -206,11 +246,20 @@ def _train(tiny_mindrecord, out, cache_dir, max_steps, cache=True):
 
 @pytest.mark.slow
 def test_training_with_cold_warm_and_rescheduled_cache(tiny_mindrecord, tmp_path):
+    """The cold run compiles its graph apart (a child process publishes the entry, which the run then loads)
+    and trains exactly as a run that compiles in its own process; the child writes nothing to the output dir."""
     cache = tmp_path / "cache"
-    cold = _train(tiny_mindrecord, tmp_path / "cold", cache, 2)
+    said = []
+    cold = _train(tiny_mindrecord, tmp_path / "cold", cache, 2, said=said)
     entries = os.listdir(cache)
     assert len(entries) == 1 and entries[0].startswith("train-")
-    assert _train(tiny_mindrecord, tmp_path / "warm", cache, 2) == cold
+    assert "compiled the graph apart" in said[0] and said[0].count("done: 2 steps") == 1
+    in_process = _train(tiny_mindrecord, tmp_path / "in_process", tmp_path / "cache_in_process", 2, apart=False,
+                        said=said)
+    assert in_process == cold and "compiled the graph apart" not in said[1]
+    assert sorted(os.listdir(tmp_path / "cold")) == sorted(os.listdir(tmp_path / "in_process"))
+    assert _train(tiny_mindrecord, tmp_path / "warm", cache, 2, said=said) == cold
+    assert "compiled the graph apart" not in said[2]
     assert os.listdir(cache) == entries
     # a schedule of another length is another lr parameter shape: its own entry
     shorter = _train(tiny_mindrecord, tmp_path / "short", cache, 1)
