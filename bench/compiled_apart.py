@@ -7,12 +7,11 @@ by the same job run as a child with the compile-only switch, then loaded from Mi
         subprocess.run(command, env=env, ...)        # the measured job loads the graph
 """
 import os
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from src.compile_cache import COMPILE_ONLY_ENV, MS_ENABLE_ENV, MS_PATH_ENV  # noqa: E402
+from src.compile_cache import MS_ENABLE_ENV, MS_PATH_ENV, run_compile_only  # noqa: E402
 
 
 def with_cache(env, cache_dir):
@@ -24,8 +23,7 @@ def compile_apart(command, env, timeout=None) -> float:
     """Run the job `command` compile-only (it must stop after compiling when compile_cache.compile_only());
     seconds it took. RuntimeError with its output's end if it fails."""
     started = time.perf_counter()
-    done = subprocess.run(command, env=dict(env, **{COMPILE_ONLY_ENV: "1"}), capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    done = run_compile_only(command, env, timeout)
     if done.returncode != 0:
         raise RuntimeError(f"compiling apart failed (exit {done.returncode}): {done.stderr[-2000:]}")
     return time.perf_counter() - started

@@ -11,15 +11,15 @@ but the weights stay, so every call does the first one's work, as in compare_tor
 network alone (the forward graph that computes the eight losses, no gradients). Stages, in order: import (MindSpore
 and src), build (network, amp level, optimizer and its state), batch (the input Tensors), compile (`Cell.compile`:
 by default, as train.py on a cold cache, it loads the graph that a compile-only run of the same job put in
-MindSpore's compile cache; `--compile in_process` compiles in the job), then --calls calls (call 1 is the first training step). Before each stage the kernel's high-water mark is reset
-(/proc/self/clear_refs), so "peak" is that stage's own peak resident memory and "RSS" what stays resident after it;
-the job's peak is the largest stage peak (what ru_maxrss reports for the whole process, as in
-compare_torchvision.py). The losses shown are the first call's. "Largest mappings" lists the process's biggest
-memory areas after the stage (/proc/self/smaps, adjacent anonymous mappings merged by the kernel): size / resident
-MiB and what they are; MindSpore's CPU memory pool shows as [anon] areas that grow in its block size and stay
-resident once touched. The pool's own peaks follow the job's peak: the most its tensors held at once, and how far
-into its blocks they reached (MindSpore logs both at exit at INFO level, which the jobs switch on for the pool's
-submodule alone).
+MindSpore's compile cache; `--compile in_process` compiles in the job), then --calls calls (call 1 is the first
+training step). Before each stage the kernel's high-water mark is reset (/proc/self/clear_refs), so "peak" is that
+stage's own peak resident memory and "RSS" what stays resident after it; the job's peak is the largest stage peak
+(what ru_maxrss reports for the whole process, as in compare_torchvision.py). The losses shown are the first call's.
+"Largest mappings" lists the process's biggest memory areas after the stage (/proc/self/smaps, adjacent anonymous
+mappings merged by the kernel): size / resident MiB and what they are; MindSpore's CPU memory pool shows as [anon]
+areas that grow in its block size and stay resident once touched. The pool's own peaks follow the job's peak: the
+most its tensors held at once, and how far into its blocks they reached (MindSpore logs both at exit at INFO level,
+which the jobs switch on for the pool's submodule alone).
 
 The static sizes printed first are computed, not measured: parameters, gradients and optimizer state
 (float32), and the batch's arrays. `--options` are config overrides (src/config.py keys); `--env` sets

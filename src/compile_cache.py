@@ -155,18 +155,22 @@ def compile_only() -> bool:
     return os.environ.get(COMPILE_ONLY_ENV) == "1"
 
 
+def run_compile_only(command, env, timeout=None) -> subprocess.CompletedProcess:
+    """Run `command` (a run of the same graph) as a compile-only child under `env`, its output captured."""
+    return subprocess.run(list(command), env=dict(env, **{COMPILE_ONLY_ENV: "1"}), capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
 def compile_apart(command) -> bool:
     """On a cold cache, run `command` (this run again, as a child with COMPILE_ONLY_ENV set) to compile the graph
     into the entry, then point this process at the entry. True if the entry now serves this process; False
     (this process compiles itself) when the cache is warm or off, switched off, or the child failed."""
     staging, entry = _state["staging"], _state["entry"]
-    if (staging is None or not _state["active"] or not command or compile_only()
-            or os.environ.get(APART_SWITCH_ENV, "1") == "0"):
+    if staging is None or not command or compile_only() or os.environ.get(APART_SWITCH_ENV, "1") == "0":
         return False
-    env = {name: value for name, value in os.environ.items() if name not in (MS_ENABLE_ENV, MS_PATH_ENV)}
-    env[COMPILE_ONLY_ENV] = "1"
     started = time.perf_counter()
-    done = subprocess.run(list(command), env=env, capture_output=True, text=True, check=False)
+    done = run_compile_only(command, {name: value for name, value in os.environ.items()
+                                      if name not in (MS_ENABLE_ENV, MS_PATH_ENV)})
     if done.returncode != 0 or not entry.is_dir():
         last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
         print(f"compile cache: compiling apart failed (exit code {done.returncode}: {last}); compiling in this "
