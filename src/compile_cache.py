@@ -16,7 +16,7 @@ it into place after the graph ran; when two cold runs race, the first rename win
 copy. A run never reads or writes a directory another run is writing.
 
 Compiling apart (train.py): compiling a graph leaves MindSpore's compiler state in the process for as long as
-it lives (~0.6 GB of C heap for the recipe's training graph), and a graph loaded from the cache does not. So on a
+it lives (most of the compiled training graph's C heap), and a graph loaded from the cache does not. So on a
 cold cache `compile_apart(command)` runs the same training again as a child with COMPILE_ONLY_ENV set, which
 compiles, publishes the entry and exits; the run then loads the entry (bench/results.md).
 MASKRCNN_COMPILE_APART=0 compiles in the process instead.
